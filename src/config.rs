@@ -1,0 +1,517 @@
+//! Configuration: the raw TOML shape (serde, unknown keys rejected) and its validation into a
+//! [`Config`] that holds everything `run` needs, already loaded: certificates, keys, trust
+//! anchors and secrets. `hubgate check` and `hubgate run` both go through [`Config::load`], so a
+//! config that checks is a config that runs.
+//!
+//! Every error names the file and the key (`route[0].app_secrets[1]`), and for referenced files
+//! the path that failed.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::tls::{self, Anchor};
+
+/// The CN Meta's webhook client certificate carries.
+pub const META_CLIENT_CN: &str = "client.webhooks.fbclientcerts.com";
+
+/// Default body limit: WhatsApp documents payloads up to 3 MB; 4 MiB leaves headroom.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// A configuration error, naming the file and the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    /// The configuration file (or `<environment>`/`<demo>` when there is none).
+    pub file: String,
+    /// The key, dotted, with array indexes: `route[1].upstream`.
+    pub key: String,
+    /// What is wrong, including any referenced path.
+    pub message: String,
+}
+
+/// How the TLS listener treats client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// A valid client certificate with an allowed CN is required for the handshake.
+    Require,
+    /// A certificate is verified if presented; each route says whether it needs one.
+    Optional,
+    /// No client certificates are requested.
+    Off,
+}
+
+impl fmt::Display for ClientAuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Require => "require",
+            Self::Optional => "optional",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// Whether a route needs a verified client certificate on the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteClientCert {
+    Required,
+    None,
+}
+
+/// A secret given inline, from an environment variable, or from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Inline(String),
+    Env(String),
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SecretSource;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a string, { env = "NAME" } or { file = "PATH" }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretSource, E> {
+                Ok(SecretSource::Inline(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(r#"expected { env = "NAME" } or { file = "PATH" }"#));
+                };
+                let value: String = map.next_value()?;
+                let source = match key.as_str() {
+                    "env" => SecretSource::Env(value),
+                    "file" => SecretSource::File(PathBuf::from(value)),
+                    other => return Err(de::Error::unknown_field(other, &["env", "file"])),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "unexpected `{extra}`: give exactly one of `env` or `file`"
+                    )));
+                }
+                Ok(source)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One path or a list of paths.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    client_auth: Option<RawClientAuth>,
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    cert: PathBuf,
+    key: PathBuf,
+    max_body_bytes: Option<u64>,
+    handshake_timeout: Option<String>,
+    header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    max_connections: Option<usize>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientAuth {
+    mode: Option<ClientAuthMode>,
+    roots: Option<OneOrMany>,
+    allowed_cn: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+    ca: Option<PathBuf>,
+    max_response_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: String,
+    verify_token: SecretSource,
+    app_secrets: Vec<SecretSource>,
+    upstream: String,
+    client_cert: Option<RouteClientCert>,
+    #[serde(default)]
+    legacy_sha1: bool,
+}
+
+/// The validated configuration, with every referenced file loaded.
+#[derive(Clone)]
+pub struct Config {
+    /// Where it came from, for messages.
+    pub source: String,
+    pub server: ServerSettings,
+    pub client_auth: ClientAuth,
+    pub upstream: UpstreamSettings,
+    pub routes: Vec<Route>,
+}
+
+/// Listener settings.
+#[derive(Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: std::sync::Arc<PrivateKeyDer<'static>>,
+    pub max_body_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+/// Client certificate policy.
+#[derive(Clone)]
+pub struct ClientAuth {
+    pub mode: ClientAuthMode,
+    pub anchors: Vec<Anchor>,
+    pub allowed_cn: Vec<String>,
+}
+
+/// Upstream (backend) client settings.
+#[derive(Clone)]
+pub struct UpstreamSettings {
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Extra CA for `https://` upstreams; the system store is used when absent.
+    pub ca: Option<(PathBuf, Vec<CertificateDer<'static>>)>,
+    pub max_response_bytes: usize,
+}
+
+/// A webhook route: one exact path.
+#[derive(Clone)]
+pub struct Route {
+    pub path: String,
+    pub verify_token: Secret,
+    pub app_secrets: Vec<Secret>,
+    pub upstream: reqwest::Url,
+    pub client_cert: RouteClientCert,
+    pub legacy_sha1: bool,
+}
+
+/// Secret bytes; `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(bytes.into())
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Collects errors with the file name attached.
+struct Ctx<'a> {
+    file: &'a str,
+    base: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn duration(&self, key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => {
+                let d = humantime::parse_duration(s).map_err(|e| {
+                    self.err(key, format!("`{s}` is not a duration like \"5s\" or \"250ms\": {e}"))
+                })?;
+                if d.is_zero() {
+                    return Err(self.err(key, "must be greater than zero"));
+                }
+                Ok(d)
+            }
+        }
+    }
+
+    fn secret(&self, key: &str, src: &SecretSource) -> Result<Secret, ConfigError> {
+        let bytes = match src {
+            SecretSource::Inline(s) => s.as_bytes().to_vec(),
+            SecretSource::Env(name) => std::env::var(name)
+                .map_err(|_| self.err(key, format!("environment variable `{name}` is not set or not UTF-8")))?
+                .into_bytes(),
+            SecretSource::File(p) => {
+                let path = self.path(p);
+                let mut bytes = std::fs::read(&path)
+                    .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+                // Secret files written by editors, `echo` and Kubernetes often end in a newline.
+                while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+                    bytes.pop();
+                }
+                bytes
+            }
+        };
+        if bytes.is_empty() {
+            return Err(self.err(key, "is empty"));
+        }
+        Ok(Secret(bytes))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file, loading everything it references.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, &file, base)
+    }
+
+    /// Parses and validates TOML text; relative paths resolve against `base`.
+    pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: e
+                .span()
+                .map(|s| format!("(line {})", line_of(text, s.start)))
+                .unwrap_or_else(|| "(syntax)".into()),
+            message: e.message().trim().to_owned(),
+        })?;
+        validate(raw, &Ctx { file, base })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
+    let s = raw.server;
+    let listen_str = s.listen.as_deref().unwrap_or("127.0.0.1:8443");
+    let listen: SocketAddr = listen_str
+        .parse()
+        .map_err(|_| cx.err("server.listen", format!("`{listen_str}` is not an address like 127.0.0.1:8443")))?;
+    let cert_path = cx.path(&s.cert);
+    let key_path = cx.path(&s.key);
+    let cert_chain = tls::load_certs(&cert_path).map_err(|e| cx.err("server.cert", e.to_string()))?;
+    let key = tls::load_key(&key_path).map_err(|e| cx.err("server.key", e.to_string()))?;
+    tls::check_key_matches(&cert_chain, &key)
+        .map_err(|e| cx.err("server.key", format!("{} does not match server.cert: {e}", key_path.display())))?;
+    let max_body_bytes = match s.max_body_bytes {
+        None => DEFAULT_MAX_BODY_BYTES,
+        Some(0) => return Err(cx.err("server.max_body_bytes", "must be greater than zero")),
+        Some(n) => usize::try_from(n).map_err(|_| cx.err("server.max_body_bytes", "is too large"))?,
+    };
+    let server = ServerSettings {
+        listen,
+        cert_path,
+        key_path,
+        cert_chain,
+        key: std::sync::Arc::new(key),
+        max_body_bytes,
+        handshake_timeout: cx.duration("server.handshake_timeout", s.handshake_timeout.as_deref(), Duration::from_secs(10))?,
+        header_timeout: cx.duration("server.header_timeout", s.header_timeout.as_deref(), Duration::from_secs(10))?,
+        body_timeout: cx.duration("server.body_timeout", s.body_timeout.as_deref(), Duration::from_secs(15))?,
+        max_connections: match s.max_connections {
+            Some(0) => return Err(cx.err("server.max_connections", "must be greater than zero")),
+            Some(n) => n,
+            None => 10_000,
+        },
+        drain_timeout: cx.duration("server.drain_timeout", s.drain_timeout.as_deref(), Duration::from_secs(10))?,
+    };
+
+    let client_auth = validate_client_auth(raw.client_auth, cx)?;
+
+    let u = raw.upstream;
+    let upstream = UpstreamSettings {
+        timeout: cx.duration(
+            "upstream.timeout",
+            u.as_ref().and_then(|u| u.timeout.as_deref()),
+            Duration::from_millis(4500),
+        )?,
+        connect_timeout: cx.duration(
+            "upstream.connect_timeout",
+            u.as_ref().and_then(|u| u.connect_timeout.as_deref()),
+            Duration::from_secs(1),
+        )?,
+        ca: match u.as_ref().and_then(|u| u.ca.as_ref()) {
+            None => None,
+            Some(p) => {
+                let path = cx.path(p);
+                let certs = tls::load_certs(&path).map_err(|e| cx.err("upstream.ca", e.to_string()))?;
+                Some((path, certs))
+            }
+        },
+        max_response_bytes: match u.as_ref().and_then(|u| u.max_response_bytes) {
+            None => 1024 * 1024,
+            Some(0) => return Err(cx.err("upstream.max_response_bytes", "must be greater than zero")),
+            Some(n) => usize::try_from(n).map_err(|_| cx.err("upstream.max_response_bytes", "is too large"))?,
+        },
+    };
+
+    if raw.route.is_empty() {
+        return Err(cx.err("route", "no [[route]] is configured: add at least one"));
+    }
+    let mut seen = HashSet::new();
+    let mut routes = Vec::with_capacity(raw.route.len());
+    for (i, r) in raw.route.into_iter().enumerate() {
+        let k = |field: &str| format!("route[{i}].{field}");
+        if !r.path.starts_with('/') || r.path.contains(['?', '#']) {
+            return Err(cx.err(k("path"), format!("`{}` must be an absolute path without query, like /webhook", r.path)));
+        }
+        if !seen.insert(r.path.clone()) {
+            return Err(cx.err(k("path"), format!("`{}` is already used by another route", r.path)));
+        }
+        let verify_token = cx.secret(&k("verify_token"), &r.verify_token)?;
+        if r.app_secrets.is_empty() {
+            return Err(cx.err(k("app_secrets"), "needs at least one secret"));
+        }
+        let app_secrets = r
+            .app_secrets
+            .iter()
+            .enumerate()
+            .map(|(j, s)| cx.secret(&format!("route[{i}].app_secrets[{j}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upstream = reqwest::Url::parse(&r.upstream)
+            .map_err(|e| cx.err(k("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
+        if !matches!(upstream.scheme(), "http" | "https") || upstream.host().is_none() {
+            return Err(cx.err(k("upstream"), format!("`{}` must be an http:// or https:// URL", r.upstream)));
+        }
+        let client_cert = match (client_auth.mode, r.client_cert) {
+            (ClientAuthMode::Off, Some(RouteClientCert::Required)) => {
+                return Err(cx.err(
+                    k("client_cert"),
+                    "is \"required\" but client_auth.mode = \"off\" requests no certificates",
+                ))
+            }
+            (ClientAuthMode::Off, _) => RouteClientCert::None,
+            (_, c) => c.unwrap_or(RouteClientCert::Required),
+        };
+        routes.push(Route {
+            path: r.path,
+            verify_token,
+            app_secrets,
+            upstream,
+            client_cert,
+            legacy_sha1: r.legacy_sha1,
+        });
+    }
+
+    Ok(Config {
+        source: cx.file.to_owned(),
+        server,
+        client_auth,
+        upstream,
+        routes,
+    })
+}
+
+fn validate_client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, ConfigError> {
+    let raw = raw.unwrap_or(RawClientAuth { mode: None, roots: None, allowed_cn: None });
+    let mode = raw.mode.unwrap_or(ClientAuthMode::Require);
+    let allowed_cn = raw.allowed_cn.unwrap_or_else(|| vec![META_CLIENT_CN.to_owned()]);
+    let roots = match raw.roots {
+        None => vec![],
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    if mode == ClientAuthMode::Off {
+        return Ok(ClientAuth { mode, anchors: vec![], allowed_cn });
+    }
+    if roots.is_empty() {
+        return Err(cx.err(
+            "client_auth.roots",
+            format!("mode = \"{mode}\" needs at least one trust anchor file (see certs/README.md)"),
+        ));
+    }
+    let mut anchors = Vec::new();
+    for (i, p) in roots.iter().enumerate() {
+        let path = cx.path(p);
+        let key = if roots.len() == 1 { "client_auth.roots".to_owned() } else { format!("client_auth.roots[{i}]") };
+        let loaded = tls::load_anchors(&path).map_err(|e| cx.err(key, e.to_string()))?;
+        anchors.extend(loaded);
+    }
+    for (i, cn) in allowed_cn.iter().enumerate() {
+        if cn.is_empty() {
+            return Err(cx.err(format!("client_auth.allowed_cn[{i}]"), "is empty"));
+        }
+    }
+    Ok(ClientAuth { mode, anchors, allowed_cn })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_source_forms() {
+        #[derive(Deserialize)]
+        struct T {
+            a: SecretSource,
+            b: SecretSource,
+            c: SecretSource,
+        }
+        let t: T = toml::from_str("a = \"x\"\nb = { env = \"E\" }\nc = { file = \"f\" }").unwrap();
+        assert_eq!(t.a, SecretSource::Inline("x".into()));
+        assert_eq!(t.b, SecretSource::Env("E".into()));
+        assert_eq!(t.c, SecretSource::File("f".into()));
+        let bad = toml::from_str::<T>("a = { envv = \"E\" }\nb = \"\"\nc = \"\"");
+        assert!(bad.unwrap_err().to_string().contains("envv"));
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(<redacted>)");
+    }
+}

@@ -1,0 +1,224 @@
+//! The upstream side: a pooled HTTP client, header hygiene on the way in, and the relay of the
+//! backend's answer on the way out.
+//!
+//! The body is forwarded as the same `Bytes` that were verified: no copy, no re-encoding.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::Response;
+use http_body_util::Full;
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::config::UpstreamSettings;
+use crate::tls::PeerIdentity;
+
+/// Envoy's client-identity header. Removed from every inbound request, always.
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Errors building the upstream client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("upstream TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("upstream client: {0}")]
+    Reqwest(#[from] reqwest::Error),
+}
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("bad upstream response: {0}")]
+    BadResponse(String),
+}
+
+/// The pooled client for all routes' upstreams.
+pub struct Upstream {
+    client: reqwest::Client,
+    timeout: Duration,
+    max_response_bytes: usize,
+}
+
+impl Upstream {
+    pub fn new(settings: &UpstreamSettings, provider: Arc<CryptoProvider>) -> Result<Upstream, ClientError> {
+        let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+        let tls = match &settings.ca {
+            Some((_, certs)) => {
+                let mut roots = RootCertStore::empty();
+                for c in certs {
+                    roots.add(c.clone())?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(rustls_platform_verifier::Verifier::new(provider)?))
+                .with_no_client_auth(),
+        };
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(settings.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Upstream {
+            client,
+            timeout: settings.timeout,
+            max_response_bytes: settings.max_response_bytes,
+        })
+    }
+
+    /// Sends the verified request upstream and returns the backend's answer, all within the
+    /// configured deadline.
+    pub async fn forward(
+        &self,
+        url: &reqwest::Url,
+        parts: &Parts,
+        body: Bytes,
+        peer: SocketAddr,
+        identity: Option<&PeerIdentity>,
+    ) -> Result<Response<Full<Bytes>>, ForwardError> {
+        let mut url = url.clone();
+        if let Some(q) = parts.uri.query() {
+            let joined = match url.query() {
+                Some(existing) if !existing.is_empty() => format!("{existing}&{q}"),
+                _ => q.to_owned(),
+            };
+            url.set_query(Some(&joined));
+        }
+        let headers = upstream_headers(parts, peer, identity);
+        let request = self.client.post(url).headers(headers).body(body);
+        let limit = self.max_response_bytes;
+        let exchange = async move {
+            let mut resp = request.send().await.map_err(classify)?;
+            let status = resp.status();
+            let headers = response_headers(resp.headers());
+            let mut buf = BytesMut::new();
+            while let Some(chunk) = resp.chunk().await.map_err(classify)? {
+                if buf.len() + chunk.len() > limit {
+                    return Err(ForwardError::BadResponse(format!("body larger than {limit} bytes")));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            let mut out = Response::new(Full::new(buf.freeze()));
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            Ok(out)
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(ForwardError::Timeout(self.timeout)),
+        }
+    }
+}
+
+fn classify(e: reqwest::Error) -> ForwardError {
+    if e.is_timeout() {
+        ForwardError::Unreachable(format!("connect timed out: {e}"))
+    } else if e.is_connect() || e.is_request() {
+        ForwardError::Unreachable(error_chain(&e))
+    } else {
+        ForwardError::BadResponse(error_chain(&e))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+}
+
+/// Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The request headers sent upstream: end-to-end headers kept as they came (the signature
+/// header among them); hop-by-hop, framing and any inbound forwarding or identity headers
+/// dropped; `X-Forwarded-*` and the verified identity set by hubgate.
+pub fn upstream_headers(parts: &Parts, peer: SocketAddr, identity: Option<&PeerIdentity>) -> HeaderMap {
+    let named = connection_tokens(&parts.headers);
+    let mut out = HeaderMap::with_capacity(parts.headers.len() + 4);
+    for (name, value) in &parts.headers {
+        let drop = is_hop_by_hop(name)
+            || named.contains(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == XFCC
+            || name == XFF
+            || name == XFP
+            || name == XFH
+            || name == FORWARDED;
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out.insert(XFF, HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value"));
+    out.insert(XFP, HeaderValue::from_static("https"));
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    if let Some(host) = host {
+        out.insert(XFH, host);
+    }
+    if let Some(id) = identity {
+        if let Ok(v) = HeaderValue::from_str(&id.xfcc()) {
+            out.insert(XFCC, v);
+        }
+    }
+    out
+}
+
+fn response_headers(headers: &HeaderMap) -> HeaderMap {
+    let named = connection_tokens(headers);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !is_hop_by_hop(name) && !named.contains(name) && name != header::CONTENT_LENGTH {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}

@@ -1,0 +1,42 @@
+//! hubgate: an edge proxy that admits only genuine Meta webhook traffic.
+//!
+//! A request goes: TLS (rustls, client certificate verified against the configured anchors and
+//! its CN checked, [`tls`]) → exact-path route → `hub.challenge` answer or `X-Hub-Signature-256`
+//! check over the raw body ([`gate`]) → forward, byte for byte, to the route's upstream
+//! ([`forward`]). [`server`] holds the accept loop and the request flow; [`config`] the
+//! validated configuration that `check` and `run` share.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod forward;
+pub mod gate;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+
+pub use config::{Config, ConfigError};
+pub use server::{Prepared, Running};
+
+/// Everything that can stop hubgate from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Client(#[from] forward::ClientError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Builds everything from a validated configuration, binds the listener and starts serving.
+pub async fn run(config: Config) -> Result<Running, Error> {
+    server::start(Prepared::new(config)?).await
+}
