@@ -87,7 +87,9 @@ impl<'de> Deserialize<'de> for SecretSource {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
                 let Some(key) = map.next_key::<String>()? else {
-                    return Err(de::Error::custom(r#"expected { env = "NAME" } or { file = "PATH" }"#));
+                    return Err(de::Error::custom(
+                        r#"expected { env = "NAME" } or { file = "PATH" }"#,
+                    ));
                 };
                 let value: String = map.next_value()?;
                 let source = match key.as_str() {
@@ -266,12 +268,20 @@ impl Ctx<'_> {
         }
     }
 
-    fn duration(&self, key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        key: &str,
+        v: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
             Some(s) => {
                 let d = humantime::parse_duration(s).map_err(|e| {
-                    self.err(key, format!("`{s}` is not a duration like \"5s\" or \"250ms\": {e}"))
+                    self.err(
+                        key,
+                        format!("`{s}` is not a duration like \"5s\" or \"250ms\": {e}"),
+                    )
                 })?;
                 if d.is_zero() {
                     return Err(self.err(key, "must be greater than zero"));
@@ -285,7 +295,12 @@ impl Ctx<'_> {
         let bytes = match src {
             SecretSource::Inline(s) => s.as_bytes().to_vec(),
             SecretSource::Env(name) => std::env::var(name)
-                .map_err(|_| self.err(key, format!("environment variable `{name}` is not set or not UTF-8")))?
+                .map_err(|_| {
+                    self.err(
+                        key,
+                        format!("environment variable `{name}` is not set or not UTF-8"),
+                    )
+                })?
                 .into_bytes(),
             SecretSource::File(p) => {
                 let path = self.path(p);
@@ -333,25 +348,39 @@ impl Config {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
     let s = raw.server;
     let listen_str = s.listen.as_deref().unwrap_or("127.0.0.1:8443");
-    let listen: SocketAddr = listen_str
-        .parse()
-        .map_err(|_| cx.err("server.listen", format!("`{listen_str}` is not an address like 127.0.0.1:8443")))?;
+    let listen: SocketAddr = listen_str.parse().map_err(|_| {
+        cx.err(
+            "server.listen",
+            format!("`{listen_str}` is not an address like 127.0.0.1:8443"),
+        )
+    })?;
     let cert_path = cx.path(&s.cert);
     let key_path = cx.path(&s.key);
-    let cert_chain = tls::load_certs(&cert_path).map_err(|e| cx.err("server.cert", e.to_string()))?;
+    let cert_chain =
+        tls::load_certs(&cert_path).map_err(|e| cx.err("server.cert", e.to_string()))?;
     let key = tls::load_key(&key_path).map_err(|e| cx.err("server.key", e.to_string()))?;
-    tls::check_key_matches(&cert_chain, &key)
-        .map_err(|e| cx.err("server.key", format!("{} does not match server.cert: {e}", key_path.display())))?;
+    tls::check_key_matches(&cert_chain, &key).map_err(|e| {
+        cx.err(
+            "server.key",
+            format!("{} does not match server.cert: {e}", key_path.display()),
+        )
+    })?;
     let max_body_bytes = match s.max_body_bytes {
         None => DEFAULT_MAX_BODY_BYTES,
         Some(0) => return Err(cx.err("server.max_body_bytes", "must be greater than zero")),
-        Some(n) => usize::try_from(n).map_err(|_| cx.err("server.max_body_bytes", "is too large"))?,
+        Some(n) => {
+            usize::try_from(n).map_err(|_| cx.err("server.max_body_bytes", "is too large"))?
+        }
     };
     let server = ServerSettings {
         listen,
@@ -360,15 +389,31 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
         cert_chain,
         key: std::sync::Arc::new(key),
         max_body_bytes,
-        handshake_timeout: cx.duration("server.handshake_timeout", s.handshake_timeout.as_deref(), Duration::from_secs(10))?,
-        header_timeout: cx.duration("server.header_timeout", s.header_timeout.as_deref(), Duration::from_secs(10))?,
-        body_timeout: cx.duration("server.body_timeout", s.body_timeout.as_deref(), Duration::from_secs(15))?,
+        handshake_timeout: cx.duration(
+            "server.handshake_timeout",
+            s.handshake_timeout.as_deref(),
+            Duration::from_secs(10),
+        )?,
+        header_timeout: cx.duration(
+            "server.header_timeout",
+            s.header_timeout.as_deref(),
+            Duration::from_secs(10),
+        )?,
+        body_timeout: cx.duration(
+            "server.body_timeout",
+            s.body_timeout.as_deref(),
+            Duration::from_secs(15),
+        )?,
         max_connections: match s.max_connections {
             Some(0) => return Err(cx.err("server.max_connections", "must be greater than zero")),
             Some(n) => n,
             None => 10_000,
         },
-        drain_timeout: cx.duration("server.drain_timeout", s.drain_timeout.as_deref(), Duration::from_secs(10))?,
+        drain_timeout: cx.duration(
+            "server.drain_timeout",
+            s.drain_timeout.as_deref(),
+            Duration::from_secs(10),
+        )?,
     };
 
     let client_auth = validate_client_auth(raw.client_auth, cx)?;
@@ -389,14 +434,18 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             None => None,
             Some(p) => {
                 let path = cx.path(p);
-                let certs = tls::load_certs(&path).map_err(|e| cx.err("upstream.ca", e.to_string()))?;
+                let certs =
+                    tls::load_certs(&path).map_err(|e| cx.err("upstream.ca", e.to_string()))?;
                 Some((path, certs))
             }
         },
         max_response_bytes: match u.as_ref().and_then(|u| u.max_response_bytes) {
             None => 1024 * 1024,
-            Some(0) => return Err(cx.err("upstream.max_response_bytes", "must be greater than zero")),
-            Some(n) => usize::try_from(n).map_err(|_| cx.err("upstream.max_response_bytes", "is too large"))?,
+            Some(0) => {
+                return Err(cx.err("upstream.max_response_bytes", "must be greater than zero"))
+            }
+            Some(n) => usize::try_from(n)
+                .map_err(|_| cx.err("upstream.max_response_bytes", "is too large"))?,
         },
     };
 
@@ -408,10 +457,19 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
     for (i, r) in raw.route.into_iter().enumerate() {
         let k = |field: &str| format!("route[{i}].{field}");
         if !r.path.starts_with('/') || r.path.contains(['?', '#']) {
-            return Err(cx.err(k("path"), format!("`{}` must be an absolute path without query, like /webhook", r.path)));
+            return Err(cx.err(
+                k("path"),
+                format!(
+                    "`{}` must be an absolute path without query, like /webhook",
+                    r.path
+                ),
+            ));
         }
         if !seen.insert(r.path.clone()) {
-            return Err(cx.err(k("path"), format!("`{}` is already used by another route", r.path)));
+            return Err(cx.err(
+                k("path"),
+                format!("`{}` is already used by another route", r.path),
+            ));
         }
         let verify_token = cx.secret(&k("verify_token"), &r.verify_token)?;
         if r.app_secrets.is_empty() {
@@ -426,7 +484,10 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
         let upstream = reqwest::Url::parse(&r.upstream)
             .map_err(|e| cx.err(k("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
         if !matches!(upstream.scheme(), "http" | "https") || upstream.host().is_none() {
-            return Err(cx.err(k("upstream"), format!("`{}` must be an http:// or https:// URL", r.upstream)));
+            return Err(cx.err(
+                k("upstream"),
+                format!("`{}` must be an http:// or https:// URL", r.upstream),
+            ));
         }
         let client_cert = match (client_auth.mode, r.client_cert) {
             (ClientAuthMode::Off, Some(RouteClientCert::Required)) => {
@@ -458,16 +519,26 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
 }
 
 fn validate_client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, ConfigError> {
-    let raw = raw.unwrap_or(RawClientAuth { mode: None, roots: None, allowed_cn: None });
+    let raw = raw.unwrap_or(RawClientAuth {
+        mode: None,
+        roots: None,
+        allowed_cn: None,
+    });
     let mode = raw.mode.unwrap_or(ClientAuthMode::Require);
-    let allowed_cn = raw.allowed_cn.unwrap_or_else(|| vec![META_CLIENT_CN.to_owned()]);
+    let allowed_cn = raw
+        .allowed_cn
+        .unwrap_or_else(|| vec![META_CLIENT_CN.to_owned()]);
     let roots = match raw.roots {
         None => vec![],
         Some(OneOrMany::One(p)) => vec![p],
         Some(OneOrMany::Many(v)) => v,
     };
     if mode == ClientAuthMode::Off {
-        return Ok(ClientAuth { mode, anchors: vec![], allowed_cn });
+        return Ok(ClientAuth {
+            mode,
+            anchors: vec![],
+            allowed_cn,
+        });
     }
     if roots.is_empty() {
         return Err(cx.err(
@@ -478,7 +549,11 @@ fn validate_client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAu
     let mut anchors = Vec::new();
     for (i, p) in roots.iter().enumerate() {
         let path = cx.path(p);
-        let key = if roots.len() == 1 { "client_auth.roots".to_owned() } else { format!("client_auth.roots[{i}]") };
+        let key = if roots.len() == 1 {
+            "client_auth.roots".to_owned()
+        } else {
+            format!("client_auth.roots[{i}]")
+        };
         let loaded = tls::load_anchors(&path).map_err(|e| cx.err(key, e.to_string()))?;
         anchors.extend(loaded);
     }
@@ -487,7 +562,11 @@ fn validate_client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAu
             return Err(cx.err(format!("client_auth.allowed_cn[{i}]"), "is empty"));
         }
     }
-    Ok(ClientAuth { mode, anchors, allowed_cn })
+    Ok(ClientAuth {
+        mode,
+        anchors,
+        allowed_cn,
+    })
 }
 
 #[cfg(test)]
@@ -496,7 +575,7 @@ mod tests {
 
     #[test]
     fn secret_source_forms() {
-        #[derive(Deserialize)]
+        #[derive(Debug, Deserialize)]
         struct T {
             a: SecretSource,
             b: SecretSource,
@@ -512,6 +591,9 @@ mod tests {
 
     #[test]
     fn secret_debug_is_redacted() {
-        assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(<redacted>)");
+        assert_eq!(
+            format!("{:?}", Secret::new("hunter2")),
+            "Secret(<redacted>)"
+        );
     }
 }

@@ -55,8 +55,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings, provider: Arc<CryptoProvider>) -> Result<Upstream, ClientError> {
-        let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    pub fn new(
+        settings: &UpstreamSettings,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Upstream, ClientError> {
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
         let tls = match &settings.ca {
             Some((_, certs)) => {
                 let mut roots = RootCertStore::empty();
@@ -67,7 +71,9 @@ impl Upstream {
             }
             None => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(rustls_platform_verifier::Verifier::new(provider)?))
+                .with_custom_certificate_verifier(Arc::new(
+                    rustls_platform_verifier::Verifier::new(provider)?,
+                ))
                 .with_no_client_auth(),
         };
         let client = reqwest::Client::builder()
@@ -114,7 +120,9 @@ impl Upstream {
             let mut buf = BytesMut::new();
             while let Some(chunk) = resp.chunk().await.map_err(classify)? {
                 if buf.len() + chunk.len() > limit {
-                    return Err(ForwardError::BadResponse(format!("body larger than {limit} bytes")));
+                    return Err(ForwardError::BadResponse(format!(
+                        "body larger than {limit} bytes"
+                    )));
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -177,7 +185,11 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
 /// The request headers sent upstream: end-to-end headers kept as they came (the signature
 /// header among them); hop-by-hop, framing and any inbound forwarding or identity headers
 /// dropped; `X-Forwarded-*` and the verified identity set by hubgate.
-pub fn upstream_headers(parts: &Parts, peer: SocketAddr, identity: Option<&PeerIdentity>) -> HeaderMap {
+pub fn upstream_headers(
+    parts: &Parts,
+    peer: SocketAddr,
+    identity: Option<&PeerIdentity>,
+) -> HeaderMap {
     let named = connection_tokens(&parts.headers);
     let mut out = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
@@ -194,13 +206,17 @@ pub fn upstream_headers(parts: &Parts, peer: SocketAddr, identity: Option<&PeerI
             out.append(name.clone(), value.clone());
         }
     }
-    out.insert(XFF, HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value"));
+    out.insert(
+        XFF,
+        HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value"),
+    );
     out.insert(XFP, HeaderValue::from_static("https"));
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     if let Some(host) = host {
         out.insert(XFH, host);
     }

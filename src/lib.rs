@@ -9,7 +9,6 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod demo;
 pub mod forward;
 pub mod gate;
 pub mod server;

@@ -1,1 +1,278 @@
-fn main(){}
+//! The `hubgate` command: parses the command line, sets up logging, installs the crypto
+//! provider, and hands over to the library. Exit codes: 0 success, 1 runtime failure,
+//! 2 configuration error.
+
+#![forbid(unsafe_code)]
+
+mod demo;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hubgate::config::{ClientAuthMode, Config};
+use hubgate::gate::signature::Signer;
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "hubgate",
+    version,
+    about = "Admit only genuine Meta webhook traffic to your application"
+)]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "HUBGATE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gate with a configuration file.
+    Run {
+        #[arg(long, env = "HUBGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate everything `run` would load, print a summary, exit non-zero on error.
+    Check {
+        #[arg(long, env = "HUBGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Sign a body read from stdin: prints the X-Hub-Signature-256 value ("sha256=<hex>").
+    Sign {
+        /// The app secret.
+        #[arg(long, env = "HUBGATE_SIGN_SECRET")]
+        secret: String,
+    },
+    /// Play Meta against a throwaway gate on 127.0.0.1 (the default without a config).
+    Demo {
+        /// Loopback address for the demo gate.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Run the self-test and exit instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit_after_selftest: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    // One crypto provider for the whole process; the library also passes it explicitly.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let command = cli
+        .command
+        .unwrap_or_else(|| match std::env::var_os("HUBGATE_CONFIG") {
+            Some(config) => Command::Run {
+                config: config.into(),
+            },
+            None => Command::Demo {
+                listen: "127.0.0.1:8443".parse().expect("valid address"),
+                exit_after_selftest: false,
+            },
+        });
+    match command {
+        Command::Sign { secret } => sign(&secret),
+        Command::Check { config } => check(&config),
+        Command::Run { config } => runtime().block_on(run(&config)),
+        Command::Demo {
+            listen,
+            exit_after_selftest,
+        } => match runtime().block_on(demo::run(listen, exit_after_selftest)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("demo failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the async runtime")
+}
+
+fn sign(secret: &str) -> ExitCode {
+    let mut body = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut body) {
+        eprintln!("hubgate sign: cannot read stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let signer = Signer::new(&[hubgate::config::Secret::new(secret)], false);
+    println!("{}", signer.sign(&body));
+    ExitCode::SUCCESS
+}
+
+/// Loads and validates the config and builds what `run` would build. Returns it with warnings.
+fn load(path: &Path) -> Result<(Config, hubgate::Prepared, Vec<String>), ExitCode> {
+    let config = Config::load(path).map_err(|e| {
+        eprintln!("config error: {e}");
+        ExitCode::from(2)
+    })?;
+    let prepared = hubgate::Prepared::new(config.clone()).map_err(|e| {
+        eprintln!("config error: {}: {e}", config.source);
+        ExitCode::from(2)
+    })?;
+    let warnings = config_warnings(&config);
+    Ok((config, prepared, warnings))
+}
+
+fn config_warnings(config: &Config) -> Vec<String> {
+    let now = unix_now();
+    let mut w = Vec::new();
+    if let Some(leaf) = config.server.cert_chain.first() {
+        if let Some(info) = hubgate::tls::CertInfo::parse(leaf) {
+            if info.not_after <= now {
+                w.push(format!(
+                    "server.cert {} expired on {}",
+                    config.server.cert_path.display(),
+                    info.not_after_text
+                ));
+            }
+            if info.self_signed {
+                w.push(format!(
+                    "server.cert {} is self-signed: Meta refuses self-signed server certificates",
+                    config.server.cert_path.display()
+                ));
+            }
+        }
+    }
+    if config.client_auth.mode != ClientAuthMode::Off {
+        if config.client_auth.allowed_cn.is_empty() {
+            w.push("client_auth.allowed_cn is empty: no client certificate is admitted".into());
+        }
+        w.extend(hubgate::tls::anchor_warnings(
+            &config.client_auth.anchors,
+            now,
+        ));
+    }
+    w
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn check(path: &Path) -> ExitCode {
+    let (config, _prepared, warnings) = match load(path) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    println!("{}: OK", config.source);
+    println!("  listen          {}", config.server.listen);
+    if let Some(info) = config
+        .server
+        .cert_chain
+        .first()
+        .and_then(hubgate::tls::CertInfo::parse)
+    {
+        println!(
+            "  server cert     {} (expires {})",
+            info.subject, info.not_after_text
+        );
+    }
+    println!("  max body        {} bytes", config.server.max_body_bytes);
+    println!("  client auth     {}", config.client_auth.mode);
+    for a in &config.client_auth.anchors {
+        println!(
+            "    anchor        {} [{}] sha256 {} expires {}",
+            a.subject,
+            a.path.display(),
+            a.sha256,
+            a.not_after_text
+        );
+    }
+    if config.client_auth.mode != ClientAuthMode::Off {
+        println!("    allowed CN    {:?}", config.client_auth.allowed_cn);
+    }
+    println!("  upstream        timeout {:?}", config.upstream.timeout);
+    for r in &config.routes {
+        println!(
+            "  route           {} -> {}  (client cert {:?}, {} secret(s){})",
+            r.path,
+            r.upstream,
+            r.client_cert,
+            r.app_secrets.len(),
+            if r.legacy_sha1 {
+                ", legacy sha1 accepted"
+            } else {
+                ""
+            }
+        );
+    }
+    for w in &warnings {
+        println!("WARNING: {w}");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(path: &Path) -> ExitCode {
+    let (config, prepared, warnings) = match load(path) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    for w in &warnings {
+        warn!("{w}");
+        eprintln!("WARNING: {w}");
+    }
+    info!(config = %config.source, routes = config.routes.len(), client_auth = %config.client_auth.mode, "starting");
+    let running = match hubgate::server::start(prepared).await {
+        Ok(r) => r,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_shutdown_signal().await;
+    running.shutdown().await;
+    info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP is caught so it never kills the gate.
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); return }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); return }
+            _ = hup.recv() => warn!("SIGHUP: configuration reload is not supported yet; nothing changed"),
+        }
+    }
+}

@@ -78,7 +78,11 @@ impl Prepared {
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.server.body_timeout,
         });
-        Ok(Prepared { acceptor: TlsAcceptor::from(tls), state, config })
+        Ok(Prepared {
+            acceptor: TlsAcceptor::from(tls),
+            state,
+            config,
+        })
     }
 }
 
@@ -113,14 +117,24 @@ pub async fn start(prepared: Prepared) -> Result<Running, crate::Error> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| crate::Error::Bind { addr, source })?;
-    let local_addr = listener.local_addr().map_err(|source| crate::Error::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| crate::Error::Bind { addr, source })?;
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, prepared, stopped));
     info!(listen = %local_addr, "hubgate listening");
-    Ok(Running { local_addr, stop, task })
+    Ok(Running {
+        local_addr,
+        stop,
+        task,
+    })
 }
 
-async fn accept_loop(listener: TcpListener, prepared: Prepared, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    prepared: Prepared,
+    mut stopped: watch::Receiver<bool>,
+) {
     let settings = &prepared.config.server;
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
@@ -172,8 +186,15 @@ async fn accept_loop(listener: TcpListener, prepared: Prepared, mut stopped: wat
 
     drop(listener);
     let deadline = settings.drain_timeout;
-    info!(in_flight = graceful.count(), ?deadline, "draining connections");
-    if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
+    info!(
+        in_flight = graceful.count(),
+        ?deadline,
+        "draining connections"
+    );
+    if tokio::time::timeout(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
         warn!("drain deadline passed; closing remaining connections");
     }
 }
@@ -205,17 +226,26 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|leaf| PeerIdentity::from_leaf(leaf));
-    debug!(client_cn = identity.as_ref().map(|i| i.cn.as_str()), "TLS established");
+    debug!(
+        client_cn = identity.as_ref().map(|i| i.cn.as_str()),
+        "TLS established"
+    );
     let conn = Arc::new(ConnInfo { peer, identity });
     let service = service_fn(move |req| handle(state.clone(), conn.clone(), req));
-    let connection = http.serve_connection(TokioIo::new(tls), service).into_owned();
+    let connection = http
+        .serve_connection(TokioIo::new(tls), service)
+        .into_owned();
     if let Err(e) = watcher.watch(connection).await {
         debug!(error = %e, "connection ended with an error");
     }
 }
 
 /// One request, start to finish.
-async fn handle(state: Arc<State>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
     let route = state.routes.get(req.uri().path());
@@ -251,10 +281,14 @@ async fn process(
         Method::GET => match challenge::answer(req.uri().query(), &route.route.verify_token) {
             Ok(echo) => {
                 let mut r = Response::new(Full::new(Bytes::from(echo)));
-                r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-                r.headers_mut()
-                    .insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                r.headers_mut().insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                );
                 (Verdict::ChallengeAnswered, r)
             }
             Err(e) => reject(Verdict::Challenge(e)),
@@ -270,7 +304,13 @@ async fn process(
             }
             let forwarded = state
                 .upstream
-                .forward(&route.route.upstream, &parts, body, conn.peer, conn.identity.as_ref())
+                .forward(
+                    &route.route.upstream,
+                    &parts,
+                    body,
+                    conn.peer,
+                    conn.identity.as_ref(),
+                )
                 .await;
             match forwarded {
                 Ok(resp) => (Verdict::Forwarded(resp.status()), resp),
@@ -286,7 +326,8 @@ async fn process(
         }
         _ => {
             let (v, mut r) = reject(Verdict::MethodNotAllowed);
-            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
             (v, r)
         }
     }
@@ -294,7 +335,11 @@ async fn process(
 
 /// Reads the whole body within the size limit and deadline. A declared `Content-Length` over
 /// the limit is refused before a byte of the body is read.
-async fn read_body(state: &State, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, Verdict> {
+async fn read_body(
+    state: &State,
+    headers: &http::HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, Verdict> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -318,7 +363,9 @@ fn reject(verdict: Verdict) -> (Verdict, Response<Full<Bytes>>) {
     let text = format!("{}\n", status.canonical_reason().unwrap_or("error"));
     let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     (verdict, r)
 }

@@ -20,7 +20,10 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use sha2::{Digest, Sha256};
@@ -32,11 +35,18 @@ use crate::config::{ClientAuth, ClientAuthMode, ServerSettings};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: rustls_pki_types::pem::Error },
+    Read {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path}: certificate #{index} is not valid X.509: {reason}")]
-    BadCertificate { path: PathBuf, index: usize, reason: String },
+    BadCertificate {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
     #[error("invalid TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("invalid client verifier: {0}")]
@@ -52,9 +62,14 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_owned() });
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
     }
     for (index, c) in certs.iter().enumerate() {
         X509Certificate::from_der(c).map_err(|e| TlsError::BadCertificate {
@@ -68,12 +83,19 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Loads the first private key (PKCS#8, PKCS#1 RSA or SEC1 EC) from a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Fails when the key cannot be used or does not belong to the chain's first certificate.
-pub fn check_key_matches(chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>) -> Result<(), rustls::Error> {
-    rustls::sign::CertifiedKey::from_der(chain.to_vec(), key.clone_key(), &crypto_provider()).map(drop)
+pub fn check_key_matches(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<(), rustls::Error> {
+    rustls::sign::CertifiedKey::from_der(chain.to_vec(), key.clone_key(), &crypto_provider())
+        .map(drop)
 }
 
 /// A trust anchor for client certificates, with what an operator needs to know about it.
@@ -90,36 +112,59 @@ pub struct Anchor {
     pub not_after_text: String,
 }
 
+/// What a certificate says about itself, for summaries and warnings.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    /// Subject in RFC 4514 form.
+    pub subject: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after: i64,
+    pub not_after_text: String,
+    /// Issuer and subject are the same name.
+    pub self_signed: bool,
+}
+
+impl CertInfo {
+    pub fn parse(der: &CertificateDer<'_>) -> Option<CertInfo> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let not_after = cert.validity().not_after;
+        Some(CertInfo {
+            subject: rfc4514(cert.subject()),
+            not_after: not_after.timestamp(),
+            not_after_text: not_after.to_string(),
+            self_signed: cert.subject().as_raw() == cert.issuer().as_raw(),
+        })
+    }
+}
+
 /// Loads every certificate of a PEM file as a trust anchor. Roots and intermediates both work:
 /// WebPKI uses only an anchor's subject and public key.
 pub fn load_anchors(path: &Path) -> Result<Vec<Anchor>, TlsError> {
-    load_certs(path)?
+    Ok(load_certs(path)?
         .into_iter()
-        .map(|der| {
-            let (_, cert) = X509Certificate::from_der(&der).map_err(|e| TlsError::BadCertificate {
+        .filter_map(|der| {
+            // load_certs has parsed every certificate already.
+            let info = CertInfo::parse(&der)?;
+            Some(Anchor {
                 path: path.to_owned(),
-                index: 0,
-                reason: e.to_string(),
-            })?;
-            let not_after = cert.validity().not_after;
-            let anchor = Anchor {
-                path: path.to_owned(),
-                subject: rfc4514(cert.subject()),
+                subject: info.subject,
                 sha256: hex::encode(Sha256::digest(&der)),
-                not_after: not_after.timestamp(),
-                not_after_text: not_after.to_string(),
-                der: der.clone(),
-            };
-            Ok(anchor)
+                not_after: info.not_after,
+                not_after_text: info.not_after_text,
+                der,
+            })
         })
-        .collect()
+        .collect())
 }
 
 /// 2026-04-15T00:00:00Z: Meta's DigiCert-signed webhook client certificate expired that day.
 pub const DIGICERT_CHAIN_RETIRED_AT: i64 = 1_776_211_200;
 
 /// Subjects of the CAs that signed Meta's retired client certificate.
-const RETIRED_META_CHAIN: [&str; 2] = ["DigiCert High Assurance EV Root CA", "DigiCert SHA2 High Assurance Server CA"];
+const RETIRED_META_CHAIN: [&str; 2] = [
+    "DigiCert High Assurance EV Root CA",
+    "DigiCert SHA2 High Assurance Server CA",
+];
 
 /// What an operator should be told about the configured anchors at `now` (Unix seconds):
 /// expired anchors, and a loud warning when no anchor could verify Meta's current chain.
@@ -127,7 +172,9 @@ pub fn anchor_warnings(anchors: &[Anchor], now: i64) -> Vec<String> {
     let mut out = Vec::new();
     let mut usable = 0;
     for a in anchors {
-        let retired = RETIRED_META_CHAIN.iter().any(|cn| a.subject.contains(&format!("CN={cn}")));
+        let retired = RETIRED_META_CHAIN
+            .iter()
+            .any(|cn| a.subject.contains(&format!("CN={cn}")));
         if a.not_after <= now {
             out.push(format!(
                 "trust anchor {} ({}) expired on {}",
@@ -227,15 +274,18 @@ impl ClientCertVerifier for MetaClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        let cn = single_common_name(end_entity)
-            .ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if self.allowed_cn.iter().any(|allowed| *allowed == cn) {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cn = single_common_name(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))?;
+        if self.allowed_cn.contains(&cn) {
             Ok(verified)
         } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-                CnNotAllowed { cn },
-            )))))
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(CnNotAllowed { cn })),
+            )))
         }
     }
 
@@ -303,24 +353,24 @@ impl PeerIdentity {
 /// Formats a distinguished name as RFC 4514 does: last RDN first, `,` between RDNs, `+` inside one.
 fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
     let registry = x509_parser::objects::oid_registry();
-    let rdns: Vec<String> = name
-        .iter_rdn()
-        .map(|rdn| {
-            rdn.iter()
-                .map(|attr| {
-                    let oid = attr.attr_type();
-                    let key = x509_parser::objects::oid2abbrev(oid, registry)
-                        .map(str::to_owned)
-                        .unwrap_or_else(|_| oid.to_id_string());
-                    let value = attr.as_str().map(escape_rdn_value).unwrap_or_else(|_| {
-                        format!("#{}", hex::encode(attr.attr_value().data))
-                    });
-                    format!("{key}={value}")
-                })
-                .collect::<Vec<_>>()
-                .join("+")
-        })
-        .collect();
+    let rdns: Vec<String> =
+        name.iter_rdn()
+            .map(|rdn| {
+                rdn.iter()
+                    .map(|attr| {
+                        let oid = attr.attr_type();
+                        let key = x509_parser::objects::oid2abbrev(oid, registry)
+                            .map(str::to_owned)
+                            .unwrap_or_else(|_| oid.to_id_string());
+                        let value = attr.as_str().map(escape_rdn_value).unwrap_or_else(|_| {
+                            format!("#{}", hex::encode(attr.attr_value().data))
+                        });
+                        format!("{key}={value}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("+")
+            })
+            .collect();
     rdns.into_iter().rev().collect::<Vec<_>>().join(",")
 }
 
@@ -371,19 +421,31 @@ impl HandshakeFailure {
 
     /// Classifies the error tokio-rustls returned from `accept`.
     pub fn classify(err: &io::Error) -> HandshakeFailure {
-        let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
-            return if err.kind() == io::ErrorKind::TimedOut { Self::Timeout } else { Self::Io };
+        let Some(tls) = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        else {
+            return if err.kind() == io::ErrorKind::TimedOut {
+                Self::Timeout
+            } else {
+                Self::Io
+            };
         };
         match tls {
             rustls::Error::NoCertificatesPresented => Self::NoClientCert,
             rustls::Error::InvalidCertificate(c) => match c {
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
-                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => Self::NotYetValid,
-                CertificateError::UnknownIssuer => Self::UntrustedChain,
-                CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-                    Self::WrongKeyUsage
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Self::Expired
                 }
-                CertificateError::Other(OtherError(e)) if e.is::<CnNotAllowed>() => Self::CnNotAllowed,
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Self::NotYetValid
+                }
+                CertificateError::UnknownIssuer => Self::UntrustedChain,
+                CertificateError::InvalidPurpose
+                | CertificateError::InvalidPurposeContext { .. } => Self::WrongKeyUsage,
+                CertificateError::Other(OtherError(e)) if e.is::<CnNotAllowed>() => {
+                    Self::CnNotAllowed
+                }
                 _ => Self::BadCertificate,
             },
             _ => Self::Protocol,
@@ -416,6 +478,9 @@ mod tests {
             subject: "CN=c,O=Say \\\"hi\\\"".into(),
             sha256: "ab".into(),
         };
-        assert_eq!(id.xfcc(), "Hash=ab;Subject=\"CN=c,O=Say \\\\\\\"hi\\\\\\\"\"");
+        assert_eq!(
+            id.xfcc(),
+            "Hash=ab;Subject=\"CN=c,O=Say \\\\\\\"hi\\\\\\\"\""
+        );
     }
 }

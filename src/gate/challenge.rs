@@ -56,11 +56,15 @@ pub fn answer(query: Option<&str>, verify_token: &Secret) -> Result<String, Chal
         Some("subscribe") => {}
         Some(_) => return Err(ChallengeError::WrongMode),
     }
-    let challenge = challenge.filter(|c| !c.is_empty()).ok_or(ChallengeError::MissingChallenge)?;
+    let challenge = challenge
+        .filter(|c| !c.is_empty())
+        .ok_or(ChallengeError::MissingChallenge)?;
     if challenge.len() > MAX_CHALLENGE_BYTES {
         return Err(ChallengeError::ChallengeTooLong);
     }
-    let token = token.filter(|t| !t.is_empty()).ok_or(ChallengeError::MissingToken)?;
+    let token = token
+        .filter(|t| !t.is_empty())
+        .ok_or(ChallengeError::MissingToken)?;
     // Compare digests so that neither the content nor the length of the token leaks through time.
     let given = Sha256::digest(token.as_bytes());
     let expected = Sha256::digest(verify_token.expose());
@@ -89,16 +93,37 @@ mod tests {
     fn refusals() {
         let cases = [
             (None, ChallengeError::MissingMode),
-            (Some("hub.mode=unsubscribe&hub.challenge=1&hub.verify_token=x"), ChallengeError::WrongMode),
-            (Some("hub.mode=subscribe&hub.verify_token=x"), ChallengeError::MissingChallenge),
-            (Some("hub.mode=subscribe&hub.challenge=1"), ChallengeError::MissingToken),
-            (Some("hub.mode=subscribe&hub.challenge=1&hub.challenge=2&hub.verify_token=x"), ChallengeError::DuplicateParameter),
-            (Some("hub.mode=subscribe&hub.challenge=1&hub.verify_token=tok"), ChallengeError::WrongToken),
+            (
+                Some("hub.mode=unsubscribe&hub.challenge=1&hub.verify_token=x"),
+                ChallengeError::WrongMode,
+            ),
+            (
+                Some("hub.mode=subscribe&hub.verify_token=x"),
+                ChallengeError::MissingChallenge,
+            ),
+            (
+                Some("hub.mode=subscribe&hub.challenge=1"),
+                ChallengeError::MissingToken,
+            ),
+            (
+                Some("hub.mode=subscribe&hub.challenge=1&hub.challenge=2&hub.verify_token=x"),
+                ChallengeError::DuplicateParameter,
+            ),
+            (
+                Some("hub.mode=subscribe&hub.challenge=1&hub.verify_token=tok"),
+                ChallengeError::WrongToken,
+            ),
         ];
         for (q, want) in cases {
             assert_eq!(answer(q, &t()), Err(want), "{q:?}");
         }
-        let long = format!("hub.mode=subscribe&hub.challenge={}&hub.verify_token=tok+en", "1".repeat(MAX_CHALLENGE_BYTES + 1));
-        assert_eq!(answer(Some(&long), &t()), Err(ChallengeError::ChallengeTooLong));
+        let long = format!(
+            "hub.mode=subscribe&hub.challenge={}&hub.verify_token=tok+en",
+            "1".repeat(MAX_CHALLENGE_BYTES + 1)
+        );
+        assert_eq!(
+            answer(Some(&long), &t()),
+            Err(ChallengeError::ChallengeTooLong)
+        );
     }
 }

@@ -76,7 +76,7 @@ impl Verdict {
         match self {
             Self::Challenge(e) => e.as_str(),
             Self::Signature(e) => e.as_str(),
-            _ => "",
+            _ => "-",
         }
     }
 }

@@ -82,8 +82,12 @@ pub struct Signer {
 impl Signer {
     /// `legacy_sha1` enables the `X-Hub-Signature: sha1=…` header.
     pub fn new(secrets: &[Secret], legacy_sha1: bool) -> Signer {
-        let key256 = |s: &Secret| Hmac::<Sha256>::new_from_slice(s.expose()).expect("HMAC takes any key length");
-        let key1 = |s: &Secret| Hmac::<Sha1>::new_from_slice(s.expose()).expect("HMAC takes any key length");
+        let key256 = |s: &Secret| {
+            Hmac::<Sha256>::new_from_slice(s.expose()).expect("HMAC takes any key length")
+        };
+        let key1 = |s: &Secret| {
+            Hmac::<Sha1>::new_from_slice(s.expose()).expect("HMAC takes any key length")
+        };
         Signer {
             sha256: secrets.iter().map(key256).collect(),
             sha1: legacy_sha1.then(|| secrets.iter().map(key1).collect()),
@@ -98,7 +102,11 @@ impl Signer {
     }
 
     /// Checks the request's signature header against every secret, in constant time per secret.
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<SignatureMatch, SignatureError> {
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<SignatureMatch, SignatureError> {
         if let Some(value) = single(headers, SHA256_HEADER)? {
             let digest = parse(value, "sha256=", 32)?;
             return check(&self.sha256, &digest, body, Algorithm::Sha256);
@@ -124,7 +132,10 @@ fn check<M: Mac + Clone>(
         mac.update(body);
         // `verify_slice` compares in constant time.
         if mac.verify_slice(digest).is_ok() {
-            return Ok(SignatureMatch { algorithm, secret_index });
+            return Ok(SignatureMatch {
+                algorithm,
+                secret_index,
+            });
         }
     }
     Err(SignatureError::Mismatch)
@@ -132,7 +143,9 @@ fn check<M: Mac + Clone>(
 
 fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h [u8]>, SignatureError> {
     let mut values = headers.get_all(name).iter();
-    let Some(first) = values.next() else { return Ok(None) };
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
     if values.next().is_some() {
         return Err(SignatureError::Duplicate);
     }
@@ -164,7 +177,10 @@ mod tests {
 
     fn headers(name: &str, v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        h.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
         h
     }
 
@@ -193,11 +209,21 @@ mod tests {
             ("", SignatureError::Empty),
             ("abc", SignatureError::NoPrefix),
             ("sha256=abc", SignatureError::WrongLength),
-            (&format!("sha256={}", "zz".repeat(32)), SignatureError::NotHex),
-            (&format!("sha256={}", "00".repeat(32)), SignatureError::Mismatch),
+            (
+                &format!("sha256={}", "zz".repeat(32)),
+                SignatureError::NotHex,
+            ),
+            (
+                &format!("sha256={}", "00".repeat(32)),
+                SignatureError::Mismatch,
+            ),
         ];
         for (v, want) in cases {
-            assert_eq!(s.verify(&headers(SHA256_HEADER, v), b"x"), Err(want), "{v:?}");
+            assert_eq!(
+                s.verify(&headers(SHA256_HEADER, v), b"x"),
+                Err(want),
+                "{v:?}"
+            );
         }
     }
 
@@ -206,8 +232,20 @@ mod tests {
         let secret = [Secret::new("k")];
         let mut mac = Hmac::<Sha1>::new_from_slice(b"k").unwrap();
         mac.update(b"body");
-        let h = headers(SHA1_HEADER, &format!("sha1={}", hex::encode(mac.finalize().into_bytes())));
-        assert_eq!(Signer::new(&secret, false).verify(&h, b"body"), Err(SignatureError::Missing));
-        assert_eq!(Signer::new(&secret, true).verify(&h, b"body").unwrap().algorithm, Algorithm::Sha1);
+        let h = headers(
+            SHA1_HEADER,
+            &format!("sha1={}", hex::encode(mac.finalize().into_bytes())),
+        );
+        assert_eq!(
+            Signer::new(&secret, false).verify(&h, b"body"),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            Signer::new(&secret, true)
+                .verify(&h, b"body")
+                .unwrap()
+                .algorithm,
+            Algorithm::Sha1
+        );
     }
 }
