@@ -138,6 +138,7 @@ struct RawServer {
     header_timeout: Option<String>,
     body_timeout: Option<String>,
     max_connections: Option<usize>,
+    idle_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
 
@@ -194,6 +195,8 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_connections: usize,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
     pub drain_timeout: Duration,
 }
 
@@ -409,6 +412,11 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             Some(n) => n,
             None => 10_000,
         },
+        idle_timeout: cx.duration(
+            "server.idle_timeout",
+            s.idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        )?,
         drain_timeout: cx.duration(
             "server.drain_timeout",
             s.drain_timeout.as_deref(),

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,13 +17,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, Route, RouteClientCert};
+use crate::config::{Config, Route, RouteClientCert, ServerSettings};
 use crate::forward::{ForwardError, Upstream};
 use crate::gate::signature::Signer;
 use crate::gate::{challenge, Verdict};
@@ -46,6 +46,8 @@ struct State {
 struct ConnInfo {
     peer: SocketAddr,
     identity: Option<PeerIdentity>,
+    opened: Instant,
+    activity: Activity,
 }
 
 /// Everything `run` needs, built and validated before the listener binds. `hubgate check`
@@ -145,7 +147,7 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
+    // One permit per open connection: caps connections, and tells when the drain is complete.
     let limit = Arc::new(Semaphore::new(settings.max_connections));
 
     loop {
@@ -172,8 +174,8 @@ async fn accept_loop(
             prepared.acceptor.clone(),
             prepared.state.clone(),
             http.clone(),
-            settings.handshake_timeout,
-            graceful.watcher(),
+            settings.clone(),
+            stopped.clone(),
         );
         tokio::spawn(
             async move {
@@ -185,17 +187,47 @@ async fn accept_loop(
     }
 
     drop(listener);
+    let open = settings.max_connections - limit.available_permits();
     let deadline = settings.drain_timeout;
-    info!(
-        in_flight = graceful.count(),
-        ?deadline,
-        "draining connections"
-    );
-    if tokio::time::timeout(deadline, graceful.shutdown())
+    info!(open_connections = open, ?deadline, "draining");
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(deadline, limit.acquire_many(all))
         .await
         .is_err()
     {
-        warn!("drain deadline passed; closing remaining connections");
+        let left = settings.max_connections - limit.available_permits();
+        warn!(
+            open_connections = left,
+            "drain deadline passed; closing what is left"
+        );
+    }
+}
+
+/// Requests in flight on one connection and when the last one ended, for the idle timeout.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since the connection started.
+    last_done_ms: AtomicU64,
+}
+
+/// Counts a request as in flight until dropped, also when hyper drops the request's future
+/// (client gone, HTTP/2 stream reset).
+struct InFlight<'a>(&'a ConnInfo);
+
+impl<'a> InFlight<'a> {
+    fn enter(conn: &'a ConnInfo) -> Self {
+        conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(conn)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let a = &self.0.activity;
+        let done_ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.last_done_ms.store(done_ms, Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -205,10 +237,11 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     state: Arc<State>,
     http: auto::Builder<TokioExecutor>,
-    handshake_timeout: Duration,
-    watcher: hyper_util::server::graceful::Watcher,
+    settings: ServerSettings,
+    mut stopped: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = HandshakeFailure::classify(&e);
@@ -230,12 +263,45 @@ async fn serve_connection(
         client_cn = identity.as_ref().map(|i| i.cn.as_str()),
         "TLS established"
     );
-    let conn = Arc::new(ConnInfo { peer, identity });
-    let service = service_fn(move |req| handle(state.clone(), conn.clone(), req));
-    let connection = http
-        .serve_connection(TokioIo::new(tls), service)
-        .into_owned();
-    if let Err(e) = watcher.watch(connection).await {
+    let opened = Instant::now();
+    let conn = Arc::new(ConnInfo {
+        peer,
+        identity,
+        opened,
+        activity: Activity::default(),
+    });
+    let service = {
+        let conn = conn.clone();
+        service_fn(move |req| handle(state.clone(), conn.clone(), req))
+    };
+    let connection = http.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+
+    // Close the connection once it has been idle (no request in flight) for idle_timeout, and
+    // on shutdown let in-flight requests finish: hyper's graceful_shutdown does both.
+    let idle = settings.idle_timeout;
+    let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            r = connection.as_mut() => break r,
+            _ = stopped.changed(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => {
+                let a = &conn.activity;
+                let since_last = opened.elapsed().saturating_sub(Duration::from_millis(a.last_done_ms.load(Ordering::Relaxed)));
+                if a.in_flight.load(Ordering::Relaxed) == 0 && since_last >= idle {
+                    debug!("closing idle connection");
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "connection ended with an error");
     }
 }
@@ -247,6 +313,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
+    let _in_flight = InFlight::enter(&conn);
     let method = req.method().clone();
     let route = state.routes.get(req.uri().path());
     let (verdict, response) = match route {
