@@ -338,13 +338,31 @@ impl Config {
 
     /// Parses and validates TOML text; relative paths resolve against `base`.
     pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        let syntax = |e: toml::de::Error| ConfigError {
             file: file.to_owned(),
             key: e
                 .span()
                 .map(|s| format!("(line {})", line_of(text, s.start)))
                 .unwrap_or_else(|| "(syntax)".into()),
             message: e.message().trim().to_owned(),
+        };
+        let de = toml::Deserializer::parse(text).map_err(syntax)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| format!(" (line {})", line_of(text, s.start)))
+                .unwrap_or_default();
+            ConfigError {
+                file: file.to_owned(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: format!("{}{line}", inner.message().trim()),
+            }
         })?;
         validate(raw, &Ctx { file, base })
     }

@@ -222,10 +222,13 @@ fn check(path: &Path) -> ExitCode {
     println!("  upstream        timeout {:?}", config.upstream.timeout);
     for r in &config.routes {
         println!(
-            "  route           {} -> {}  (client cert {:?}, {} secret(s){})",
+            "  route           {} -> {}  (client cert {}, {} secret(s){})",
             r.path,
             r.upstream,
-            r.client_cert,
+            match r.client_cert {
+                hubgate::config::RouteClientCert::Required => "required",
+                hubgate::config::RouteClientCert::None => "none",
+            },
             r.app_secrets.len(),
             if r.legacy_sha1 {
                 ", legacy sha1 accepted"
