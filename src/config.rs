@@ -123,8 +123,15 @@ struct RawConfig {
     server: RawServer,
     client_auth: Option<RawClientAuth>,
     upstream: Option<RawUpstream>,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +186,8 @@ pub struct Config {
     pub server: ServerSettings,
     pub client_auth: ClientAuth,
     pub upstream: UpstreamSettings,
+    /// The admin listener (health, readiness, metrics); off unless `[admin]` is configured.
+    pub admin: Option<SocketAddr>,
     pub routes: Vec<Route>,
 }
 
@@ -535,11 +544,29 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
         });
     }
 
+    let admin = match raw.admin {
+        None => None,
+        Some(a) => {
+            let text = a.listen.as_deref().unwrap_or("127.0.0.1:9901");
+            let addr: SocketAddr = text.parse().map_err(|_| {
+                cx.err(
+                    "admin.listen",
+                    format!("`{text}` is not an address like 127.0.0.1:9901"),
+                )
+            })?;
+            if addr == listen && addr.port() != 0 {
+                return Err(cx.err("admin.listen", "must differ from server.listen"));
+            }
+            Some(addr)
+        }
+    };
+
     Ok(Config {
         source: cx.file.to_owned(),
         server,
         client_auth,
         upstream,
+        admin,
         routes,
     })
 }

@@ -8,9 +8,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod forward;
 pub mod gate;
+pub mod metrics;
 pub mod server;
 pub mod tls;
 

@@ -260,22 +260,41 @@ async fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_shutdown_signal().await;
+    serve_until_signalled(&running, path).await;
     running.shutdown().await;
     info!("stopped");
     ExitCode::SUCCESS
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP is caught so it never kills the gate.
-async fn wait_for_shutdown_signal() {
+/// Serves until SIGTERM or SIGINT. SIGHUP reloads the configuration file and never exits: a
+/// configuration that fails to load or build leaves the last good one in force.
+async fn serve_until_signalled(running: &hubgate::Running, path: &Path) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: shutting down"); return }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); return }
-            _ = hup.recv() => warn!("SIGHUP: configuration reload is not supported yet; nothing changed"),
+            _ = term.recv() => { info!("SIGTERM: draining and shutting down"); return }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: draining and shutting down"); return }
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading {}", path.display());
+                let loaded = Config::load(path).map_err(hubgate::Error::from);
+                let outcome = match loaded {
+                    Ok(config) => {
+                        for w in config_warnings(&config) {
+                            warn!("{w}");
+                        }
+                        running.reload(config)
+                    }
+                    Err(e) => {
+                        running.metrics().reload(false);
+                        Err(e)
+                    }
+                };
+                if let Err(e) = outcome {
+                    error!("reload failed, the last good configuration stays in force: {e}");
+                }
+            }
         }
     }
 }

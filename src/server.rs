@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
@@ -22,24 +23,28 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, Route, RouteClientCert, ServerSettings};
+use crate::config::{Config, Route, RouteClientCert};
 use crate::forward::{ForwardError, Upstream};
 use crate::gate::signature::Signer;
 use crate::gate::{challenge, Verdict};
+use crate::metrics::{Metrics, RouteLabel};
 use crate::tls::{HandshakeFailure, PeerIdentity};
 
 /// A route with its secrets keyed and ready.
 struct RouteState {
     route: Route,
     signer: Signer,
+    label: RouteLabel,
 }
 
-/// What every connection shares; read-only.
+/// What every connection of one configuration generation shares; read-only.
 struct State {
     routes: HashMap<String, RouteState>,
     upstream: Upstream,
     max_body_bytes: usize,
     body_timeout: Duration,
+    /// The route label of requests to unknown paths.
+    no_route_label: RouteLabel,
 }
 
 /// What one connection knows about its peer.
@@ -48,13 +53,16 @@ struct ConnInfo {
     identity: Option<PeerIdentity>,
     opened: Instant,
     activity: Activity,
+    metrics: Arc<Metrics>,
 }
 
-/// Everything `run` needs, built and validated before the listener binds. `hubgate check`
-/// builds one too, so it fails on everything `run` would fail on.
+/// Everything built from one configuration, validated before use: the TLS acceptor, keyed
+/// routes and the upstream client. `hubgate check` builds one too, so it fails on everything
+/// `run` would fail on; a reload builds a new one and swaps it in only if that succeeded.
 pub struct Prepared {
     config: Config,
     acceptor: TlsAcceptor,
+    http: auto::Builder<TokioExecutor>,
     state: Arc<State>,
 }
 
@@ -69,6 +77,7 @@ impl Prepared {
             .map(|r| {
                 let state = RouteState {
                     signer: Signer::new(&r.app_secrets, r.legacy_sha1),
+                    label: Arc::new(r.path.clone()),
                     route: r.clone(),
                 };
                 (r.path.clone(), state)
@@ -79,18 +88,51 @@ impl Prepared {
             upstream,
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.server.body_timeout,
+            no_route_label: Arc::new("-".to_owned()),
         });
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.server.header_timeout)
+            .keep_alive(true);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Duration::from_secs(30));
         Ok(Prepared {
             acceptor: TlsAcceptor::from(tls),
+            http,
             state,
             config,
         })
+    }
+
+    /// The configuration this was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// What the listener, the admin endpoints and reloads share.
+pub(crate) struct Shared {
+    /// The configuration generation new connections get.
+    current: ArcSwap<Prepared>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Settings fixed at start: a reload that changes them is told to restart.
+    started_with: Config,
+}
+
+impl Shared {
+    pub(crate) fn current(&self) -> Arc<Prepared> {
+        self.current.load_full()
     }
 }
 
 /// A running gate.
 pub struct Running {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -99,6 +141,38 @@ impl Running {
     /// The address the TLS listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Swaps in a new configuration: new connections get it, open ones finish on the old one.
+    /// On error nothing changes. Settings that need a new socket (`server.listen`,
+    /// `admin.listen`, `server.max_connections`) keep their old values, with a warning.
+    pub fn reload(&self, config: Config) -> Result<(), crate::Error> {
+        let result = Prepared::new(config);
+        self.shared.metrics.reload(result.is_ok());
+        let prepared = result?;
+        let old = &self.shared.started_with;
+        let new = &prepared.config;
+        if new.server.listen != old.server.listen
+            || new.admin != old.admin
+            || new.server.max_connections != old.server.max_connections
+        {
+            warn!("server.listen, admin.listen and server.max_connections change only on restart");
+        }
+        self.shared.metrics.set_certificates(new);
+        let routes = new.routes.len();
+        self.shared.current.store(Arc::new(prepared));
+        info!(routes, "configuration reloaded");
+        Ok(())
     }
 
     /// Stops accepting, lets in-flight requests finish within the drain deadline, and returns.
@@ -113,20 +187,39 @@ impl Running {
     }
 }
 
-/// Binds the listener and starts serving.
+/// Binds the listeners and starts serving.
 pub async fn start(prepared: Prepared) -> Result<Running, crate::Error> {
     let addr = prepared.config.server.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| crate::Error::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| crate::Error::Bind { addr, source })?;
+    let bind_err = |addr| move |source| crate::Error::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err(addr))?;
+    let local_addr = listener.local_addr().map_err(bind_err(addr))?;
+    let admin = match prepared.config.admin {
+        None => None,
+        Some(a) => Some(TcpListener::bind(a).await.map_err(bind_err(a))?),
+    };
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_certificates(&prepared.config);
+    let shared = Arc::new(Shared {
+        started_with: prepared.config.clone(),
+        current: ArcSwap::from_pointee(prepared),
+        metrics,
+    });
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, prepared, stopped));
+    let admin_addr = match admin {
+        None => None,
+        Some(l) => {
+            let a = l.local_addr().map_err(bind_err(addr))?;
+            tokio::spawn(crate::admin::serve(l, shared.clone(), stopped.clone()));
+            info!(listen = %a, "admin listening");
+            Some(a)
+        }
+    };
+    let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
     info!(listen = %local_addr, "hubgate listening");
     Ok(Running {
         local_addr,
+        admin_addr,
+        shared,
         stop,
         task,
     })
@@ -134,21 +227,12 @@ pub async fn start(prepared: Prepared) -> Result<Running, crate::Error> {
 
 async fn accept_loop(
     listener: TcpListener,
-    prepared: Prepared,
+    shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let settings = &prepared.config.server;
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .keep_alive(true);
-    http.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Duration::from_secs(30));
+    let max_connections = shared.started_with.server.max_connections;
     // One permit per open connection: caps connections, and tells when the drain is complete.
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let limit = Arc::new(Semaphore::new(max_connections));
 
     loop {
         let permit = tokio::select! {
@@ -171,10 +255,8 @@ async fn accept_loop(
         let conn = serve_connection(
             stream,
             peer,
-            prepared.acceptor.clone(),
-            prepared.state.clone(),
-            http.clone(),
-            settings.clone(),
+            shared.current(),
+            shared.metrics.clone(),
             stopped.clone(),
         );
         tokio::spawn(
@@ -187,15 +269,15 @@ async fn accept_loop(
     }
 
     drop(listener);
-    let open = settings.max_connections - limit.available_permits();
-    let deadline = settings.drain_timeout;
+    let open = max_connections - limit.available_permits();
+    let deadline = shared.current().config.server.drain_timeout;
     info!(open_connections = open, ?deadline, "draining");
-    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     if tokio::time::timeout(deadline, limit.acquire_many(all))
         .await
         .is_err()
     {
-        let left = settings.max_connections - limit.available_permits();
+        let left = max_connections - limit.available_permits();
         warn!(
             open_connections = left,
             "drain deadline passed; closing what is left"
@@ -209,6 +291,19 @@ struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds since the connection started.
     last_done_ms: AtomicU64,
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// Counts a request as in flight until dropped, also when hyper drops the request's future
@@ -234,21 +329,22 @@ impl Drop for InFlight<'_> {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    state: Arc<State>,
-    http: auto::Builder<TokioExecutor>,
-    settings: ServerSettings,
+    generation: Arc<Prepared>,
+    metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await
-    {
+    let settings = &generation.config.server;
+    let handshake = generation.acceptor.accept(stream);
+    let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = HandshakeFailure::classify(&e);
+            metrics.handshake_failed(reason.as_str());
             warn!(reason = %reason, error = %e, "TLS handshake rejected");
             return;
         }
         Err(_) => {
+            metrics.handshake_failed(HandshakeFailure::Timeout.as_str());
             warn!(reason = %HandshakeFailure::Timeout, "TLS handshake rejected");
             return;
         }
@@ -269,12 +365,16 @@ async fn serve_connection(
         identity,
         opened,
         activity: Activity::default(),
+        metrics,
     });
     let service = {
         let conn = conn.clone();
+        let state = generation.state.clone();
         service_fn(move |req| handle(state.clone(), conn.clone(), req))
     };
-    let connection = http.serve_connection(TokioIo::new(tls), service);
+    conn.metrics.connection_opened();
+    let _open = scopeguard(|| conn.metrics.connection_closed());
+    let connection = generation.http.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
 
     // Close the connection once it has been idle (no request in flight) for idle_timeout, and
@@ -332,6 +432,9 @@ async fn handle(
         client_cn = conn.identity.as_ref().map(|i| i.cn.as_str()).unwrap_or("-"),
         "request"
     );
+    let label = route.map_or(&state.no_route_label, |r| &r.label);
+    conn.metrics
+        .request(label, &verdict, response.status().as_u16());
     Ok(response)
 }
 
@@ -369,6 +472,7 @@ async fn process(
             if let Err(e) = route.signer.verify(&parts.headers, &body) {
                 return reject(Verdict::Signature(e));
             }
+            let forward_started = Instant::now();
             let forwarded = state
                 .upstream
                 .forward(
@@ -379,6 +483,8 @@ async fn process(
                     conn.identity.as_ref(),
                 )
                 .await;
+            conn.metrics
+                .upstream_latency(&route.label, forward_started.elapsed());
             match forwarded {
                 Ok(resp) => (Verdict::Forwarded(resp.status()), resp),
                 Err(e) => {

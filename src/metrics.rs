@@ -1,0 +1,248 @@
+//! Prometheus metrics (prometheus-client, OpenMetrics text). One [`Metrics`] lives as long as the
+//! process and outlives configuration reloads; certificate expiry gauges are refreshed from the
+//! current configuration at scrape time.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::config::Config;
+use crate::gate::Verdict;
+use crate::tls::CertInfo;
+
+/// A route's path as a label value, shared rather than copied per request.
+pub type RouteLabel = Arc<String>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: RouteLabel,
+    verdict: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteReason {
+    route: RouteLabel,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteOnly {
+    route: RouteLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    kind: &'static str,
+    path: String,
+    subject: String,
+}
+
+/// All of hubgate's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    signature_failures: Family<RouteReason, Counter>,
+    challenges: Family<RouteReason, Counter>,
+    handshake_failures: Family<Reason, Counter>,
+    upstream_seconds: Family<RouteOnly, Histogram>,
+    upstream_errors: Family<RouteReason, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+    open_connections: Gauge,
+    cert_expiry: Family<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Expiry dates of the current configuration's certificates, for scrape time.
+    certs: Mutex<Vec<(CertLabels, i64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("hubgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route, verdict and status",
+            requests.clone(),
+        );
+        let signature_failures = Family::<RouteReason, Counter>::default();
+        registry.register(
+            "signature_failures",
+            "Rejected X-Hub-Signature(-256) by route and reason",
+            signature_failures.clone(),
+        );
+        let challenges = Family::<RouteReason, Counter>::default();
+        registry.register(
+            "challenges",
+            "Verification requests by route and outcome (ok or the refusal reason)",
+            challenges.clone(),
+        );
+        let handshake_failures = Family::<Reason, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes by reason",
+            handshake_failures.clone(),
+        );
+        let upstream_seconds = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ])
+        });
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from forwarding to the backend's complete answer",
+            upstream_seconds.clone(),
+        );
+        let upstream_errors = Family::<RouteReason, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Forwarding failures by route and kind",
+            upstream_errors.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Open client connections",
+            open_connections.clone(),
+        );
+        let cert_expiry = Family::<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until each server certificate and trust anchor expires (negative: expired)",
+            cert_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            signature_failures,
+            challenges,
+            handshake_failures,
+            upstream_seconds,
+            upstream_errors,
+            reloads,
+            open_connections,
+            cert_expiry,
+            certs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts a finished request under its verdict.
+    pub fn request(&self, route: &RouteLabel, verdict: &Verdict, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                verdict: verdict.label(),
+                status,
+            })
+            .inc();
+        let by_reason = |family: &Family<RouteReason, Counter>, reason| {
+            family
+                .get_or_create(&RouteReason {
+                    route: route.clone(),
+                    reason,
+                })
+                .inc();
+        };
+        match verdict {
+            Verdict::Signature(e) => by_reason(&self.signature_failures, e.as_str()),
+            Verdict::Challenge(e) => by_reason(&self.challenges, e.as_str()),
+            Verdict::ChallengeAnswered => by_reason(&self.challenges, "ok"),
+            Verdict::UpstreamUnreachable
+            | Verdict::UpstreamTimeout
+            | Verdict::UpstreamBadResponse => by_reason(&self.upstream_errors, verdict.label()),
+            _ => {}
+        }
+    }
+
+    pub fn upstream_latency(&self, route: &RouteLabel, elapsed: Duration) {
+        self.upstream_seconds
+            .get_or_create(&RouteOnly {
+                route: route.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.open_connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.open_connections.dec();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Remembers the certificates of the configuration now in force.
+    pub fn set_certificates(&self, config: &Config) {
+        let mut certs = Vec::new();
+        if let Some(info) = config.server.cert_chain.first().and_then(CertInfo::parse) {
+            let labels = CertLabels {
+                kind: "server",
+                path: config.server.cert_path.display().to_string(),
+                subject: info.subject,
+            };
+            certs.push((labels, info.not_after));
+        }
+        for a in &config.client_auth.anchors {
+            let labels = CertLabels {
+                kind: "trust_anchor",
+                path: a.path.display().to_string(),
+                subject: a.subject.clone(),
+            };
+            certs.push((labels, a.not_after));
+        }
+        *self.certs.lock().expect("metrics lock") = certs;
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self, now_unix: i64) -> String {
+        {
+            let certs = self.certs.lock().expect("metrics lock");
+            self.cert_expiry.clear();
+            for (labels, not_after) in certs.iter() {
+                self.cert_expiry
+                    .get_or_create(labels)
+                    .set((not_after - now_unix) as f64);
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
