@@ -6,7 +6,7 @@
 //! Every error names the file and the key (`route[0].app_secrets[1]`), and for referenced files
 //! the path that failed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -117,9 +117,10 @@ enum OneOrMany {
     Many(Vec<PathBuf>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
     server: RawServer,
     client_auth: Option<RawClientAuth>,
     upstream: Option<RawUpstream>,
@@ -128,18 +129,18 @@ struct RawConfig {
     route: Vec<RawRoute>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
-    cert: PathBuf,
-    key: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
     max_body_bytes: Option<u64>,
     handshake_timeout: Option<String>,
     header_timeout: Option<String>,
@@ -149,7 +150,7 @@ struct RawServer {
     drain_timeout: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClientAuth {
     mode: Option<ClientAuthMode>,
@@ -157,7 +158,7 @@ struct RawClientAuth {
     allowed_cn: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     timeout: Option<String>,
@@ -261,13 +262,20 @@ impl fmt::Debug for Secret {
 struct Ctx<'a> {
     file: &'a str,
     base: &'a Path,
+    /// Keys whose value came from an environment variable, and which.
+    from_env: HashMap<String, &'static str>,
 }
 
 impl Ctx<'_> {
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        let key = key.into();
+        let key = match self.from_env.get(&key) {
+            Some(var) => format!("{key} (from {var})"),
+            None => key,
+        };
         ConfigError {
             file: self.file.to_owned(),
-            key: key.into(),
+            key,
             message: message.into(),
         }
     }
@@ -347,34 +355,272 @@ impl Config {
 
     /// Parses and validates TOML text; relative paths resolve against `base`.
     pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
-        let syntax = |e: toml::de::Error| ConfigError {
-            file: file.to_owned(),
-            key: e
-                .span()
-                .map(|s| format!("(line {})", line_of(text, s.start)))
-                .unwrap_or_else(|| "(syntax)".into()),
-            message: e.message().trim().to_owned(),
-        };
-        let de = toml::Deserializer::parse(text).map_err(syntax)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner
-                .span()
-                .map(|s| format!(" (line {})", line_of(text, s.start)))
-                .unwrap_or_default();
-            ConfigError {
-                file: file.to_owned(),
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message: format!("{}{line}", inner.message().trim()),
-            }
-        })?;
-        validate(raw, &Ctx { file, base })
+        let raw = parse(text, file)?;
+        validate(
+            raw,
+            &Ctx {
+                file,
+                base,
+                from_env: HashMap::new(),
+            },
+        )
     }
+
+    /// The configuration from an optional file with `HUBGATE_*` environment variables on top
+    /// (the environment wins; see [`ENV_VARS`]). Paths from the environment resolve against
+    /// the working directory, paths from the file against the file's folder.
+    pub fn from_sources(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let (mut raw, file, base) = match path {
+            Some(p) => {
+                let file = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    file: file.clone(),
+                    key: "(file)".into(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                let base = p
+                    .parent()
+                    .map(Path::to_owned)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                (parse(&text, &file)?, format!("{file} + environment"), base)
+            }
+            None => (RawConfig::default(), "environment".to_owned(), cwd.clone()),
+        };
+        let from_env = overlay_env(&mut raw, env, &cwd, &file)?;
+        validate(
+            raw,
+            &Ctx {
+                file: &file,
+                base: &base,
+                from_env,
+            },
+        )
+    }
+}
+
+/// The environment variables hubgate reads, with the key each one sets.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("HUBGATE_LISTEN", "server.listen"),
+    ("HUBGATE_CERT", "server.cert"),
+    ("HUBGATE_KEY", "server.key"),
+    ("HUBGATE_MAX_BODY_BYTES", "server.max_body_bytes"),
+    ("HUBGATE_CLIENT_AUTH", "client_auth.mode"),
+    (
+        "HUBGATE_CLIENT_ROOTS",
+        "client_auth.roots (comma-separated)",
+    ),
+    (
+        "HUBGATE_ALLOWED_CN",
+        "client_auth.allowed_cn (comma-separated)",
+    ),
+    ("HUBGATE_ADMIN_LISTEN", "admin.listen"),
+    ("HUBGATE_UPSTREAM_TIMEOUT", "upstream.timeout"),
+    ("HUBGATE_PATH", "route[0].path (default /webhook)"),
+    ("HUBGATE_UPSTREAM", "route[0].upstream"),
+    ("HUBGATE_VERIFY_TOKEN", "route[0].verify_token"),
+    (
+        "HUBGATE_VERIFY_TOKEN_FILE",
+        "route[0].verify_token = { file }",
+    ),
+    ("HUBGATE_APP_SECRET", "route[0].app_secrets = [value]"),
+    (
+        "HUBGATE_APP_SECRET_FILE",
+        "route[0].app_secrets = [{ file }]",
+    ),
+    ("HUBGATE_CLIENT_CERT", "route[0].client_cert"),
+];
+
+/// True when any configuration variable of [`ENV_VARS`] is set.
+pub fn env_configured(env: &dyn Fn(&str) -> Option<String>) -> bool {
+    ENV_VARS.iter().any(|(var, _)| env(var).is_some())
+}
+
+fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
+    let syntax = |e: toml::de::Error| ConfigError {
+        file: file.to_owned(),
+        key: e
+            .span()
+            .map(|s| format!("(line {})", line_of(text, s.start)))
+            .unwrap_or_else(|| "(syntax)".into()),
+        message: e.message().trim().to_owned(),
+    };
+    let de = toml::Deserializer::parse(text).map_err(syntax)?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner
+            .span()
+            .map(|s| format!(" (line {})", line_of(text, s.start)))
+            .unwrap_or_default();
+        ConfigError {
+            file: file.to_owned(),
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            message: format!("{}{line}", inner.message().trim()),
+        }
+    })
+}
+
+/// Applies `HUBGATE_*` variables to the raw configuration; returns which keys they set.
+fn overlay_env(
+    raw: &mut RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    cwd: &Path,
+    file: &str,
+) -> Result<HashMap<String, &'static str>, ConfigError> {
+    let mut set = HashMap::new();
+    let mut take = |var: &'static str, key: &str| {
+        let v = env(var).filter(|v| !v.is_empty());
+        if v.is_some() {
+            set.insert(key.to_owned(), var);
+        }
+        v
+    };
+    let abs = |p: String| cwd.join(p);
+    let list = |v: String| {
+        v.split(',')
+            .map(|x| x.trim().to_owned())
+            .filter(|x| !x.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let env_err = |var: &str, message: String| ConfigError {
+        file: file.to_owned(),
+        key: var.to_owned(),
+        message,
+    };
+
+    if let Some(v) = take("HUBGATE_LISTEN", "server.listen") {
+        raw.server.listen = Some(v);
+    }
+    if let Some(v) = take("HUBGATE_CERT", "server.cert") {
+        raw.server.cert = Some(abs(v));
+    }
+    if let Some(v) = take("HUBGATE_KEY", "server.key") {
+        raw.server.key = Some(abs(v));
+    }
+    if let Some(v) = take("HUBGATE_MAX_BODY_BYTES", "server.max_body_bytes") {
+        let n = v.parse().map_err(|_| {
+            env_err(
+                "HUBGATE_MAX_BODY_BYTES",
+                format!("`{v}` is not a number of bytes"),
+            )
+        })?;
+        raw.server.max_body_bytes = Some(n);
+    }
+    let ca = raw.client_auth.get_or_insert_with(Default::default);
+    if let Some(v) = take("HUBGATE_CLIENT_AUTH", "client_auth.mode") {
+        ca.mode = Some(match v.as_str() {
+            "require" => ClientAuthMode::Require,
+            "optional" => ClientAuthMode::Optional,
+            "off" => ClientAuthMode::Off,
+            _ => {
+                return Err(env_err(
+                    "HUBGATE_CLIENT_AUTH",
+                    format!("`{v}` is not one of require, optional, off"),
+                ))
+            }
+        });
+    }
+    if let Some(v) = take("HUBGATE_CLIENT_ROOTS", "client_auth.roots") {
+        ca.roots = Some(OneOrMany::Many(list(v).into_iter().map(abs).collect()));
+    }
+    if let Some(v) = take("HUBGATE_ALLOWED_CN", "client_auth.allowed_cn") {
+        ca.allowed_cn = Some(list(v));
+    }
+    if let Some(v) = take("HUBGATE_ADMIN_LISTEN", "admin.listen") {
+        raw.admin.get_or_insert_with(Default::default).listen = Some(v);
+    }
+    if let Some(v) = take("HUBGATE_UPSTREAM_TIMEOUT", "upstream.timeout") {
+        raw.upstream.get_or_insert_with(Default::default).timeout = Some(v);
+    }
+
+    let path = take("HUBGATE_PATH", "route[0].path");
+    let upstream = take("HUBGATE_UPSTREAM", "route[0].upstream");
+    // A value in the variable itself wins over a file named by `…_FILE`.
+    let token = match take("HUBGATE_VERIFY_TOKEN", "route[0].verify_token") {
+        Some(v) => Some(SecretSource::Inline(v)),
+        None => take("HUBGATE_VERIFY_TOKEN_FILE", "route[0].verify_token")
+            .map(|f| SecretSource::File(abs(f))),
+    };
+    let secret = match take("HUBGATE_APP_SECRET", "route[0].app_secrets[0]") {
+        Some(v) => Some(SecretSource::Inline(v)),
+        None => take("HUBGATE_APP_SECRET_FILE", "route[0].app_secrets[0]")
+            .map(|f| SecretSource::File(abs(f))),
+    };
+    let client_cert = match take("HUBGATE_CLIENT_CERT", "route[0].client_cert") {
+        None => None,
+        Some(v) => Some(match v.as_str() {
+            "required" => RouteClientCert::Required,
+            "none" => RouteClientCert::None,
+            _ => {
+                return Err(env_err(
+                    "HUBGATE_CLIENT_CERT",
+                    format!("`{v}` is not one of required, none"),
+                ))
+            }
+        }),
+    };
+    let any_route_var = path.is_some()
+        || upstream.is_some()
+        || token.is_some()
+        || secret.is_some()
+        || client_cert.is_some();
+    if !any_route_var {
+        return Ok(set);
+    }
+    match raw.route.len() {
+        0 => {
+            let missing = |var: &str| {
+                env_err(
+                    var,
+                    "is required to configure a route from the environment".into(),
+                )
+            };
+            raw.route.push(RawRoute {
+                path: path.unwrap_or_else(|| "/webhook".into()),
+                upstream: upstream.ok_or_else(|| missing("HUBGATE_UPSTREAM"))?,
+                verify_token: token.ok_or_else(|| {
+                    missing("HUBGATE_VERIFY_TOKEN (or HUBGATE_VERIFY_TOKEN_FILE)")
+                })?,
+                app_secrets: vec![secret
+                    .ok_or_else(|| missing("HUBGATE_APP_SECRET (or HUBGATE_APP_SECRET_FILE)"))?],
+                client_cert,
+                legacy_sha1: false,
+            });
+        }
+        1 => {
+            let r = &mut raw.route[0];
+            if let Some(v) = path {
+                r.path = v;
+            }
+            if let Some(v) = upstream {
+                r.upstream = v;
+            }
+            if let Some(v) = token {
+                r.verify_token = v;
+            }
+            if let Some(v) = secret {
+                r.app_secrets = vec![v];
+            }
+            if client_cert.is_some() {
+                r.client_cert = client_cert;
+            }
+        }
+        n => {
+            return Err(env_err(
+                "HUBGATE_UPSTREAM/PATH/VERIFY_TOKEN/APP_SECRET",
+                format!("route variables apply to a single route, but the file has {n}"),
+            ))
+        }
+    }
+    Ok(set)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -394,8 +640,12 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             format!("`{listen_str}` is not an address like 127.0.0.1:8443"),
         )
     })?;
-    let cert_path = cx.path(&s.cert);
-    let key_path = cx.path(&s.key);
+    let required = |v: Option<PathBuf>, key: &str, var: &str| {
+        v.map(|p| cx.path(&p))
+            .ok_or_else(|| cx.err(key, format!("is required (or set {var})")))
+    };
+    let cert_path = required(s.cert, "server.cert", "HUBGATE_CERT")?;
+    let key_path = required(s.key, "server.key", "HUBGATE_KEY")?;
     let cert_chain =
         tls::load_certs(&cert_path).map_err(|e| cx.err("server.cert", e.to_string()))?;
     let key = tls::load_key(&key_path).map_err(|e| cx.err("server.key", e.to_string()))?;

@@ -43,15 +43,16 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gate with a configuration file.
+    /// Run the gate (configuration: the file, then HUBGATE_* variables on top).
     Run {
+        /// The configuration file; optional when HUBGATE_* variables configure everything.
         #[arg(long, env = "HUBGATE_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Validate everything `run` would load, print a summary, exit non-zero on error.
     Check {
         #[arg(long, env = "HUBGATE_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Sign a body read from stdin: prints the X-Hub-Signature-256 value ("sha256=<hex>").
     Sign {
@@ -76,21 +77,21 @@ fn main() -> ExitCode {
     // One crypto provider for the whole process; the library also passes it explicitly.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
-    let command = cli
-        .command
-        .unwrap_or_else(|| match std::env::var_os("HUBGATE_CONFIG") {
-            Some(config) => Command::Run {
-                config: config.into(),
-            },
-            None => Command::Demo {
+    let command = cli.command.unwrap_or_else(|| {
+        let config = std::env::var_os("HUBGATE_CONFIG").map(PathBuf::from);
+        if config.is_some() || hubgate::config::env_configured(&env) {
+            Command::Run { config }
+        } else {
+            Command::Demo {
                 listen: "127.0.0.1:8443".parse().expect("valid address"),
                 exit_after_selftest: false,
-            },
-        });
+            }
+        }
+    });
     match command {
         Command::Sign { secret } => sign(&secret),
-        Command::Check { config } => check(&config),
-        Command::Run { config } => runtime().block_on(run(&config)),
+        Command::Check { config } => check(config.as_deref()),
+        Command::Run { config } => runtime().block_on(run(config.as_deref())),
         Command::Demo {
             listen,
             exit_after_selftest,
@@ -135,8 +136,12 @@ fn sign(secret: &str) -> ExitCode {
 }
 
 /// Loads and validates the config and builds what `run` would build. Returns it with warnings.
-fn load(path: &Path) -> Result<(Config, hubgate::Prepared, Vec<String>), ExitCode> {
-    let config = Config::load(path).map_err(|e| {
+fn load(path: Option<&Path>) -> Result<(Config, hubgate::Prepared, Vec<String>), ExitCode> {
+    if path.is_none() && !hubgate::config::env_configured(&env) {
+        eprintln!("config error: no configuration: give --config FILE, set HUBGATE_CONFIG, or set HUBGATE_* variables (see README.md)");
+        return Err(ExitCode::from(2));
+    }
+    let config = Config::from_sources(path, &env).map_err(|e| {
         eprintln!("config error: {e}");
         ExitCode::from(2)
     })?;
@@ -187,7 +192,12 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn check(path: &Path) -> ExitCode {
+/// The process environment, as the configuration reads it.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn check(path: Option<&Path>) -> ExitCode {
     let (config, _prepared, warnings) = match load(path) {
         Ok(v) => v,
         Err(code) => return code,
@@ -220,6 +230,9 @@ fn check(path: &Path) -> ExitCode {
         println!("    allowed CN    {:?}", config.client_auth.allowed_cn);
     }
     println!("  upstream        timeout {:?}", config.upstream.timeout);
+    if let Some(admin) = config.admin {
+        println!("  admin           http://{admin} (/healthz /readyz /metrics)");
+    }
     for r in &config.routes {
         println!(
             "  route           {} -> {}  (client cert {}, {} secret(s){})",
@@ -243,7 +256,7 @@ fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(path: &Path) -> ExitCode {
+async fn run(path: Option<&Path>) -> ExitCode {
     let (config, prepared, warnings) = match load(path) {
         Ok(v) => v,
         Err(code) => return code,
@@ -268,7 +281,7 @@ async fn run(path: &Path) -> ExitCode {
 
 /// Serves until SIGTERM or SIGINT. SIGHUP reloads the configuration file and never exits: a
 /// configuration that fails to load or build leaves the last good one in force.
-async fn serve_until_signalled(running: &hubgate::Running, path: &Path) {
+async fn serve_until_signalled(running: &hubgate::Running, path: Option<&Path>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
@@ -277,8 +290,8 @@ async fn serve_until_signalled(running: &hubgate::Running, path: &Path) {
             _ = term.recv() => { info!("SIGTERM: draining and shutting down"); return }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: draining and shutting down"); return }
             _ = hup.recv() => {
-                info!("SIGHUP: reloading {}", path.display());
-                let loaded = Config::load(path).map_err(hubgate::Error::from);
+                info!("SIGHUP: reloading the configuration");
+                let loaded = Config::from_sources(path, &env).map_err(hubgate::Error::from);
                 let outcome = match loaded {
                     Ok(config) => {
                         for w in config_warnings(&config) {
