@@ -125,8 +125,18 @@ struct RawConfig {
     client_auth: Option<RawClientAuth>,
     upstream: Option<RawUpstream>,
     admin: Option<RawAdmin>,
+    trusted_proxies: Option<RawTrustedProxies>,
     #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrustedProxies {
+    cidrs: Vec<String>,
+    forwarded_for: Option<bool>,
+    identity: Option<String>,
+    identity_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,6 +158,8 @@ struct RawServer {
     max_connections: Option<usize>,
     idle_timeout: Option<String>,
     drain_timeout: Option<String>,
+    proxy_protocol: Option<bool>,
+    allow_sources: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +201,8 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     /// The admin listener (health, readiness, metrics); off unless `[admin]` is configured.
     pub admin: Option<SocketAddr>,
+    /// Whose forwarding and identity headers are believed.
+    pub trusted_proxies: crate::edge::TrustedProxies,
     pub routes: Vec<Route>,
 }
 
@@ -208,6 +222,10 @@ pub struct ServerSettings {
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Every connection starts with a PROXY protocol v1/v2 header (from a trusted proxy).
+    pub proxy_protocol: bool,
+    /// When set, only clients from these networks are served.
+    pub allow_sources: Option<Vec<ipnet::IpNet>>,
 }
 
 /// Client certificate policy.
@@ -662,6 +680,17 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             usize::try_from(n).map_err(|_| cx.err("server.max_body_bytes", "is too large"))?
         }
     };
+    let proxy_protocol = s.proxy_protocol.unwrap_or(false);
+    let allow_sources = match s.allow_sources {
+        None => None,
+        Some(list) if list.is_empty() => {
+            return Err(cx.err(
+                "server.allow_sources",
+                "is empty and would admit nobody: remove the key to admit every address",
+            ))
+        }
+        Some(list) => Some(cidrs(cx, "server.allow_sources", &list)?),
+    };
     let server = ServerSettings {
         listen,
         cert_path,
@@ -694,6 +723,8 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             s.idle_timeout.as_deref(),
             Duration::from_secs(60),
         )?,
+        proxy_protocol,
+        allow_sources,
         drain_timeout: cx.duration(
             "server.drain_timeout",
             s.drain_timeout.as_deref(),
@@ -811,13 +842,95 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
         }
     };
 
+    let trusted_proxies = validate_trusted_proxies(raw.trusted_proxies, &client_auth, cx)?;
+    if server.proxy_protocol && trusted_proxies.cidrs.is_empty() {
+        return Err(cx.err(
+            "server.proxy_protocol",
+            "needs [trusted_proxies] cidrs: PROXY headers are accepted only from those addresses",
+        ));
+    }
+
     Ok(Config {
         source: cx.file.to_owned(),
         server,
         client_auth,
         upstream,
         admin,
+        trusted_proxies,
         routes,
+    })
+}
+
+fn cidrs(cx: &Ctx, key: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, text)| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    cx.err(
+                        format!("{key}[{i}]"),
+                        format!("`{text}` is not an address or CIDR like 10.0.0.0/8"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn validate_trusted_proxies(
+    raw: Option<RawTrustedProxies>,
+    client_auth: &ClientAuth,
+    cx: &Ctx,
+) -> Result<crate::edge::TrustedProxies, ConfigError> {
+    use crate::edge::{IdentityHeader, TrustedProxies, ALB_CERT, ALB_SUBJECT};
+    let Some(raw) = raw else {
+        return Ok(TrustedProxies::none());
+    };
+    let nets = cidrs(cx, "trusted_proxies.cidrs", &raw.cidrs)?;
+    let header = |kind: &str| -> Result<http::HeaderName, ConfigError> {
+        let name = raw.identity_header.as_deref().ok_or_else(|| {
+            cx.err(
+                "trusted_proxies.identity_header",
+                format!("is required with identity = \"{kind}\""),
+            )
+        })?;
+        http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            cx.err(
+                "trusted_proxies.identity_header",
+                format!("`{name}` is not a header name"),
+            )
+        })
+    };
+    let identity = match raw.identity.as_deref().unwrap_or("none") {
+        "none" => IdentityHeader::None,
+        "alb" => IdentityHeader::Subject(ALB_SUBJECT),
+        "alb-passthrough" => IdentityHeader::Certificate(ALB_CERT),
+        "subject-header" => IdentityHeader::Subject(header("subject-header")?),
+        "cert-header" => IdentityHeader::Certificate(header("cert-header")?),
+        other => return Err(cx.err(
+            "trusted_proxies.identity",
+            format!(
+                "`{other}` is not one of none, alb, alb-passthrough, subject-header, cert-header"
+            ),
+        )),
+    };
+    if matches!(identity, IdentityHeader::Certificate(_)) && client_auth.mode == ClientAuthMode::Off
+    {
+        return Err(cx.err(
+            "trusted_proxies.identity",
+            "verifying a certificate header needs client_auth.roots: set client_auth.mode = \"optional\"",
+        ));
+    }
+    if identity != IdentityHeader::None && nets.is_empty() {
+        return Err(cx.err(
+            "trusted_proxies.cidrs",
+            "is empty: no proxy's identity header would be believed",
+        ));
+    }
+    Ok(TrustedProxies {
+        cidrs: nets,
+        forwarded_for: raw.forwarded_for.unwrap_or(true),
+        identity,
     })
 }
 

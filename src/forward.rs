@@ -3,7 +3,6 @@
 //!
 //! The body is forwarded as the same `Bytes` that were verified: no copy, no re-encoding.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::UpstreamSettings;
+use crate::edge::TrustedProxies;
 use crate::tls::PeerIdentity;
 
 /// Envoy's client-identity header. Removed from every inbound request, always.
@@ -45,6 +45,16 @@ pub enum ForwardError {
     Timeout(Duration),
     #[error("bad upstream response: {0}")]
     BadResponse(String),
+}
+
+/// What hubgate tells the backend about the client.
+pub struct Client<'a> {
+    /// The `X-Forwarded-For` value to send.
+    pub forwarded_for: String,
+    /// The verified identity, from the TLS connection or a trusted proxy's header.
+    pub identity: Option<&'a PeerIdentity>,
+    /// Whose headers were believed; their identity headers are never forwarded as received.
+    pub trusted: &'a TrustedProxies,
 }
 
 /// The pooled client for all routes' upstreams.
@@ -99,8 +109,7 @@ impl Upstream {
         url: &reqwest::Url,
         parts: &Parts,
         body: Bytes,
-        peer: SocketAddr,
-        identity: Option<&PeerIdentity>,
+        client: &Client<'_>,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let mut url = url.clone();
         if let Some(q) = parts.uri.query() {
@@ -110,7 +119,7 @@ impl Upstream {
             };
             url.set_query(Some(&joined));
         }
-        let headers = upstream_headers(parts, peer, identity);
+        let headers = upstream_headers(parts, client);
         let request = self.client.post(url).headers(headers).body(body);
         let limit = self.max_response_bytes;
         let exchange = async move {
@@ -185,11 +194,7 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
 /// The request headers sent upstream: end-to-end headers kept as they came (the signature
 /// header among them); hop-by-hop, framing and any inbound forwarding or identity headers
 /// dropped; `X-Forwarded-*` and the verified identity set by hubgate.
-pub fn upstream_headers(
-    parts: &Parts,
-    peer: SocketAddr,
-    identity: Option<&PeerIdentity>,
-) -> HeaderMap {
+pub fn upstream_headers(parts: &Parts, client: &Client<'_>) -> HeaderMap {
     let named = connection_tokens(&parts.headers);
     let mut out = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
@@ -201,15 +206,15 @@ pub fn upstream_headers(
             || name == XFF
             || name == XFP
             || name == XFH
-            || name == FORWARDED;
+            || name == FORWARDED
+            || client.trusted.is_identity_header(name);
         if !drop {
             out.append(name.clone(), value.clone());
         }
     }
-    out.insert(
-        XFF,
-        HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value"),
-    );
+    if let Ok(v) = HeaderValue::from_str(&client.forwarded_for) {
+        out.insert(XFF, v);
+    }
     out.insert(XFP, HeaderValue::from_static("https"));
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
@@ -220,7 +225,7 @@ pub fn upstream_headers(
     if let Some(host) = host {
         out.insert(XFH, host);
     }
-    if let Some(id) = identity {
+    if let Some(id) = client.identity {
         if let Ok(v) = HeaderValue::from_str(&id.xfcc()) {
             out.insert(XFCC, v);
         }

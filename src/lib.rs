@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod edge;
 pub mod forward;
 pub mod gate;
 pub mod metrics;

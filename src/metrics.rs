@@ -64,6 +64,7 @@ pub struct Metrics {
     upstream_seconds: Family<RouteOnly, Histogram>,
     upstream_errors: Family<RouteReason, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    refused_connections: Family<Reason, Counter>,
     open_connections: Gauge,
     cert_expiry: Family<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Expiry dates of the current configuration's certificates, for scrape time.
@@ -125,6 +126,12 @@ impl Metrics {
             "Configuration reloads by result",
             reloads.clone(),
         );
+        let refused_connections = Family::<Reason, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Connections closed before TLS (bad PROXY header, source not allowed)",
+            refused_connections.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -146,6 +153,7 @@ impl Metrics {
             upstream_seconds,
             upstream_errors,
             reloads,
+            refused_connections,
             open_connections,
             cert_expiry,
             certs: Mutex::new(Vec::new()),
@@ -190,6 +198,12 @@ impl Metrics {
 
     pub fn handshake_failed(&self, reason: &'static str) {
         self.handshake_failures
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.refused_connections
             .get_or_create(&Reason { reason })
             .inc();
     }

@@ -24,7 +24,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, Route, RouteClientCert};
-use crate::forward::{ForwardError, Upstream};
+use crate::edge::{self, HeaderIdentityError, TrustedProxies};
+use crate::forward::{self, ForwardError, Upstream};
 use crate::gate::signature::Signer;
 use crate::gate::{challenge, Verdict};
 use crate::metrics::{Metrics, RouteLabel};
@@ -45,6 +46,19 @@ struct State {
     body_timeout: Duration,
     /// The route label of requests to unknown paths.
     no_route_label: RouteLabel,
+    trusted: TrustedProxies,
+    /// For certificates passed on by a trusted proxy: the listener's own verifier.
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    allowed_cn: Vec<String>,
+    allow_sources: Option<Vec<ipnet::IpNet>>,
+}
+
+impl State {
+    fn source_allowed(&self, ip: std::net::IpAddr) -> bool {
+        self.allow_sources
+            .as_ref()
+            .is_none_or(|nets| edge::contains(nets, ip))
+    }
 }
 
 /// What one connection knows about its peer.
@@ -70,6 +84,7 @@ impl Prepared {
     pub fn new(config: Config) -> Result<Prepared, crate::Error> {
         let provider = crate::tls::crypto_provider();
         let tls = crate::tls::server_config(&config.server, &config.client_auth, provider.clone())?;
+        let verifier = crate::tls::client_verifier(&config.client_auth, provider.clone())?;
         let upstream = Upstream::new(&config.upstream, provider)?;
         let routes = config
             .routes
@@ -89,6 +104,10 @@ impl Prepared {
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.server.body_timeout,
             no_route_label: Arc::new("-".to_owned()),
+            trusted: config.trusted_proxies.clone(),
+            verifier,
+            allowed_cn: config.client_auth.allowed_cn.clone(),
+            allow_sources: config.server.allow_sources.clone(),
         });
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
@@ -327,13 +346,41 @@ impl Drop for InFlight<'_> {
 }
 
 async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     generation: Arc<Prepared>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let settings = &generation.config.server;
+    let state = &generation.state;
+    if settings.proxy_protocol {
+        match edge::read_proxy_header(
+            &mut stream,
+            peer,
+            &state.trusted,
+            settings.handshake_timeout,
+        )
+        .await
+        {
+            Ok(Some(client)) => {
+                debug!(%client, "PROXY protocol header");
+                peer = client;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                metrics.connection_refused("proxy_protocol");
+                warn!(reason = "proxy_protocol", error = %e, "connection refused");
+                return;
+            }
+        }
+    }
+    // A direct client (not a trusted proxy) is checked against the allow-list before TLS.
+    if !state.trusted.trusts(peer.ip()) && !state.source_allowed(peer.ip()) {
+        metrics.connection_refused("source_not_allowed");
+        warn!(reason = "source_not_allowed", client = %peer, "connection refused");
+        return;
+    }
     let handshake = generation.acceptor.accept(stream);
     let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
@@ -444,7 +491,29 @@ async fn process(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> (Verdict, Response<Full<Bytes>>) {
-    if route.route.client_cert == RouteClientCert::Required && conn.identity.is_none() {
+    // Who the client is: the TLS peer, or what a trusted proxy says about it.
+    let peer_ip = conn.peer.ip();
+    let from_proxy = state.trusted.trusts(peer_ip);
+    let client_ip = state.trusted.client_address(peer_ip, req.headers());
+    if from_proxy && client_ip != peer_ip && !state.source_allowed(client_ip) {
+        return reject(Verdict::SourceNotAllowed);
+    }
+    let header_identity = if from_proxy {
+        match edge::identity_from_headers(
+            &state.trusted.identity,
+            req.headers(),
+            state.verifier.as_ref(),
+            &state.allowed_cn,
+        ) {
+            Ok(id) => id,
+            Err(HeaderIdentityError::Missing) => None,
+            Err(e) => return reject(Verdict::IdentityHeader(e)),
+        }
+    } else {
+        None
+    };
+    let identity = header_identity.as_ref().or(conn.identity.as_ref());
+    if route.route.client_cert == RouteClientCert::Required && identity.is_none() {
         return reject(Verdict::ClientCertRequired);
     }
     match *req.method() {
@@ -472,16 +541,25 @@ async fn process(
             if let Err(e) = route.signer.verify(&parts.headers, &body) {
                 return reject(Verdict::Signature(e));
             }
+            let inbound_xff = parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            let forwarded_for = match inbound_xff {
+                Some(chain) if from_proxy && state.trusted.forwarded_for => {
+                    format!("{chain}, {peer_ip}")
+                }
+                _ => peer_ip.to_string(),
+            };
+            let client = forward::Client {
+                forwarded_for,
+                identity,
+                trusted: &state.trusted,
+            };
             let forward_started = Instant::now();
             let forwarded = state
                 .upstream
-                .forward(
-                    &route.route.upstream,
-                    &parts,
-                    body,
-                    conn.peer,
-                    conn.identity.as_ref(),
-                )
+                .forward(&route.route.upstream, &parts, body, &client)
                 .await;
             conn.metrics
                 .upstream_latency(&route.label, forward_started.elapsed());

@@ -212,28 +212,38 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-    let builder = match client_auth.mode {
-        ClientAuthMode::Off => builder.with_no_client_auth(),
-        mode => {
-            let mut roots = RootCertStore::empty();
-            for a in &client_auth.anchors {
-                roots.add(a.der.clone())?;
-            }
-            let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            if mode == ClientAuthMode::Optional {
-                b = b.allow_unauthenticated();
-            }
-            builder.with_client_cert_verifier(Arc::new(MetaClientVerifier {
-                inner: b.build()?,
-                allowed_cn: client_auth.allowed_cn.clone(),
-            }))
-        }
+    let builder = match client_verifier(client_auth, provider)? {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
     };
     let mut config = builder.with_single_cert(server.cert_chain.clone(), server.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = ServerSessionMemoryCache::new(4096);
     config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// The client-certificate verifier for `client_auth` (`None` when mode is off). The listener
+/// uses it in the handshake; certificates passed on by a trusted proxy go through the same one.
+pub fn client_verifier(
+    client_auth: &ClientAuth,
+    provider: Arc<CryptoProvider>,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+    if client_auth.mode == ClientAuthMode::Off {
+        return Ok(None);
+    }
+    let mut roots = RootCertStore::empty();
+    for a in &client_auth.anchors {
+        roots.add(a.der.clone())?;
+    }
+    let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    if client_auth.mode == ClientAuthMode::Optional {
+        b = b.allow_unauthenticated();
+    }
+    Ok(Some(Arc::new(MetaClientVerifier {
+        inner: b.build()?,
+        allowed_cn: client_auth.allowed_cn.clone(),
+    })))
 }
 
 /// rustls' WebPKI client verifier plus Meta's identity rule.
@@ -328,8 +338,9 @@ pub struct PeerIdentity {
     pub cn: String,
     /// Subject in RFC 4514 form (`CN=…,O=…,C=…`).
     pub subject: String,
-    /// SHA-256 of the leaf DER, lower-case hex.
-    pub sha256: String,
+    /// SHA-256 of the leaf DER, lower-case hex; unknown when only a subject was passed on by a
+    /// trusted proxy.
+    pub sha256: Option<String>,
 }
 
 impl PeerIdentity {
@@ -339,14 +350,17 @@ impl PeerIdentity {
         Some(PeerIdentity {
             cn: single_common_name(der)?,
             subject: rfc4514(cert.subject()),
-            sha256: hex::encode(Sha256::digest(der)),
+            sha256: Some(hex::encode(Sha256::digest(der))),
         })
     }
 
     /// The value of an Envoy-style `X-Forwarded-Client-Cert` header.
     pub fn xfcc(&self) -> String {
         let escaped = self.subject.replace('\\', "\\\\").replace('"', "\\\"");
-        format!("Hash={};Subject=\"{}\"", self.sha256, escaped)
+        match &self.sha256 {
+            Some(hash) => format!("Hash={hash};Subject=\"{escaped}\""),
+            None => format!("Subject=\"{escaped}\""),
+        }
     }
 }
 
@@ -476,7 +490,7 @@ mod tests {
         let id = PeerIdentity {
             cn: "c".into(),
             subject: "CN=c,O=Say \\\"hi\\\"".into(),
-            sha256: "ab".into(),
+            sha256: Some("ab".into()),
         };
         assert_eq!(
             id.xfcc(),

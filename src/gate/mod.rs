@@ -30,6 +30,10 @@ pub enum Verdict {
     UpstreamUnreachable,
     UpstreamTimeout,
     UpstreamBadResponse,
+    /// The client address a trusted proxy reported is not in `server.allow_sources`.
+    SourceNotAllowed,
+    /// A trusted proxy's identity header was malformed or did not pass verification.
+    IdentityHeader(crate::edge::HeaderIdentityError),
 }
 
 impl Verdict {
@@ -49,6 +53,7 @@ impl Verdict {
             Self::BodyError => StatusCode::BAD_REQUEST,
             Self::UpstreamUnreachable | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::SourceNotAllowed | Self::IdentityHeader(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -68,6 +73,8 @@ impl Verdict {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamBadResponse => "upstream_bad_response",
+            Self::SourceNotAllowed => "source_not_allowed",
+            Self::IdentityHeader(_) => "bad_identity_header",
         }
     }
 
@@ -76,6 +83,7 @@ impl Verdict {
         match self {
             Self::Challenge(e) => e.as_str(),
             Self::Signature(e) => e.as_str(),
+            Self::IdentityHeader(e) => e.as_str(),
             _ => "-",
         }
     }
