@@ -1,0 +1,283 @@
+//! The `hubgate` binary: `check --config FILE` (exit 0 with a summary; exit 2 naming the file
+//! and the key on a configuration error) and `sign --secret S` (body on stdin).
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+/// Runs the binary with `args` and `stdin`, without any `HUBGATE_*` variable from outside.
+fn hubgate(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(hubgate_bin());
+    cmd.args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HUBGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("the hubgate binary runs");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn check(config: &Path, env: &[(&str, &str)]) -> Output {
+    hubgate(&["check", "--config", config.to_str().unwrap()], b"", env)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A configuration that is valid apart from what `f` changes in its TOML text.
+fn write_config(pki: &Pki, f: impl FnOnce(String) -> String) -> std::path::PathBuf {
+    let toml = GateConfig::new("http://127.0.0.1:9/hook").to_toml();
+    pki.write("hubgate.toml", &f(toml))
+}
+
+/// Exit status 2 and a stderr that contains every one of `needles`.
+fn assert_config_error(out: &Output, needles: &[&str]) {
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "exit status; stdout: {}; stderr: {stderr}",
+        text(&out.stdout)
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "stderr must name {n:?}: {stderr}");
+    }
+}
+
+#[test]
+fn check_accepts_a_valid_config_and_prints_a_summary() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| t);
+    let out = check(&path, &[]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr: {}",
+        out.status.code(),
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("/webhook"),
+        "summary names the route: {stdout}"
+    );
+}
+
+#[test]
+fn check_rejects_an_unknown_key() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| {
+        t.replace("[upstream]\n", "[upstream]\ntimeuot = \"1s\"\n")
+    });
+    let out = check(&path, &[]);
+    assert_config_error(&out, &[path.to_str().unwrap(), "timeuot"]);
+}
+
+#[test]
+fn check_rejects_an_unknown_section() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| format!("{t}\n[routes]\npath = \"/x\"\n"));
+    let out = check(&path, &[]);
+    assert_config_error(&out, &[path.to_str().unwrap(), "routes"]);
+}
+
+#[test]
+fn check_names_a_missing_cert_file() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| {
+        t.replace(
+            "cert = \"server-chain.pem\"",
+            "cert = \"missing-chain.pem\"",
+        )
+    });
+    let out = check(&path, &[]);
+    let missing = pki.path("missing-chain.pem");
+    assert_config_error(
+        &out,
+        &[
+            path.to_str().unwrap(),
+            "server.cert",
+            missing.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn check_names_a_missing_roots_file() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| {
+        t.replace("roots = \"root.pem\"", "roots = \"meta-ca.pem\"")
+    });
+    let out = check(&path, &[]);
+    let missing = pki.path("meta-ca.pem");
+    assert_config_error(
+        &out,
+        &[
+            path.to_str().unwrap(),
+            "client_auth.roots",
+            missing.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn check_names_a_bad_upstream_url() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| {
+        t.replace("\"http://127.0.0.1:9/hook\"", "\"not a url\"")
+    });
+    let out = check(&path, &[]);
+    assert_config_error(&out, &[path.to_str().unwrap(), "route[0].upstream"]);
+}
+
+#[test]
+fn check_names_a_non_http_upstream() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| {
+        t.replace("\"http://127.0.0.1:9/hook\"", "\"ftp://127.0.0.1/hook\"")
+    });
+    let out = check(&path, &[]);
+    assert_config_error(&out, &[path.to_str().unwrap(), "route[0].upstream"]);
+}
+
+#[test]
+fn check_names_an_unset_env_secret() {
+    let pki = Pki::new();
+    let var = "HG_TEST_UNSET_APP_SECRET";
+    let path = write_config(&pki, |t| {
+        t.replace(
+            "app_secrets = [\"s3cret\"]",
+            &format!("app_secrets = [\"s3cret\", {{ env = \"{var}\" }}]"),
+        )
+    });
+    // `hubgate` passes no HUBGATE_* variable from this process to the child.
+    let out = check(&path, &[]);
+    assert_config_error(
+        &out,
+        &[path.to_str().unwrap(), "route[0].app_secrets[1]", var],
+    );
+}
+
+#[test]
+fn check_accepts_an_env_secret_that_is_set() {
+    let pki = Pki::new();
+    let var = "HG_TEST_SET_APP_SECRET";
+    let path = write_config(&pki, |t| {
+        t.replace(
+            "app_secrets = [\"s3cret\"]",
+            &format!("app_secrets = [\"s3cret\", {{ env = \"{var}\" }}]"),
+        )
+    });
+    let out = check(&path, &[(var, "from-the-environment")]);
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr: {}",
+        out.status.code(),
+        text(&out.stderr)
+    );
+    // The summary never prints a secret.
+    assert!(!text(&out.stdout).contains("from-the-environment"));
+    assert!(!text(&out.stdout).contains("s3cret"));
+}
+
+#[test]
+fn check_names_a_key_that_does_not_match_the_cert() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    pki.write(
+        "other.key",
+        &std::fs::read_to_string(other.path("server.key")).unwrap(),
+    );
+    let path = write_config(&pki, |t| {
+        t.replace("key = \"server.key\"", "key = \"other.key\"")
+    });
+    let out = check(&path, &[]);
+    assert_config_error(&out, &[path.to_str().unwrap(), "server.key"]);
+}
+
+#[test]
+fn check_rejects_required_route_cert_with_client_auth_off() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |t| {
+        format!(
+            "{}client_cert = \"required\"\n",
+            t.replace("mode = \"require\"", "mode = \"off\"")
+        )
+    });
+    let out = check(&path, &[]);
+    assert_config_error(&out, &[path.to_str().unwrap(), "route[0].client_cert"]);
+}
+
+#[test]
+fn check_reports_a_missing_config_file() {
+    let pki = Pki::new();
+    let path = pki.path("nope.toml");
+    let out = check(&path, &[]);
+    assert_config_error(&out, &[path.to_str().unwrap()]);
+}
+
+#[test]
+fn sign_prints_the_github_test_vector() {
+    // HMAC-SHA256("It's a Secret to Everybody", "Hello, World!") from GitHub's webhook docs.
+    let out = hubgate(
+        &["sign", "--secret", "It's a Secret to Everybody"],
+        b"Hello, World!",
+        &[],
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim_end(),
+        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    );
+}
+
+#[test]
+fn sign_uses_the_exact_stdin_bytes() {
+    let body = "{\"text\":\"äöå \\u00e4\\/\"}\n".as_bytes();
+    let out = hubgate(&["sign", "--secret", SECRET], body, &[]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    // Including the trailing newline: nothing trimmed or re-encoded.
+    assert_eq!(text(&out.stdout).trim_end(), sign(SECRET, body));
+    assert_ne!(
+        text(&out.stdout).trim_end(),
+        sign(SECRET, &body[..body.len() - 1])
+    );
+}
+
+#[tokio::test]
+async fn sign_output_is_accepted_by_the_gate() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let gate = pki.start(&GateConfig::new(&up.url("/hook"))).await;
+    let body = sample_body();
+    let out = {
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || hubgate(&["sign", "--secret", SECRET], &body, &[]))
+            .await
+            .unwrap()
+    };
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let signature = text(&out.stdout).trim_end().to_owned();
+    let resp = client(&pki, Some(&pki.meta_client()))
+        .post(gate.url("/webhook"))
+        .header(SIG, &signature)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.only().body, body);
+}

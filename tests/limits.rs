@@ -1,0 +1,435 @@
+//! Body size limit (declared and streamed), body deadline, and upstream failures: unreachable,
+//! slow, broken and oversized answers.
+
+mod common;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use hyper::body::Frame;
+
+const LIMIT: usize = 1024;
+
+struct Setup {
+    pki: Pki,
+    up: Upstream,
+    gate: Gate,
+    cert: ClientCert,
+}
+
+async fn setup_with(reply: Reply, f: impl FnOnce(&mut GateConfig)) -> Setup {
+    let pki = Pki::new();
+    let up = Upstream::with_reply(reply).await;
+    let mut cfg = GateConfig::new(&up.url("/hook"));
+    cfg.max_body_bytes = Some(LIMIT);
+    f(&mut cfg);
+    let gate = pki.start(&cfg).await;
+    let cert = pki.meta_client();
+    Setup {
+        pki,
+        up,
+        gate,
+        cert,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with(Reply::default(), |_| {}).await
+}
+
+/// A request body of several chunks with no known length: HTTP/1.1 sends it chunked, HTTP/2
+/// without `content-length`.
+struct Chunked(Vec<Bytes>);
+
+impl hyper::body::Body for Chunked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.0.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(self.0.remove(0)))))
+        }
+    }
+}
+
+fn chunks_of(body: &[u8], size: usize) -> reqwest::Body {
+    reqwest::Body::wrap(Chunked(
+        body.chunks(size).map(Bytes::copy_from_slice).collect(),
+    ))
+}
+
+impl Setup {
+    async fn post_streamed(&self, proto: Proto, body: &[u8]) -> reqwest::Response {
+        client_proto(&self.pki, Some(&self.cert), proto)
+            .post(self.gate.url("/webhook"))
+            .header(SIG, sign(SECRET, body))
+            .body(chunks_of(body, 300))
+            .send()
+            .await
+            .expect("request")
+    }
+}
+
+fn json_of_len(n: usize) -> Vec<u8> {
+    let mut b = b"{\"pad\":\"".to_vec();
+    b.resize(n - 2, b'x');
+    b.extend_from_slice(b"\"}");
+    assert_eq!(b.len(), n);
+    b
+}
+
+#[tokio::test]
+async fn body_exactly_at_the_limit_is_forwarded() {
+    let s = setup().await;
+    let body = json_of_len(LIMIT);
+    let resp = post_signed(
+        &client(&s.pki, Some(&s.cert)),
+        &s.gate.url("/webhook"),
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(s.up.only().body, body);
+}
+
+#[tokio::test]
+async fn declared_length_one_over_the_limit_is_413() {
+    let s = setup().await;
+    let body = json_of_len(LIMIT + 1);
+    let resp = post_signed(
+        &client(&s.pki, Some(&s.cert)),
+        &s.gate.url("/webhook"),
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 413);
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn declared_length_over_the_limit_is_413_over_http2() {
+    let s = setup().await;
+    let body = json_of_len(LIMIT + 1);
+    let resp = post_signed(
+        &client_proto(&s.pki, Some(&s.cert), Proto::H2),
+        &s.gate.url("/webhook"),
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 413);
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn declared_length_over_the_limit_is_refused_before_the_body_is_sent() {
+    let s = setup().await;
+    // Only the head: a gate that waited for 10 MB of body would never answer.
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 10485760\r\n{SIG}: {}\r\nConnection: close\r\n\r\n",
+        s.gate.authority(),
+        sign(SECRET, b"")
+    );
+    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, head.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 413);
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn chunked_body_over_the_limit_is_413() {
+    let s = setup().await;
+    let body = json_of_len(2 * LIMIT);
+    let resp = s.post_streamed(Proto::H1, &body).await;
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_eq!(resp.status(), 413);
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn chunked_body_within_the_limit_is_forwarded_with_a_length() {
+    let s = setup().await;
+    let body = json_of_len(LIMIT);
+    let resp = s.post_streamed(Proto::H1, &body).await;
+    assert_eq!(resp.status(), 200);
+    let got = s.up.only();
+    assert_eq!(got.body, body);
+    assert_eq!(got.header("transfer-encoding"), None);
+    assert_eq!(got.header("content-length"), Some(LIMIT.to_string()));
+}
+
+#[tokio::test]
+async fn raw_chunked_body_over_the_limit_is_413() {
+    let s = setup().await;
+    let body = json_of_len(2 * LIMIT);
+    // One chunk per 500 bytes, terminated; the whole request fits one TLS record.
+    let mut encoded = Vec::new();
+    for c in body.chunks(500) {
+        encoded.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        encoded.extend_from_slice(c);
+        encoded.extend_from_slice(b"\r\n");
+    }
+    encoded.extend_from_slice(b"0\r\n\r\n");
+    let mut req = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n{SIG}: {}\r\nConnection: close\r\n\r\n",
+        s.gate.authority(),
+        sign(SECRET, &body)
+    )
+    .into_bytes();
+    req.extend_from_slice(&encoded);
+    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, &req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 413);
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn http2_body_without_length_over_the_limit_is_413() {
+    let s = setup().await;
+    let body = json_of_len(2 * LIMIT);
+    let resp = s.post_streamed(Proto::H2, &body).await;
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 413);
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn http2_body_without_length_within_the_limit_is_forwarded() {
+    let s = setup().await;
+    let body = json_of_len(LIMIT);
+    let resp = s.post_streamed(Proto::H2, &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(s.up.only().body, body);
+}
+
+#[tokio::test]
+async fn body_that_stalls_is_408() {
+    let s = setup_with(Reply::default(), |c| {
+        c.server_extra = "body_timeout = \"300ms\"\n".into();
+    })
+    .await;
+    // Declares 100 bytes, sends 10, then waits.
+    let req = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Length: 100\r\n{SIG}: {}\r\nConnection: close\r\n\r\n0123456789",
+        s.gate.authority(),
+        sign(SECRET, b"x")
+    );
+    let started = Instant::now();
+    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, req.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 408);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    let pki = Pki::new();
+    let (_reserved, dead) = closed_port();
+    let cfg = GateConfig::new(&format!("http://{dead}/hook"));
+    let gate = pki.start(&cfg).await;
+    let resp = post_signed(
+        &client(&pki, Some(&pki.meta_client())),
+        &gate.url("/webhook"),
+        &sample_body(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_within_the_timeout() {
+    let reply = Reply {
+        delay: Duration::from_secs(10),
+        ..Reply::default()
+    };
+    let s = setup_with(reply, |c| c.upstream_timeout = "500ms").await;
+    let started = Instant::now();
+    let resp = post_signed(
+        &client(&s.pki, Some(&s.cert)),
+        &s.gate.url("/webhook"),
+        &sample_body(),
+    )
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    // It was sent; the answer just came too late.
+    assert_eq!(s.up.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn upstream_closing_without_an_answer_is_502() {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            drop(stream);
+        }
+    });
+    let gate = pki
+        .start(&GateConfig::new(&format!("http://{addr}/hook")))
+        .await;
+    let resp = post_signed(
+        &client(&pki, Some(&pki.meta_client())),
+        &gate.url("/webhook"),
+        &sample_body(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+}
+
+#[tokio::test]
+async fn oversized_upstream_answer_is_502() {
+    let reply = Reply {
+        body: Bytes::from(vec![b'x'; 2000]),
+        ..Reply::default()
+    };
+    let s = setup_with(reply, |c| c.max_response_bytes = Some(1000)).await;
+    let resp = post_signed(
+        &client(&s.pki, Some(&s.cert)),
+        &s.gate.url("/webhook"),
+        &sample_body(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(!resp.text().await.unwrap().contains("xxxx"));
+}
+
+/// Reads from `stream` until the peer closes it (EOF or error); how long that took.
+async fn time_until_closed<S: tokio::io::AsyncRead + Unpin>(mut stream: S) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let wait = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the gate must close the connection");
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_the_handshake_timeout() {
+    let s = setup_with(Reply::default(), |c| {
+        c.server_extra = "handshake_timeout = \"300ms\"\n".into();
+    })
+    .await;
+    // TCP only: no ClientHello is ever sent.
+    let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
+    let took = time_until_closed(tcp).await;
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn incomplete_request_head_is_cut_off_after_the_header_timeout() {
+    let s = setup_with(Reply::default(), |c| {
+        c.server_extra = "header_timeout = \"300ms\"\n".into();
+    })
+    .await;
+    let cfg = tls_client_config(&s.pki, Some(&s.cert), Proto::H1, false);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1")
+        .unwrap()
+        .to_owned();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    // A request line and one header, never the blank line.
+    tls.write_all(b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let took = time_until_closed(tls).await;
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    s.up.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn three_megabyte_body_is_forwarded_over_http2_with_the_default_limit() {
+    let s = setup_with(Reply::default(), |c| c.max_body_bytes = None).await;
+    let body = json_of_len(3 * 1024 * 1024);
+    let resp = post_signed(
+        &client_proto(&s.pki, Some(&s.cert), Proto::H2),
+        &s.gate.url("/webhook"),
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let got = s.up.only();
+    assert!(got.body == body, "upstream body differs");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let body = json_of_len(LIMIT);
+    let cfg = tls_client_config(&s.pki, Some(&s.cert), Proto::H1, false);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1")
+        .unwrap()
+        .to_owned();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n{SIG}: {}\r\nConnection: close\r\n\r\n",
+        s.gate.authority(),
+        body.len(),
+        sign(SECRET, &body)
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !interim.ends_with(b"\r\n\r\n") {
+            tls.read_exact(&mut byte).await.unwrap();
+            interim.push(byte[0]);
+        }
+    })
+    .await
+    .expect("an interim answer before the body");
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    tls.write_all(&body).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(s.up.only().body, body);
+}
