@@ -252,7 +252,7 @@ pub struct Route {
     pub path: String,
     pub verify_token: Secret,
     pub app_secrets: Vec<Secret>,
-    pub upstream: reqwest::Url,
+    pub upstream: http::Uri,
     pub client_cert: RouteClientCert,
     pub legacy_sha1: bool,
 }
@@ -797,9 +797,11 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             .enumerate()
             .map(|(j, s)| cx.secret(&format!("route[{i}].app_secrets[{j}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
-        let upstream = reqwest::Url::parse(&r.upstream)
+        let upstream: http::Uri = r
+            .upstream
+            .parse()
             .map_err(|e| cx.err(k("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
-        if !matches!(upstream.scheme(), "http" | "https") || upstream.host().is_none() {
+        if !matches!(upstream.scheme_str(), Some("http" | "https")) || upstream.host().is_none() {
             return Err(cx.err(
                 k("upstream"),
                 format!("`{}` must be an http:// or https:// URL", r.upstream),

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -224,28 +224,58 @@ upstream = "http://{backend}/webhook"
     }
 }
 
+type DemoClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// A client that plays Meta's sender: trusts the demo CA, presents `identity` if given.
 fn client(
     pki: &Pki,
     identity: Option<&(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> Result<reqwest::Client> {
+) -> Result<DemoClient> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.clone())?;
     let builder = rustls::ClientConfig::builder_with_provider(hubgate::tls::crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    let mut tls = match identity {
+    let tls = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain.clone(), key.clone_key())?,
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .no_proxy()
-        .build()?)
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// Sends one request; `Err` when no HTTP answer came back (e.g. the handshake was refused).
+async fn send(
+    client: &DemoClient,
+    method: http::Method,
+    url: &str,
+    signature: Option<&str>,
+    body: &str,
+) -> Result<(http::StatusCode, String)> {
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(sig) = signature {
+        req = req
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", sig);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_owned())))?;
+    let resp = client.request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// Plays Meta (and an attacker) against the gate; prints one line per check.
 async fn selftest(pki: &Pki, addr: SocketAddr) -> Result<bool> {
+    use http::Method;
     let base = format!("https://localhost:{}/webhook", addr.port());
     let meta = client(pki, Some(&pki.meta))?;
     let impostor = client(pki, Some(&pki.impostor))?;
@@ -256,41 +286,22 @@ async fn selftest(pki: &Pki, addr: SocketAddr) -> Result<bool> {
         all_ok &= ok;
         println!("{} {what}: {got}", if ok { "  PASS" } else { "  FAIL" });
     };
+    let challenge = |token: &str| {
+        format!("{base}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={token}")
+    };
 
     println!("Self-test: hubgate plays Meta against the gate");
-    let r = meta
-        .get(format!(
-            "{base}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={TOKEN}"
-        ))
-        .send()
-        .await?;
-    let (status, body) = (r.status(), r.text().await?);
+    let (status, body) = send(&meta, Method::GET, &challenge(TOKEN), None, "").await?;
     report(
         status == 200 && body == "1158201444",
         "verification request is answered with the challenge",
         format!("{status} {body:?}"),
     );
 
-    let r = meta
-        .get(format!(
-            "{base}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token=wrong"
-        ))
-        .send()
-        .await?;
-    report(
-        r.status() == 403,
-        "wrong verify token is refused",
-        r.status().to_string(),
-    );
+    let (status, _) = send(&meta, Method::GET, &challenge("wrong"), None, "").await?;
+    report(status == 403, "wrong verify token is refused", status.to_string());
 
-    let r = meta
-        .post(&base)
-        .header("content-type", "application/json")
-        .header("x-hub-signature-256", &signature)
-        .body(EVENT)
-        .send()
-        .await?;
-    let status = r.status();
+    let (status, _) = send(&meta, Method::POST, &base, Some(&signature), EVENT).await?;
     report(
         status == 200,
         "signed event is forwarded to the backend",
@@ -298,37 +309,21 @@ async fn selftest(pki: &Pki, addr: SocketAddr) -> Result<bool> {
     );
 
     let forged = EVENT.replace("42", "43");
-    let r = meta
-        .post(&base)
-        .header("content-type", "application/json")
-        .header("x-hub-signature-256", &signature)
-        .body(forged)
-        .send()
-        .await?;
+    let (status, _) = send(&meta, Method::POST, &base, Some(&signature), &forged).await?;
     report(
-        r.status() == 403,
+        status == 403,
         "tampered event is refused, backend untouched",
-        r.status().to_string(),
+        status.to_string(),
     );
 
-    let r = impostor
-        .post(&base)
-        .header("x-hub-signature-256", &signature)
-        .body(EVENT)
-        .send()
-        .await;
+    let r = send(&impostor, Method::POST, &base, Some(&signature), EVENT).await;
     report(
         r.is_err(),
         "certificate with another CN is refused at the handshake",
         outcome(r),
     );
 
-    let r = anonymous
-        .post(&base)
-        .header("x-hub-signature-256", &signature)
-        .body(EVENT)
-        .send()
-        .await;
+    let r = send(&anonymous, Method::POST, &base, Some(&signature), EVENT).await;
     report(
         r.is_err(),
         "connection without a client certificate is refused",
@@ -338,9 +333,9 @@ async fn selftest(pki: &Pki, addr: SocketAddr) -> Result<bool> {
     Ok(all_ok)
 }
 
-fn outcome(r: reqwest::Result<reqwest::Response>) -> String {
+fn outcome(r: Result<(http::StatusCode, String)>) -> String {
     match r {
-        Ok(resp) => format!("answered {}", resp.status()),
+        Ok((status, _)) => format!("answered {status}"),
         Err(_) => "TLS handshake failed".to_owned(),
     }
 }

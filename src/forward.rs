@@ -6,10 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::Response;
+use http::{Method, Request, Response, Uri};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use http_body_util::Full;
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
@@ -32,8 +36,6 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 pub enum ClientError {
     #[error("upstream TLS setup: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("upstream client: {0}")]
-    Reqwest(#[from] reqwest::Error),
 }
 
 /// Why forwarding failed.
@@ -57,9 +59,12 @@ pub struct Client<'a> {
     pub trusted: &'a TrustedProxies,
 }
 
-/// The pooled client for all routes' upstreams.
+type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The pooled client for all routes' upstreams. hyper-util's client adds nothing to the request
+/// but `Host` (from the upstream URL) and the body's `Content-Length`, and follows no redirects.
 pub struct Upstream {
-    client: reqwest::Client,
+    client: HttpClient,
     timeout: Duration,
     max_response_bytes: usize,
 }
@@ -86,15 +91,22 @@ impl Upstream {
                 ))
                 .with_no_client_auth(),
         };
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(settings.connect_timeout)
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(settings.connect_timeout));
+        tcp.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
+            .build(connector);
         Ok(Upstream {
             client,
             timeout: settings.timeout,
@@ -106,38 +118,39 @@ impl Upstream {
     /// configured deadline.
     pub async fn forward(
         &self,
-        url: &reqwest::Url,
+        upstream: &Uri,
         parts: &Parts,
         body: Bytes,
         client: &Client<'_>,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
-        let mut url = url.clone();
-        if let Some(q) = parts.uri.query() {
-            let joined = match url.query() {
-                Some(existing) if !existing.is_empty() => format!("{existing}&{q}"),
-                _ => q.to_owned(),
-            };
-            url.set_query(Some(&joined));
-        }
-        let headers = upstream_headers(parts, client);
-        let request = self.client.post(url).headers(headers).body(body);
+        let uri = match parts.uri.query() {
+            None => upstream.clone(),
+            Some(q) => with_query(upstream, q)?,
+        };
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = upstream_headers(parts, client);
         let limit = self.max_response_bytes;
         let exchange = async move {
-            let mut resp = request.send().await.map_err(classify)?;
-            let status = resp.status();
-            let headers = response_headers(resp.headers());
-            let mut buf = BytesMut::new();
-            while let Some(chunk) = resp.chunk().await.map_err(classify)? {
-                if buf.len() + chunk.len() > limit {
-                    return Err(ForwardError::BadResponse(format!(
-                        "body larger than {limit} bytes"
-                    )));
+            let resp = self.client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    ForwardError::Unreachable(error_chain(&e))
+                } else {
+                    ForwardError::BadResponse(error_chain(&e))
                 }
-                buf.extend_from_slice(&chunk);
-            }
-            let mut out = Response::new(Full::new(buf.freeze()));
-            *out.status_mut() = status;
-            *out.headers_mut() = headers;
+            })?;
+            let (head, body) = resp.into_parts();
+            let body = Limited::new(body, limit).collect().await.map_err(|e| {
+                if e.is::<LengthLimitError>() {
+                    ForwardError::BadResponse(format!("body larger than {limit} bytes"))
+                } else {
+                    ForwardError::BadResponse(error_chain(&*e))
+                }
+            })?;
+            let mut out = Response::new(Full::new(body.to_bytes()));
+            *out.status_mut() = head.status;
+            *out.headers_mut() = response_headers(&head.headers);
             Ok(out)
         };
         match tokio::time::timeout(self.timeout, exchange).await {
@@ -147,14 +160,20 @@ impl Upstream {
     }
 }
 
-fn classify(e: reqwest::Error) -> ForwardError {
-    if e.is_timeout() {
-        ForwardError::Unreachable(format!("connect timed out: {e}"))
-    } else if e.is_connect() || e.is_request() {
-        ForwardError::Unreachable(error_chain(&e))
-    } else {
-        ForwardError::BadResponse(error_chain(&e))
-    }
+/// The upstream URI with the inbound query string appended to its own.
+fn with_query(upstream: &Uri, query: &str) -> Result<Uri, ForwardError> {
+    let path = upstream.path();
+    let joined = match upstream.query() {
+        Some(existing) if !existing.is_empty() => format!("{path}?{existing}&{query}"),
+        _ => format!("{path}?{query}"),
+    };
+    let mut parts = upstream.clone().into_parts();
+    parts.path_and_query = Some(
+        joined
+            .parse()
+            .map_err(|_| ForwardError::BadResponse("query string is not valid in a URI".into()))?,
+    );
+    Uri::from_parts(parts).map_err(|_| ForwardError::BadResponse("invalid upstream URI".into()))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

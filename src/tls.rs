@@ -388,12 +388,22 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
     rdns.into_iter().rev().collect::<Vec<_>>().join(",")
 }
 
+/// Escapes an attribute value as RFC 4514 does; control characters become `\XX` hex pairs, so
+/// the result is always a valid HTTP header value.
 fn escape_rdn_value(v: &str) -> String {
+    let count = v.chars().count();
     let mut out = String::with_capacity(v.len());
     for (i, c) in v.chars().enumerate() {
+        if c.is_control() {
+            let mut utf8 = [0u8; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                out.push_str(&format!("\\{b:02X}"));
+            }
+            continue;
+        }
         let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
             || (i == 0 && matches!(c, '#' | ' '))
-            || (i + 1 == v.chars().count() && c == ' ');
+            || (i + 1 == count && c == ' ');
         if special {
             out.push('\\');
         }
@@ -483,6 +493,7 @@ mod tests {
         assert_eq!(escape_rdn_value(" x "), "\\ x\\ ");
         assert_eq!(escape_rdn_value("#1"), "\\#1");
         assert_eq!(escape_rdn_value("plain.example"), "plain.example");
+        assert_eq!(escape_rdn_value("a\r\nb"), "a\\0D\\0Ab");
     }
 
     #[test]
