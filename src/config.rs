@@ -287,7 +287,14 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let key = key.into();
-        let key = match self.from_env.get(&key) {
+        // `route[0].app_secrets[1]` came from the variable that set `route[0].app_secrets`.
+        let var = self
+            .from_env
+            .iter()
+            .filter(|(k, _)| key.starts_with(k.as_str()))
+            .max_by_key(|(k, _)| k.len())
+            .map(|(_, var)| *var);
+        let key = match var {
             Some(var) => format!("{key} (from {var})"),
             None => key,
         };
@@ -426,6 +433,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HUBGATE_CERT", "server.cert"),
     ("HUBGATE_KEY", "server.key"),
     ("HUBGATE_MAX_BODY_BYTES", "server.max_body_bytes"),
+    ("HUBGATE_MAX_CONNECTIONS", "server.max_connections"),
+    ("HUBGATE_IDLE_TIMEOUT", "server.idle_timeout"),
+    ("HUBGATE_DRAIN_TIMEOUT", "server.drain_timeout"),
     ("HUBGATE_CLIENT_AUTH", "client_auth.mode"),
     (
         "HUBGATE_CLIENT_ROOTS",
@@ -437,6 +447,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("HUBGATE_ADMIN_LISTEN", "admin.listen"),
     ("HUBGATE_UPSTREAM_TIMEOUT", "upstream.timeout"),
+    ("HUBGATE_UPSTREAM_CA", "upstream.ca"),
     ("HUBGATE_PATH", "route[0].path (default /webhook)"),
     ("HUBGATE_UPSTREAM", "route[0].upstream"),
     ("HUBGATE_VERIFY_TOKEN", "route[0].verify_token"),
@@ -523,6 +534,18 @@ fn overlay_env(
     if let Some(v) = take("HUBGATE_KEY", "server.key") {
         raw.server.key = Some(abs(v));
     }
+    if let Some(v) = take("HUBGATE_MAX_CONNECTIONS", "server.max_connections") {
+        let n = v
+            .parse()
+            .map_err(|_| env_err("HUBGATE_MAX_CONNECTIONS", format!("`{v}` is not a number")))?;
+        raw.server.max_connections = Some(n);
+    }
+    if let Some(v) = take("HUBGATE_IDLE_TIMEOUT", "server.idle_timeout") {
+        raw.server.idle_timeout = Some(v);
+    }
+    if let Some(v) = take("HUBGATE_DRAIN_TIMEOUT", "server.drain_timeout") {
+        raw.server.drain_timeout = Some(v);
+    }
     if let Some(v) = take("HUBGATE_MAX_BODY_BYTES", "server.max_body_bytes") {
         let n = v.parse().map_err(|_| {
             env_err(
@@ -558,6 +581,9 @@ fn overlay_env(
     if let Some(v) = take("HUBGATE_UPSTREAM_TIMEOUT", "upstream.timeout") {
         raw.upstream.get_or_insert_with(Default::default).timeout = Some(v);
     }
+    if let Some(v) = take("HUBGATE_UPSTREAM_CA", "upstream.ca") {
+        raw.upstream.get_or_insert_with(Default::default).ca = Some(abs(v));
+    }
 
     let path = take("HUBGATE_PATH", "route[0].path");
     let upstream = take("HUBGATE_UPSTREAM", "route[0].upstream");
@@ -567,10 +593,33 @@ fn overlay_env(
         None => take("HUBGATE_VERIFY_TOKEN_FILE", "route[0].verify_token")
             .map(|f| SecretSource::File(abs(f))),
     };
-    let secret = match take("HUBGATE_APP_SECRET", "route[0].app_secrets[0]") {
-        Some(v) => Some(SecretSource::Inline(v)),
-        None => take("HUBGATE_APP_SECRET_FILE", "route[0].app_secrets[0]")
-            .map(|f| SecretSource::File(abs(f))),
+    // Several secrets (a rotation) are separated by commas; Meta's app secrets are hex.
+    let secrets = match take("HUBGATE_APP_SECRET", "route[0].app_secrets") {
+        Some(v) => Some(
+            list(v)
+                .into_iter()
+                .map(SecretSource::Inline)
+                .collect::<Vec<_>>(),
+        ),
+        None => take("HUBGATE_APP_SECRET_FILE", "route[0].app_secrets").map(|f| {
+            list(f)
+                .into_iter()
+                .map(|f| SecretSource::File(abs(f)))
+                .collect()
+        }),
+    };
+    let legacy_sha1 = match take("HUBGATE_LEGACY_SHA1", "route[0].legacy_sha1") {
+        None => None,
+        Some(v) => Some(match v.as_str() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(env_err(
+                    "HUBGATE_LEGACY_SHA1",
+                    format!("`{v}` is not true or false"),
+                ))
+            }
+        }),
     };
     let client_cert = match take("HUBGATE_CLIENT_CERT", "route[0].client_cert") {
         None => None,
@@ -588,8 +637,9 @@ fn overlay_env(
     let any_route_var = path.is_some()
         || upstream.is_some()
         || token.is_some()
-        || secret.is_some()
-        || client_cert.is_some();
+        || secrets.is_some()
+        || client_cert.is_some()
+        || legacy_sha1.is_some();
     if !any_route_var {
         return Ok(set);
     }
@@ -607,10 +657,10 @@ fn overlay_env(
                 verify_token: token.ok_or_else(|| {
                     missing("HUBGATE_VERIFY_TOKEN (or HUBGATE_VERIFY_TOKEN_FILE)")
                 })?,
-                app_secrets: vec![secret
-                    .ok_or_else(|| missing("HUBGATE_APP_SECRET (or HUBGATE_APP_SECRET_FILE)"))?],
+                app_secrets: secrets
+                    .ok_or_else(|| missing("HUBGATE_APP_SECRET (or HUBGATE_APP_SECRET_FILE)"))?,
                 client_cert,
-                legacy_sha1: false,
+                legacy_sha1: legacy_sha1.unwrap_or(false),
             });
         }
         1 => {
@@ -624,11 +674,14 @@ fn overlay_env(
             if let Some(v) = token {
                 r.verify_token = v;
             }
-            if let Some(v) = secret {
-                r.app_secrets = vec![v];
+            if let Some(v) = secrets {
+                r.app_secrets = v;
             }
             if client_cert.is_some() {
                 r.client_cert = client_cert;
+            }
+            if let Some(v) = legacy_sha1 {
+                r.legacy_sha1 = v;
             }
         }
         n => {
@@ -909,12 +962,14 @@ fn validate_trusted_proxies(
         "alb-passthrough" => IdentityHeader::Certificate(ALB_CERT),
         "subject-header" => IdentityHeader::Subject(header("subject-header")?),
         "cert-header" => IdentityHeader::Certificate(header("cert-header")?),
-        other => return Err(cx.err(
-            "trusted_proxies.identity",
-            format!(
+        other => {
+            return Err(cx.err(
+                "trusted_proxies.identity",
+                format!(
                 "`{other}` is not one of none, alb, alb-passthrough, subject-header, cert-header"
             ),
-        )),
+            ))
+        }
     };
     if matches!(identity, IdentityHeader::Certificate(_)) && client_auth.mode == ClientAuthMode::Off
     {

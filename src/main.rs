@@ -60,6 +60,12 @@ enum Command {
         #[arg(long, env = "HUBGATE_SIGN_SECRET")]
         secret: String,
     },
+    /// Probe a running gate's admin endpoint (for container health checks): exit 0 on 200.
+    Health {
+        /// The URL to probe; by default /readyz on HUBGATE_ADMIN_LISTEN or 127.0.0.1:9901.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Play Meta against a throwaway gate on 127.0.0.1 (the default without a config).
     Demo {
         /// Loopback address for the demo gate.
@@ -74,6 +80,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // A gate holds one descriptor per connection: lift the soft limit to the hard one.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        warn!("cannot raise the open-file limit: {e}");
+    }
     // One crypto provider for the whole process; the library also passes it explicitly.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
@@ -91,6 +101,7 @@ fn main() -> ExitCode {
     match command {
         Command::Sign { secret } => sign(&secret),
         Command::Check { config } => check(config.as_deref()),
+        Command::Health { url } => runtime().block_on(health(url)),
         Command::Run { config } => runtime().block_on(run(config.as_deref())),
         Command::Demo {
             listen,
@@ -190,6 +201,49 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// GETs the admin URL once, with a short deadline; 0 on 200, 1 otherwise.
+async fn health(url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let admin = env("HUBGATE_ADMIN_LISTEN").unwrap_or_else(|| "127.0.0.1:9901".into());
+        let admin = admin
+            .replace("0.0.0.0", "127.0.0.1")
+            .replace("[::]", "[::1]");
+        format!("http://{admin}/readyz")
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(3), probe(&url)).await {
+        Ok(Ok(status)) if status == 200 => ExitCode::SUCCESS,
+        Ok(Ok(status)) => {
+            eprintln!("{url}: {status}");
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("{url}: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("{url}: no answer within 3 s");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn probe(url: &str) -> anyhow::Result<u16> {
+    use http_body_util::Empty;
+    let uri: http::Uri = url.parse()?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| anyhow::anyhow!("no host in {url}"))?
+        .clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(uri.path())
+        .header(http::header::HOST, authority.as_str())
+        .body(Empty::<bytes::Bytes>::new())?;
+    Ok(sender.send_request(req).await?.status().as_u16())
 }
 
 /// The process environment, as the configuration reads it.
