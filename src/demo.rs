@@ -299,7 +299,11 @@ async fn selftest(pki: &Pki, addr: SocketAddr) -> Result<bool> {
     );
 
     let (status, _) = send(&meta, Method::GET, &challenge("wrong"), None, "").await?;
-    report(status == 403, "wrong verify token is refused", status.to_string());
+    report(
+        status == 403,
+        "wrong verify token is refused",
+        status.to_string(),
+    );
 
     let (status, _) = send(&meta, Method::POST, &base, Some(&signature), EVENT).await?;
     report(

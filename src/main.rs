@@ -213,7 +213,7 @@ async fn health(url: Option<String>) -> ExitCode {
         format!("http://{admin}/readyz")
     });
     match tokio::time::timeout(std::time::Duration::from_secs(3), probe(&url)).await {
-        Ok(Ok(status)) if status == 200 => ExitCode::SUCCESS,
+        Ok(Ok(200)) => ExitCode::SUCCESS,
         Ok(Ok(status)) => {
             eprintln!("{url}: {status}");
             ExitCode::FAILURE
