@@ -15,6 +15,7 @@ pub mod forward;
 pub mod gate;
 pub mod metrics;
 pub mod server;
+pub mod spool;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -1,0 +1,413 @@
+//! The writer thread and group commit. One thread owns the one connection that writes; every
+//! write (accepts, claims, outcomes) reaches it as a job over a channel. The loop blocks for the
+//! first job, then takes everything else already queued (up to a count and a byte budget),
+//! runs it all in one `BEGIN IMMEDIATE … COMMIT` transaction — one WAL fsync under
+//! `synchronous=FULL` — and only then answers each job's waiter. While one commit is syncing,
+//! the next batch queues up, so the batch size follows the load with no added delay: an idle
+//! spool commits a lone event at once, a busy one amortises each fsync over many events.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use super::store::{self, Opened};
+use super::{Shared, SpoolError, SpoolSettings};
+
+/// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
+const MAX_BATCH_BYTES: usize = 64 << 20;
+/// How often expired de-duplication keys are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Counter increments made by a batch's jobs; applied only when the batch commits.
+#[derive(Default)]
+pub(crate) struct Delta {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub delivered: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+}
+
+/// What jobs see besides the transaction.
+pub(crate) struct Ctx {
+    pub settings: Arc<SpoolSettings>,
+    /// Every route that has (or had, since the start) events: the ones the scheduler looks at.
+    pub routes: BTreeSet<String>,
+    /// The batch's clock (Unix ms), the same for every job in it.
+    pub now: i64,
+    /// A job stored a new event: wake the delivery scheduler after the commit.
+    pub stored: bool,
+    /// The connection's `synchronous` setting: FULL (true) or NORMAL.
+    sync_full: bool,
+    pub delta: Delta,
+    rng: Rng,
+}
+
+impl Ctx {
+    /// A random number for jitter.
+    pub fn random(&mut self) -> u64 {
+        self.rng.next()
+    }
+}
+
+/// splitmix64, seeded from std's per-process random hasher keys: jitter needs no crypto and no
+/// extra dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        use std::hash::BuildHasher;
+        let seed = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// One unit of work for the writer.
+pub(crate) trait Job: Send {
+    /// Body bytes it writes, for the batch's byte budget.
+    fn weight(&self) -> usize;
+    /// Whether its commit must be on disk before it is answered (accepts). Bookkeeping of
+    /// deliveries is not: see [`commit_batch`].
+    fn durable(&self) -> bool;
+    /// Runs inside the batch's transaction. An error here fails the batch.
+    fn run(&mut self, ctx: &mut Ctx, conn: &Connection) -> Result<(), rusqlite::Error>;
+    /// Answers the waiter once the batch committed (`Ok`) or failed.
+    fn finish(self: Box<Self>, batch: &Result<(), SpoolError>);
+}
+
+struct FnJob<T, F> {
+    f: Option<F>,
+    out: Option<Result<T, SpoolError>>,
+    reply: oneshot::Sender<Result<T, SpoolError>>,
+    weight: usize,
+    durable: bool,
+}
+
+impl<T, F> Job for FnJob<T, F>
+where
+    T: Send,
+    F: FnOnce(&mut Ctx, &Connection) -> rusqlite::Result<T> + Send,
+{
+    fn weight(&self) -> usize {
+        self.weight
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
+    fn run(&mut self, ctx: &mut Ctx, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let Some(f) = self.f.take() else {
+            return Ok(());
+        };
+        // A storage error fails the whole batch: SQLite may have rolled the transaction back
+        // (SQLITE_FULL, I/O errors), so everyone in the batch gets the error.
+        self.out = Some(Ok(f(ctx, conn)?));
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, batch: &Result<(), SpoolError>) {
+        let result = match batch {
+            Ok(()) => self.out.unwrap_or(Err(SpoolError::Closed)),
+            Err(e) => Err(e.clone()),
+        };
+        // The waiter may be gone (a client hung up): the work is done all the same.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// What the writer's channel carries.
+pub(crate) enum Msg {
+    Job(Box<dyn Job>),
+    /// Finish the current batch, close the database and the lock, then answer.
+    Close(oneshot::Sender<()>),
+}
+
+/// Queues `f` for the writer and waits for the commit of the batch that ran it; with `durable`,
+/// for that commit to be fsynced.
+pub(crate) async fn call<T, F>(
+    tx: &Sender<Msg>,
+    weight: usize,
+    durable: bool,
+    f: F,
+) -> Result<T, SpoolError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Ctx, &Connection) -> rusqlite::Result<T> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let job = FnJob {
+        f: Some(f),
+        out: None,
+        reply,
+        weight,
+        durable,
+    };
+    tx.send(Msg::Job(Box::new(job)))
+        .map_err(|_| SpoolError::Closed)?;
+    answer.await.map_err(|_| SpoolError::Closed)?
+}
+
+/// Starts the writer thread on an opened spool.
+pub(crate) fn spawn(
+    opened: Opened,
+    settings: Arc<SpoolSettings>,
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+) -> std::io::Result<()> {
+    let ctx = Ctx {
+        routes: opened.routes.iter().cloned().collect(),
+        settings,
+        now: 0,
+        stored: false,
+        sync_full: true,
+        delta: Delta::default(),
+        rng: Rng::seeded(),
+    };
+    std::thread::Builder::new()
+        .name("hubgate-spool".to_owned())
+        .spawn(move || run(opened.conn, opened.lock, ctx, shared, rx))?;
+    Ok(())
+}
+
+fn run(
+    mut conn: Connection,
+    lock: Connection,
+    mut ctx: Ctx,
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+) {
+    let max_events = ctx.settings.max_batch_events.max(1);
+    // None: prune with the first batch.
+    let mut last_prune: Option<Instant> = None;
+    let mut close = None;
+    while close.is_none() {
+        let first = match rx.recv_timeout(PRUNE_EVERY) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut jobs: Vec<Box<dyn Job>> = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = first;
+        loop {
+            match next {
+                Some(Msg::Job(j)) => {
+                    bytes += j.weight();
+                    jobs.push(j);
+                }
+                Some(Msg::Close(r)) => {
+                    close = Some(r);
+                    break;
+                }
+                None => break,
+            }
+            if jobs.len() >= max_events || bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        let prune = !ctx.settings.dedupe_window.is_zero()
+            && last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+        if jobs.is_empty() && !prune {
+            continue;
+        }
+        let pruned = commit_batch(&mut conn, &mut ctx, &shared, jobs, prune);
+        if prune {
+            // A full chunk means more are waiting: prune again with the next batch.
+            if pruned < store::DELETE_CHUNK as usize {
+                last_prune = Some(Instant::now());
+            }
+        }
+    }
+    // Jobs still queued are dropped with the receiver: their waiters see `Closed`.
+    drop(rx);
+    if let Err((_, e)) = conn.close() {
+        warn!(error = %e, "spool: closing the database failed");
+    }
+    drop(lock);
+    debug!("spool writer stopped");
+    if let Some(r) = close {
+        let _ = r.send(());
+    }
+}
+
+/// Runs one batch in one transaction and answers its jobs. Returns how many dedupe keys were
+/// pruned.
+///
+/// A batch with an accept in it commits with `synchronous=FULL`: the WAL is fsynced before
+/// anyone is answered. A batch of delivery bookkeeping only (claims, outcomes, releases)
+/// commits with `synchronous=NORMAL`: written to the WAL (so it survives the process being
+/// killed) but fsynced only with the next durable commit or checkpoint. The WAL is append-only,
+/// so an fsync covers every earlier transaction, and WAL mode stays consistent either way; a
+/// power loss can only undo recent bookkeeping — an in-flight mark (made pending again at
+/// start anyway) or a recorded outcome (the event is delivered again: at least once). This
+/// keeps draining a backlog from costing two fsyncs per event.
+fn commit_batch(
+    conn: &mut Connection,
+    ctx: &mut Ctx,
+    shared: &Shared,
+    mut jobs: Vec<Box<dyn Job>>,
+    prune: bool,
+) -> usize {
+    let durable = jobs.iter().any(|j| j.durable());
+    if durable != ctx.sync_full {
+        let mode = if durable { "FULL" } else { "NORMAL" };
+        match conn.execute_batch(&format!("PRAGMA synchronous = {mode}")) {
+            Ok(()) => ctx.sync_full = durable,
+            Err(e) => warn!(error = %e, "spool: cannot set synchronous mode"),
+        }
+    }
+    if durable && !ctx.sync_full {
+        // Never answer an accept without FULL: fail the batch instead.
+        let err = SpoolError::Storage {
+            path: ctx.settings.path.clone(),
+            message: "cannot set synchronous=FULL".to_owned(),
+        };
+        for job in jobs {
+            job.finish(&Err(err.clone()));
+        }
+        return 0;
+    }
+    ctx.now = store::now_ms();
+    ctx.stored = false;
+    ctx.delta = Delta::default();
+    let mut pruned = 0;
+    let mut commit_time = Duration::ZERO;
+    let changes_before = conn.total_changes();
+    let result = (|| -> Result<(), rusqlite::Error> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if prune {
+            let cutoff = ctx
+                .now
+                .saturating_sub(store::duration_ms(ctx.settings.dedupe_window));
+            pruned = store::prune_dedupe(&tx, cutoff)?;
+        }
+        for job in jobs.iter_mut() {
+            job.run(ctx, &tx)?;
+        }
+        let started = Instant::now();
+        tx.commit()?;
+        commit_time = started.elapsed();
+        Ok(())
+    })();
+    let result = match result {
+        Ok(()) => {
+            let s = &shared.stats;
+            // Only durable commits that wrote something cost an fsync; count those.
+            if durable && conn.total_changes() != changes_before {
+                s.commits.fetch_add(1, Ordering::Relaxed);
+                s.commit_nanos.fetch_add(
+                    u64::try_from(commit_time.as_nanos()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+            }
+            s.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            let d = &ctx.delta;
+            s.accepted.fetch_add(d.accepted, Ordering::Relaxed);
+            s.duplicates.fetch_add(d.duplicates, Ordering::Relaxed);
+            s.delivered.fetch_add(d.delivered, Ordering::Relaxed);
+            s.retried.fetch_add(d.retried, Ordering::Relaxed);
+            s.dead_lettered
+                .fetch_add(d.dead_lettered, Ordering::Relaxed);
+            if ctx.stored {
+                shared.notify.notify_one();
+            }
+            if pruned > 0 {
+                info!(keys = pruned, "spool: pruned expired de-duplication keys");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+            let err = store::storage_error(&ctx.settings.path, &e);
+            match err {
+                SpoolError::Full { .. } => error!(
+                    path = %ctx.settings.path.display(),
+                    jobs = jobs.len(),
+                    "spool: disk full, nothing in this batch was stored"
+                ),
+                _ => error!(
+                    error = %e,
+                    jobs = jobs.len(),
+                    "spool: commit failed, nothing in this batch was stored"
+                ),
+            }
+            Err(err)
+        }
+    };
+    for job in jobs {
+        job.finish(&result);
+    }
+    pruned
+}
+
+/// The wait before retry number `attempts` (1 = after the first failure): `base · 2^(attempts−1)`
+/// capped at `max`, then "equal jitter": half of it fixed, the other half uniformly random, so
+/// retries of many events spread out but never come sooner than half the nominal delay.
+pub(crate) fn backoff(attempts: u32, base: Duration, max: Duration, random: u64) -> Duration {
+    let exp = attempts.saturating_sub(1);
+    let nominal = if exp >= 32 {
+        max
+    } else {
+        base.checked_mul(1u32 << exp).map_or(max, |d| d.min(max))
+    };
+    let ms = u64::try_from(nominal.as_millis()).unwrap_or(u64::MAX);
+    let half = ms / 2;
+    let jitter = if ms - half == 0 {
+        0
+    } else {
+        random % (ms - half + 1)
+    };
+    Duration::from_millis(half + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters_within_bounds() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(300);
+        let mut rng = Rng::seeded();
+        for attempts in 1..80u32 {
+            let nominal = if attempts > 12 {
+                max
+            } else {
+                (base * 2u32.pow(attempts - 1)).min(max)
+            };
+            for _ in 0..50 {
+                let d = backoff(attempts, base, max, rng.next());
+                assert!(
+                    d >= nominal / 2,
+                    "attempt {attempts}: {d:?} < {nominal:?}/2"
+                );
+                assert!(d <= nominal, "attempt {attempts}: {d:?} > {nominal:?}");
+            }
+        }
+        assert_eq!(backoff(1, Duration::ZERO, max, 7), Duration::ZERO);
+    }
+
+    #[test]
+    fn rng_varies() {
+        let mut r = Rng::seeded();
+        let a = r.next();
+        let b = r.next();
+        assert_ne!(a, b);
+    }
+}
