@@ -40,7 +40,7 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(respond(&shared, &req)) }
+                async move { Ok::<_, Infallible>(respond(&shared, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -51,13 +51,13 @@ pub(crate) async fn serve(
     }
 }
 
-fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match readiness(shared) {
+        "/readyz" => match readiness(shared).await {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -65,6 +65,14 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         "/metrics" => {
+            if let Some(spool) = &shared.spool {
+                match spool.summary().await {
+                    Ok(summary) => shared
+                        .metrics
+                        .set_spool(&summary, std::time::SystemTime::now()),
+                    Err(e) => warn!(error = %e, "cannot read the spool summary for /metrics"),
+                }
+            }
             let mut r = text(StatusCode::OK, shared.metrics.encode(unix_now()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -78,9 +86,16 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Ready when the server certificate is in date and, with client auth on, at least one trust
-/// anchor is. The backend's health is deliberately not part of it.
-fn readiness(shared: &Shared) -> Result<(), String> {
+/// Ready when the server certificate is in date, with client auth on at least one trust anchor
+/// is, and the spool (if any) is open and readable. The backend's health is deliberately not
+/// part of it.
+async fn readiness(shared: &Shared) -> Result<(), String> {
+    if let Some(spool) = &shared.spool {
+        spool
+            .summary()
+            .await
+            .map_err(|e| format!("spool {}: {e}", spool.path().display()))?;
+    }
     let current = shared.current();
     let config = current.config();
     let now = unix_now();

@@ -126,8 +126,30 @@ struct RawConfig {
     upstream: Option<RawUpstream>,
     admin: Option<RawAdmin>,
     trusted_proxies: Option<RawTrustedProxies>,
+    spool: Option<RawSpool>,
+    dedupe: Option<RawDedupe>,
     #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    path: Option<PathBuf>,
+    retry_horizon: Option<String>,
+    max_concurrency: Option<usize>,
+    backoff_base: Option<String>,
+    backoff_max: Option<String>,
+    dead_letter_4xx: Option<bool>,
+    max_size_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDedupe {
+    window: Option<String>,
+    sync_window: Option<String>,
+    sync_max_entries: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +211,18 @@ struct RawRoute {
     client_cert: Option<RouteClientCert>,
     #[serde(default)]
     legacy_sha1: bool,
+    delivery: Option<Delivery>,
+    dedupe: Option<bool>,
+}
+
+/// How a route hands authenticated events to its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Forward now and relay the upstream's answer.
+    Sync,
+    /// Store durably, answer 200, deliver from the spool.
+    Spool,
 }
 
 /// The validated configuration, with every referenced file loaded.
@@ -203,6 +237,10 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Whose forwarding and identity headers are believed.
     pub trusted_proxies: crate::edge::TrustedProxies,
+    /// The durable spool, when any route has `delivery = "spool"` (or `[spool]` is given).
+    pub spool: Option<crate::spool::SpoolSettings>,
+    /// In-memory de-duplication for `delivery = "sync"` routes.
+    pub sync_dedupe: SyncDedupe,
     pub routes: Vec<Route>,
 }
 
@@ -236,6 +274,13 @@ pub struct ClientAuth {
     pub allowed_cn: Vec<String>,
 }
 
+/// The in-memory de-duplication of sync routes: how long and how many keys are remembered.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncDedupe {
+    pub window: Duration,
+    pub max_entries: usize,
+}
+
 /// Upstream (backend) client settings.
 #[derive(Clone)]
 pub struct UpstreamSettings {
@@ -255,6 +300,9 @@ pub struct Route {
     pub upstream: http::Uri,
     pub client_cert: RouteClientCert,
     pub legacy_sha1: bool,
+    pub delivery: Delivery,
+    /// Answer a repeat of an already accepted body 200 without delivering it again.
+    pub dedupe: bool,
 }
 
 /// Secret bytes; `Debug` never shows them.
@@ -581,6 +629,9 @@ fn overlay_env(
     if let Some(v) = take("HUBGATE_UPSTREAM_TIMEOUT", "upstream.timeout") {
         raw.upstream.get_or_insert_with(Default::default).timeout = Some(v);
     }
+    if let Some(v) = take("HUBGATE_SPOOL_PATH", "spool.path") {
+        raw.spool.get_or_insert_with(Default::default).path = Some(abs(v));
+    }
     if let Some(v) = take("HUBGATE_UPSTREAM_CA", "upstream.ca") {
         raw.upstream.get_or_insert_with(Default::default).ca = Some(abs(v));
     }
@@ -634,7 +685,21 @@ fn overlay_env(
             }
         }),
     };
-    let any_route_var = path.is_some()
+    let delivery = match take("HUBGATE_DELIVERY", "route[0].delivery") {
+        None => None,
+        Some(v) => Some(match v.as_str() {
+            "sync" => Delivery::Sync,
+            "spool" => Delivery::Spool,
+            _ => {
+                return Err(env_err(
+                    "HUBGATE_DELIVERY",
+                    format!("`{v}` is not one of sync, spool"),
+                ))
+            }
+        }),
+    };
+    let any_route_var = delivery.is_some()
+        || path.is_some()
         || upstream.is_some()
         || token.is_some()
         || secrets.is_some()
@@ -661,6 +726,8 @@ fn overlay_env(
                     .ok_or_else(|| missing("HUBGATE_APP_SECRET (or HUBGATE_APP_SECRET_FILE)"))?,
                 client_cert,
                 legacy_sha1: legacy_sha1.unwrap_or(false),
+                delivery,
+                dedupe: None,
             });
         }
         1 => {
@@ -682,6 +749,9 @@ fn overlay_env(
             }
             if let Some(v) = legacy_sha1 {
                 r.legacy_sha1 = v;
+            }
+            if delivery.is_some() {
+                r.delivery = delivery;
             }
         }
         n => {
@@ -870,6 +940,13 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             (ClientAuthMode::Off, _) => RouteClientCert::None,
             (_, c) => c.unwrap_or(RouteClientCert::Required),
         };
+        let delivery = r.delivery.unwrap_or(Delivery::Sync);
+        if delivery == Delivery::Spool && r.dedupe == Some(false) {
+            return Err(cx.err(
+                k("dedupe"),
+                "cannot be false on a spool route: the spool de-duplicates every route by [dedupe] window",
+            ));
+        }
         routes.push(Route {
             path: r.path,
             verify_token,
@@ -877,6 +954,8 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             upstream,
             client_cert,
             legacy_sha1: r.legacy_sha1,
+            delivery,
+            dedupe: r.dedupe.unwrap_or(true),
         });
     }
 
@@ -898,6 +977,30 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
     };
 
     let trusted_proxies = validate_trusted_proxies(raw.trusted_proxies, &client_auth, cx)?;
+    let dedupe = raw.dedupe.unwrap_or_default();
+    let sync_dedupe = SyncDedupe {
+        window: cx.duration(
+            "dedupe.sync_window",
+            dedupe.sync_window.as_deref(),
+            Duration::from_secs(600),
+        )?,
+        max_entries: match dedupe.sync_max_entries {
+            Some(0) => return Err(cx.err("dedupe.sync_max_entries", "must be greater than zero")),
+            Some(n) => n,
+            None => 100_000,
+        },
+    };
+    let spooled = routes.iter().position(|r| r.delivery == Delivery::Spool);
+    let spool = match (raw.spool, spooled) {
+        (None, None) => None,
+        (None, Some(i)) => {
+            return Err(cx.err(
+                format!("route[{i}].delivery"),
+                "is \"spool\" but there is no [spool] section with a path",
+            ))
+        }
+        (Some(raw_spool), _) => Some(validate_spool(raw_spool, dedupe.window.as_deref(), cx)?),
+    };
     if server.proxy_protocol && trusted_proxies.cidrs.is_empty() {
         return Err(cx.err(
             "server.proxy_protocol",
@@ -912,8 +1015,50 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
         upstream,
         admin,
         trusted_proxies,
+        spool,
+        sync_dedupe,
         routes,
     })
+}
+
+fn validate_spool(
+    raw: RawSpool,
+    window: Option<&str>,
+    cx: &Ctx,
+) -> Result<crate::spool::SpoolSettings, ConfigError> {
+    let path = raw
+        .path
+        .map(|p| cx.path(&p))
+        .ok_or_else(|| cx.err("spool.path", "is required (the spool's database file)"))?;
+    let mut s = crate::spool::SpoolSettings::new(path);
+    s.dedupe_window = cx.duration("dedupe.window", window, s.dedupe_window)?;
+    s.retry_horizon = cx.duration(
+        "spool.retry_horizon",
+        raw.retry_horizon.as_deref(),
+        s.retry_horizon,
+    )?;
+    s.backoff_base = cx.duration(
+        "spool.backoff_base",
+        raw.backoff_base.as_deref(),
+        s.backoff_base,
+    )?;
+    s.backoff_max = cx.duration(
+        "spool.backoff_max",
+        raw.backoff_max.as_deref(),
+        s.backoff_max,
+    )?;
+    if let Some(n) = raw.max_concurrency {
+        if n == 0 {
+            return Err(cx.err("spool.max_concurrency", "must be greater than zero"));
+        }
+        s.max_concurrency_per_route = n;
+    }
+    if let Some(v) = raw.dead_letter_4xx {
+        s.dead_letter_4xx = v;
+    }
+    s.max_size_bytes = raw.max_size_bytes;
+    s.check().map_err(|e| cx.err("spool.path", e.to_string()))?;
+    Ok(s)
 }
 
 fn cidrs(cx: &Ctx, key: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {

@@ -131,6 +131,39 @@ impl Upstream {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = upstream_headers(parts, client);
+        self.exchange(request).await
+    }
+
+    /// Sends an event from the spool (headers as stored at acceptance) and returns the
+    /// backend's status.
+    pub async fn deliver_stored(
+        &self,
+        upstream: &Uri,
+        event: &crate::spool::StoredEvent,
+    ) -> Result<http::StatusCode, ForwardError> {
+        let uri = match event.query.as_deref() {
+            None => upstream.clone(),
+            Some(q) => with_query(upstream, q)?,
+        };
+        let mut request = Request::new(Full::new(event.body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        for (name, value) in &event.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                request.headers_mut().append(n, v);
+            }
+        }
+        Ok(self.exchange(request).await?.status())
+    }
+
+    /// One request and its complete answer (body bounded), within the deadline.
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let limit = self.max_response_bytes;
         let exchange = async move {
             let resp = self.client.request(request).await.map_err(|e| {

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dedupe;
 pub mod edge;
 pub mod forward;
 pub mod gate;
@@ -32,6 +33,10 @@ pub enum Error {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Client(#[from] forward::ClientError),
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    #[error("{0}")]
+    Reload(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,

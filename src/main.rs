@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod spool_cli;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ enum Command {
         #[arg(long, env = "HUBGATE_SIGN_SECRET")]
         secret: String,
     },
+    /// Inspect and repair the durable spool (safe while the gate runs).
+    Spool(spool_cli::SpoolArgs),
     /// Probe a running gate's admin endpoint (for container health checks): exit 0 on 200.
     Health {
         /// The URL to probe; by default /readyz on HUBGATE_ADMIN_LISTEN or 127.0.0.1:9901.
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         Command::Sign { secret } => sign(&secret),
         Command::Check { config } => check(config.as_deref()),
         Command::Health { url } => runtime().block_on(health(url)),
+        Command::Spool(args) => spool_cli::run(args, &env),
         Command::Run { config } => runtime().block_on(run(config.as_deref())),
         Command::Demo {
             listen,
@@ -284,14 +288,26 @@ fn check(path: Option<&Path>) -> ExitCode {
         println!("    allowed CN    {:?}", config.client_auth.allowed_cn);
     }
     println!("  upstream        timeout {:?}", config.upstream.timeout);
+    if let Some(spool) = &config.spool {
+        println!(
+            "  spool           {} (dedupe window {}, retry horizon {})",
+            spool.path.display(),
+            humantime::format_duration(spool.dedupe_window),
+            humantime::format_duration(spool.retry_horizon)
+        );
+    }
     if let Some(admin) = config.admin {
         println!("  admin           http://{admin} (/healthz /readyz /metrics)");
     }
     for r in &config.routes {
         println!(
-            "  route           {} -> {}  (client cert {}, {} secret(s){})",
+            "  route           {} -> {}  ({}, client cert {}, {} secret(s){})",
             r.path,
             r.upstream,
+            match r.delivery {
+                hubgate::config::Delivery::Sync => "sync",
+                hubgate::config::Delivery::Spool => "spool",
+            },
             match r.client_cert {
                 hubgate::config::RouteClientCert::Required => "required",
                 hubgate::config::RouteClientCert::None => "none",

@@ -48,6 +48,12 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpoolLabels {
+    route: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertLabels {
     kind: &'static str,
     path: String,
@@ -64,6 +70,9 @@ pub struct Metrics {
     upstream_seconds: Family<RouteOnly, Histogram>,
     upstream_errors: Family<RouteReason, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    spool_deliveries: Family<RouteReason, Counter>,
+    spool_events: Family<SpoolLabels, Gauge>,
+    spool_oldest: Family<RouteOnly, Gauge<f64, std::sync::atomic::AtomicU64>>,
     refused_connections: Family<Reason, Counter>,
     open_connections: Gauge,
     cert_expiry: Family<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -126,6 +135,24 @@ impl Metrics {
             "Configuration reloads by result",
             reloads.clone(),
         );
+        let spool_deliveries = Family::<RouteReason, Counter>::default();
+        registry.register(
+            "spool_deliveries",
+            "Spool delivery attempts by route and outcome (done, retry, dead)",
+            spool_deliveries.clone(),
+        );
+        let spool_events = Family::<SpoolLabels, Gauge>::default();
+        registry.register(
+            "spool_events",
+            "Events in the spool by route and state (pending, in_flight, dead)",
+            spool_events.clone(),
+        );
+        let spool_oldest = Family::<RouteOnly, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "spool_oldest_pending_age_seconds",
+            "Age of the oldest undelivered event per route",
+            spool_oldest.clone(),
+        );
         let refused_connections = Family::<Reason, Counter>::default();
         registry.register(
             "refused_connections",
@@ -153,6 +180,9 @@ impl Metrics {
             upstream_seconds,
             upstream_errors,
             reloads,
+            spool_deliveries,
+            spool_events,
+            spool_oldest,
             refused_connections,
             open_connections,
             cert_expiry,
@@ -200,6 +230,50 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&Reason { reason })
             .inc();
+    }
+
+    /// Counts one spool delivery attempt's outcome.
+    pub fn spool_delivery(&self, route: &RouteLabel, outcome: &crate::spool::DeliveryOutcome) {
+        use crate::spool::DeliveryOutcome;
+        let reason = match outcome {
+            DeliveryOutcome::Done => "done",
+            DeliveryOutcome::Retry(_) => "retry",
+            DeliveryOutcome::Permanent(_) => "dead",
+        };
+        self.spool_deliveries
+            .get_or_create(&RouteReason {
+                route: route.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Sets the spool gauges from a fresh summary.
+    pub fn set_spool(&self, summary: &crate::spool::Summary, now: std::time::SystemTime) {
+        self.spool_events.clear();
+        self.spool_oldest.clear();
+        for r in &summary.routes {
+            for (state, n) in [
+                ("pending", r.pending),
+                ("in_flight", r.in_flight),
+                ("dead", r.dead),
+            ] {
+                let labels = SpoolLabels {
+                    route: r.route.clone(),
+                    state,
+                };
+                self.spool_events.get_or_create(&labels).set(n as i64);
+            }
+            let age = r
+                .oldest_undelivered
+                .and_then(|t| now.duration_since(t).ok())
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.spool_oldest
+                .get_or_create(&RouteOnly {
+                    route: Arc::new(r.route.clone()),
+                })
+                .set(age);
+        }
     }
 
     pub fn connection_refused(&self, reason: &'static str) {

@@ -23,12 +23,16 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, Route, RouteClientCert};
+use crate::config::{Config, Delivery, Route, RouteClientCert};
+use crate::dedupe::RecentDeliveries;
 use crate::edge::{self, HeaderIdentityError, TrustedProxies};
 use crate::forward::{self, ForwardError, Upstream};
 use crate::gate::signature::Signer;
 use crate::gate::{challenge, Verdict};
 use crate::metrics::{Metrics, RouteLabel};
+use crate::spool::{
+    outcome_for_status, Accepted, Deliver, DeliveryOutcome, NewEvent, Spool, StoredEvent,
+};
 use crate::tls::{HandshakeFailure, PeerIdentity};
 
 /// A route with its secrets keyed and ready.
@@ -67,7 +71,7 @@ struct ConnInfo {
     identity: Option<PeerIdentity>,
     opened: Instant,
     activity: Activity,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 }
 
 /// Everything built from one configuration, validated before use: the TLS acceptor, keyed
@@ -139,6 +143,10 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// Settings fixed at start: a reload that changes them is told to restart.
     started_with: Config,
+    /// The durable spool, open for the process's life when any route spools.
+    pub(crate) spool: Option<Spool>,
+    /// Bodies sync routes delivered recently (kept across reloads).
+    recent: RecentDeliveries,
 }
 
 impl Shared {
@@ -154,6 +162,7 @@ pub struct Running {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    delivery: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -176,7 +185,17 @@ impl Running {
     /// On error nothing changes. Settings that need a new socket (`server.listen`,
     /// `admin.listen`, `server.max_connections`) keep their old values, with a warning.
     pub fn reload(&self, config: Config) -> Result<(), crate::Error> {
-        let result = Prepared::new(config);
+        let result = Prepared::new(config).and_then(|p| {
+            let open = self.shared.spool.as_ref().map(|s| s.path());
+            let wanted = p.config.spool.as_ref().map(|s| s.path.as_path());
+            if open != wanted {
+                return Err(crate::Error::Reload(
+                    "[spool] can only change on restart (the spool stays open while serving)"
+                        .into(),
+                ));
+            }
+            Ok(p)
+        });
         self.shared.metrics.reload(result.is_ok());
         let prepared = result?;
         let old = &self.shared.started_with;
@@ -194,10 +213,17 @@ impl Running {
         Ok(())
     }
 
-    /// Stops accepting, lets in-flight requests finish within the drain deadline, and returns.
+    /// Stops accepting, lets in-flight requests finish within the drain deadline, lets spool
+    /// deliveries finish (or leaves them pending), closes the spool, and returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(delivery) = self.delivery {
+            let _ = delivery.await;
+        }
+        if let Some(spool) = &self.shared.spool {
+            spool.close().await;
+        }
     }
 
     /// Waits until the server stops (it only stops through `shutdown`).
@@ -218,12 +244,30 @@ pub async fn start(prepared: Prepared) -> Result<Running, crate::Error> {
     };
     let metrics = Arc::new(Metrics::new());
     metrics.set_certificates(&prepared.config);
+    let spool = match prepared.config.spool.clone() {
+        None => None,
+        Some(settings) => Some(
+            tokio::task::spawn_blocking(move || Spool::open(settings))
+                .await
+                .map_err(|e| crate::Error::Reload(format!("opening the spool: {e}")))??,
+        ),
+    };
+    let dedupe = prepared.config.sync_dedupe;
     let shared = Arc::new(Shared {
         started_with: prepared.config.clone(),
         current: ArcSwap::from_pointee(prepared),
         metrics,
+        spool,
+        recent: RecentDeliveries::new(dedupe.window, dedupe.max_entries),
     });
     let (stop, stopped) = watch::channel(false);
+    let delivery = shared.spool.as_ref().map(|spool| {
+        let deliver = SpoolDelivery {
+            shared: Arc::downgrade(&shared),
+            dead_letter_4xx: spool.settings().dead_letter_4xx,
+        };
+        spool.start_delivery(Arc::new(deliver), stopped.clone())
+    });
     let admin_addr = match admin {
         None => None,
         Some(l) => {
@@ -241,6 +285,7 @@ pub async fn start(prepared: Prepared) -> Result<Running, crate::Error> {
         shared,
         stop,
         task,
+        delivery,
     })
 }
 
@@ -275,7 +320,7 @@ async fn accept_loop(
             stream,
             peer,
             shared.current(),
-            shared.metrics.clone(),
+            shared.clone(),
             stopped.clone(),
         );
         tokio::spawn(
@@ -349,9 +394,10 @@ async fn serve_connection(
     mut stream: TcpStream,
     mut peer: SocketAddr,
     generation: Arc<Prepared>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let metrics = &shared.metrics;
     let settings = &generation.config.server;
     let state = &generation.state;
     if settings.proxy_protocol {
@@ -412,15 +458,15 @@ async fn serve_connection(
         identity,
         opened,
         activity: Activity::default(),
-        metrics,
+        shared: shared.clone(),
     });
     let service = {
         let conn = conn.clone();
         let state = generation.state.clone();
         service_fn(move |req| handle(state.clone(), conn.clone(), req))
     };
-    conn.metrics.connection_opened();
-    let _open = scopeguard(|| conn.metrics.connection_closed());
+    conn.shared.metrics.connection_opened();
+    let _open = scopeguard(|| conn.shared.metrics.connection_closed());
     let connection = generation.http.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
 
@@ -480,7 +526,8 @@ async fn handle(
         "request"
     );
     let label = route.map_or(&state.no_route_label, |r| &r.label);
-    conn.metrics
+    conn.shared
+        .metrics
         .request(label, &verdict, response.status().as_u16());
     Ok(response)
 }
@@ -538,9 +585,10 @@ async fn process(
                 Ok(b) => b,
                 Err(v) => return reject(v),
             };
-            if let Err(e) = route.signer.verify(&parts.headers, &body) {
-                return reject(Verdict::Signature(e));
-            }
+            let signed = match route.signer.verify(&parts.headers, &body) {
+                Ok(m) => m,
+                Err(e) => return reject(Verdict::Signature(e)),
+            };
             let inbound_xff = parts
                 .headers
                 .get("x-forwarded-for")
@@ -556,22 +604,36 @@ async fn process(
                 identity,
                 trusted: &state.trusted,
             };
-            let forward_started = Instant::now();
-            let forwarded = state
-                .upstream
-                .forward(&route.route.upstream, &parts, body, &client)
-                .await;
-            conn.metrics
-                .upstream_latency(&route.label, forward_started.elapsed());
-            match forwarded {
-                Ok(resp) => (Verdict::Forwarded(resp.status()), resp),
-                Err(e) => {
-                    warn!(route = %route.route.path, error = %e, "forwarding failed");
-                    reject(match e {
-                        ForwardError::Unreachable(_) => Verdict::UpstreamUnreachable,
-                        ForwardError::Timeout(_) => Verdict::UpstreamTimeout,
-                        ForwardError::BadResponse(_) => Verdict::UpstreamBadResponse,
-                    })
+            match route.route.delivery {
+                Delivery::Spool => spool(&conn.shared, route, &parts, body, &client).await,
+                Delivery::Sync => {
+                    let recent = &conn.shared.recent;
+                    if route.route.dedupe && recent.contains(&route.label, &signed.mac) {
+                        return ok_text(Verdict::Duplicate);
+                    }
+                    let forward_started = Instant::now();
+                    let forwarded = state
+                        .upstream
+                        .forward(&route.route.upstream, &parts, body, &client)
+                        .await;
+                    let elapsed = forward_started.elapsed();
+                    conn.shared.metrics.upstream_latency(&route.label, elapsed);
+                    match forwarded {
+                        Ok(resp) => {
+                            if route.route.dedupe && resp.status().is_success() {
+                                recent.insert(&route.label, &signed.mac);
+                            }
+                            (Verdict::Forwarded(resp.status()), resp)
+                        }
+                        Err(e) => {
+                            warn!(route = %route.route.path, error = %e, "forwarding failed");
+                            reject(match e {
+                                ForwardError::Unreachable(_) => Verdict::UpstreamUnreachable,
+                                ForwardError::Timeout(_) => Verdict::UpstreamTimeout,
+                                ForwardError::BadResponse(_) => Verdict::UpstreamBadResponse,
+                            })
+                        }
+                    }
                 }
             }
         }
@@ -581,6 +643,94 @@ async fn process(
                 .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
             (v, r)
         }
+    }
+}
+
+/// Stores an authenticated event durably (the 200 goes out only after the commit that holds
+/// it), or answers 503 so that Meta retries when it cannot be stored.
+async fn spool(
+    shared: &Shared,
+    route: &RouteState,
+    parts: &http::request::Parts,
+    body: Bytes,
+    client: &forward::Client<'_>,
+) -> (Verdict, Response<Full<Bytes>>) {
+    let Some(spool) = &shared.spool else {
+        // Validation makes this unreachable: a spool route needs [spool].
+        return reject(Verdict::SpoolError);
+    };
+    let headers = forward::upstream_headers(parts, client)
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    let event = NewEvent {
+        route: route.route.path.clone(),
+        body,
+        headers,
+        query: parts.uri.query().map(str::to_owned),
+        client_identity: client.identity.map(|i| i.cn.clone()),
+        received_at: std::time::SystemTime::now(),
+    };
+    match spool.accept(event).await {
+        Ok(Accepted::Stored(_)) => ok_text(Verdict::Spooled),
+        Ok(Accepted::Duplicate) => ok_text(Verdict::Duplicate),
+        Err(e) => {
+            warn!(route = %route.route.path, error = %e, "event not stored; answering 503 so that Meta retries");
+            reject(if e.is_full() {
+                Verdict::SpoolFull
+            } else {
+                Verdict::SpoolError
+            })
+        }
+    }
+}
+
+/// A 200 that hubgate answers itself (the event is stored, or was delivered before).
+fn ok_text(verdict: Verdict) -> (Verdict, Response<Full<Bytes>>) {
+    let mut r = Response::new(Full::new(Bytes::from_static(b"EVENT_RECEIVED\n")));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    (verdict, r)
+}
+
+/// Delivers spooled events through the current configuration's upstream client.
+struct SpoolDelivery {
+    /// Weak: the spool (inside `Shared`) owns the delivery task that owns this.
+    shared: std::sync::Weak<Shared>,
+    dead_letter_4xx: bool,
+}
+
+impl Deliver for SpoolDelivery {
+    fn deliver<'a>(
+        &'a self,
+        event: &'a StoredEvent,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = DeliveryOutcome> + Send + 'a>> {
+        Box::pin(async move {
+            let Some(shared) = self.shared.upgrade() else {
+                return DeliveryOutcome::Retry("shutting down".into());
+            };
+            let generation = shared.current();
+            let Some(route) = generation.state.routes.get(&event.route) else {
+                return DeliveryOutcome::Retry(format!("route {} is not configured", event.route));
+            };
+            let started = Instant::now();
+            let result = generation
+                .state
+                .upstream
+                .deliver_stored(&route.route.upstream, event)
+                .await;
+            shared
+                .metrics
+                .upstream_latency(&route.label, started.elapsed());
+            let outcome = match result {
+                Ok(status) => outcome_for_status(status, self.dead_letter_4xx),
+                Err(e) => DeliveryOutcome::Retry(e.to_string()),
+            };
+            shared.metrics.spool_delivery(&route.label, &outcome);
+            outcome
+        })
     }
 }
 

@@ -442,7 +442,9 @@ async fn resumed_session_keeps_the_verified_identity() {
         .unwrap();
     assert_eq!(first.status, 200);
     assert_eq!(first_kind, Some(rustls::HandshakeKind::Full));
-    let (second, second_kind) = raw_exchange_with(cfg, gate.addr, &request(&body))
+    // A different body: the same one again would be answered as a duplicate, not forwarded.
+    let second_body = [body.as_slice(), b" "].concat();
+    let (second, second_kind) = raw_exchange_with(cfg, gate.addr, &request(&second_body))
         .await
         .unwrap();
     assert_eq!(second.status, 200);

@@ -16,6 +16,14 @@ pub use signature::SignatureError;
 pub enum Verdict {
     /// Authenticated and relayed; carries the upstream's status.
     Forwarded(StatusCode),
+    /// Authenticated and durably stored for delivery (200).
+    Spooled,
+    /// Authenticated, and the same body was already accepted within the dedupe window (200).
+    Duplicate,
+    /// The spool could not store the event: disk or size cap full (503, Meta retries).
+    SpoolFull,
+    /// The spool could not store the event for another reason (503, Meta retries).
+    SpoolError,
     /// The verification GET was answered with the challenge.
     ChallengeAnswered,
     NotFound,
@@ -41,6 +49,8 @@ impl Verdict {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Forwarded(s) => *s,
+            Self::Spooled | Self::Duplicate => StatusCode::OK,
+            Self::SpoolFull | Self::SpoolError => StatusCode::SERVICE_UNAVAILABLE,
             Self::ChallengeAnswered => StatusCode::OK,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -61,6 +71,10 @@ impl Verdict {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Forwarded(_) => "forwarded",
+            Self::Spooled => "spooled",
+            Self::Duplicate => "duplicate",
+            Self::SpoolFull => "spool_full",
+            Self::SpoolError => "spool_error",
             Self::ChallengeAnswered => "challenge_ok",
             Self::NotFound => "no_route",
             Self::MethodNotAllowed => "bad_method",

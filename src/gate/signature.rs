@@ -55,6 +55,9 @@ pub struct SignatureMatch {
     pub algorithm: Algorithm,
     /// Index into the route's `app_secrets`: tells which secret of a rotation is in use.
     pub secret_index: usize,
+    /// The verified MAC (a SHA-1 MAC is zero-padded): identifies the body under that secret
+    /// without hashing it again, which is what in-memory de-duplication keys on.
+    pub mac: [u8; 32],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,12 +112,12 @@ impl Signer {
     ) -> Result<SignatureMatch, SignatureError> {
         if let Some(value) = single(headers, SHA256_HEADER)? {
             let digest = parse(value, "sha256=", 32)?;
-            return check(&self.sha256, &digest, body, Algorithm::Sha256);
+            return check(&self.sha256, &digest[..32], body, Algorithm::Sha256);
         }
         if let Some(macs) = &self.sha1 {
             if let Some(value) = single(headers, SHA1_HEADER)? {
                 let digest = parse(value, "sha1=", 20)?;
-                return check(macs, &digest, body, Algorithm::Sha1);
+                return check(macs, &digest[..20], body, Algorithm::Sha1);
             }
         }
         Err(SignatureError::Missing)
@@ -132,9 +135,12 @@ fn check<M: Mac + Clone>(
         mac.update(body);
         // `verify_slice` compares in constant time.
         if mac.verify_slice(digest).is_ok() {
+            let mut verified = [0u8; 32];
+            verified[..digest.len()].copy_from_slice(digest);
             return Ok(SignatureMatch {
                 algorithm,
                 secret_index,
+                mac: verified,
             });
         }
     }
@@ -152,7 +158,8 @@ fn single<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h [u8]>, Si
     Ok(Some(first.as_bytes()))
 }
 
-fn parse(value: &[u8], prefix: &str, len: usize) -> Result<Vec<u8>, SignatureError> {
+/// Decodes `<prefix><hex>` into the first `len` bytes of a fixed buffer (no allocation).
+fn parse(value: &[u8], prefix: &str, len: usize) -> Result<[u8; 32], SignatureError> {
     let value = value.trim_ascii();
     if value.is_empty() {
         return Err(SignatureError::Empty);
@@ -167,7 +174,9 @@ fn parse(value: &[u8], prefix: &str, len: usize) -> Result<Vec<u8>, SignatureErr
             SignatureError::NotHex
         });
     }
-    hex::decode(hex_part).map_err(|_| SignatureError::NotHex)
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out[..len]).map_err(|_| SignatureError::NotHex)?;
+    Ok(out)
 }
 
 #[cfg(test)]
