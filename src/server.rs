@@ -589,16 +589,19 @@ async fn process(
                 Ok(m) => m,
                 Err(e) => return reject(Verdict::Signature(e)),
             };
-            let inbound_xff = parts
+            // Several X-Forwarded-For lines are one list (RFC 9110 §5.3): keep every hop.
+            let inbound_xff: Vec<&str> = parts
                 .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok());
-            let forwarded_for = match inbound_xff {
-                Some(chain) if from_proxy && state.trusted.forwarded_for => {
-                    format!("{chain}, {peer_ip}")
-                }
-                _ => peer_ip.to_string(),
-            };
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let forwarded_for =
+                if from_proxy && state.trusted.forwarded_for && !inbound_xff.is_empty() {
+                    format!("{}, {peer_ip}", inbound_xff.join(", "))
+                } else {
+                    peer_ip.to_string()
+                };
             let client = forward::Client {
                 forwarded_for,
                 identity,

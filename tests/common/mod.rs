@@ -826,3 +826,335 @@ pub fn closed_port() -> (tokio::net::TcpSocket, SocketAddr) {
 pub fn hubgate_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_hubgate"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Operations: extra PKI pieces, admin and raw-socket clients, the binary as a child process
+// ---------------------------------------------------------------------------------------------
+
+/// Standard base64 (with padding), for writing PEM by hand.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// One DER certificate as a PEM block.
+pub fn cert_pem(der: &[u8]) -> String {
+    let b64 = base64(der);
+    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(line).unwrap());
+        s.push('\n');
+    }
+    s.push_str("-----END CERTIFICATE-----\n");
+    s
+}
+
+impl ClientCert {
+    /// The chain (leaf first) as concatenated PEM blocks.
+    pub fn chain_pem(&self) -> String {
+        self.chain.iter().map(|c| cert_pem(c.as_ref())).collect()
+    }
+}
+
+impl Pki {
+    /// A new server certificate (127.0.0.1, localhost) under the intermediate with the given
+    /// serial number (keep the first byte below 0x80), written as `chain_name` (leaf +
+    /// intermediate) and `key_name`.
+    pub fn server_cert_with_serial(&self, serial: &[u8], chain_name: &str, key_name: &str) {
+        let mut sp =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        sp.distinguished_name = rcgen::DistinguishedName::new();
+        sp.distinguished_name
+            .push(DnType::CommonName, "hubgate test server (reissued)");
+        sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        sp.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        sp.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        sp.not_after = rcgen::date_time_ymd(2090, 1, 1);
+        sp.use_authority_key_identifier_extension = true;
+        sp.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        let key = KeyPair::generate().unwrap();
+        let cert = sp.signed_by(&key, &self.intermediate).unwrap();
+        self.write(
+            chain_name,
+            &format!("{}{}", cert.pem(), self.intermediate.pem()),
+        );
+        self.write(key_name, &key.serialize_pem());
+    }
+}
+
+/// A second, independent client CA (root + intermediate) with its own names.
+pub struct OtherCa {
+    root: Ca,
+    intermediate: Ca,
+}
+
+impl OtherCa {
+    pub fn new(name: &str) -> OtherCa {
+        let root = new_root(&format!("{name} root"));
+        let intermediate = new_intermediate(&format!("{name} intermediate"), &root);
+        OtherCa { root, intermediate }
+    }
+
+    pub fn root_pem(&self) -> String {
+        self.root.pem()
+    }
+
+    /// A leaf issued by this CA's intermediate, chain = [leaf, intermediate].
+    pub fn client(&self, spec: &LeafSpec) -> ClientCert {
+        let key = KeyPair::generate().unwrap();
+        let leaf = spec.params().signed_by(&key, &self.intermediate).unwrap();
+        ClientCert {
+            chain: vec![leaf.der().clone(), self.intermediate.der().clone()],
+            key_pkcs8: key.serialize_der(),
+        }
+    }
+}
+
+/// The serial number (DER integer content bytes) of the certificate the server at `addr`
+/// presents on a fresh TLS connection.
+pub async fn server_serial(
+    pki: &Pki,
+    identity: Option<&ClientCert>,
+    addr: SocketAddr,
+) -> std::io::Result<Vec<u8>> {
+    let cfg = Arc::new(tls_client_config(pki, identity, Proto::H1, false));
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("127.0.0.1").unwrap().to_owned();
+    let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake"))??;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("server certificate")
+        .clone();
+    let _ = tls.shutdown().await;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).expect("server cert DER");
+    Ok(cert.tbs_certificate.raw_serial().to_vec())
+}
+
+/// Sends `request` over TLS on an already connected socket (after whatever the caller wrote to
+/// it first, e.g. a PROXY protocol header) and reads until the server closes the connection.
+pub async fn raw_exchange_on(
+    cfg: Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+    request: &[u8],
+) -> std::io::Result<RawResponse> {
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let name = ServerName::try_from("127.0.0.1").unwrap().to_owned();
+    let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake"))??;
+    tls.write_all(request).await?;
+    tls.flush().await?;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match tls.read(&mut chunk).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) if !buf.is_empty() => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))??;
+    parse_raw(&buf)
+}
+
+/// A signed HTTP/1.1 POST of `body` to `/webhook`, with extra header lines (each ending in
+/// `\r\n`), closing the connection after the response.
+pub fn signed_post_request(host: &str, body: &[u8], extra_headers: &str) -> Vec<u8> {
+    let mut request = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{SIG}: {}\r\n{extra_headers}Connection: close\r\n\r\n",
+        body.len(),
+        sign(SECRET, body)
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// `GET path` on a plain-HTTP (admin) listener: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        tcp.read_to_end(&mut buf).await?;
+        let r = parse_raw(&buf)?;
+        Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
+/// Removes ANSI colour sequences (`ESC [ … letter`) from a log line.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `hubgate` binary as a child process, its stderr collected line by line (ANSI stripped).
+/// Dropping it kills the process.
+pub struct Hubgate {
+    pub child: std::process::Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hubgate {
+    /// Spawns the binary with `args`, every inherited `HUBGATE_*` variable removed, `RUST_LOG`
+    /// set to `info`, and `env` added; the working directory is `cwd`.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Hubgate {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(hubgate_bin());
+        cmd.args(args)
+            .current_dir(cwd)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("HUBGATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn hubgate");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(strip_ansi(&line));
+            }
+        });
+        Hubgate { child, logs }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Sends a signal with `kill -SIG PID`.
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{sig}"), self.pid()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Everything logged so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn log_count(&self) -> usize {
+        self.logs.lock().unwrap().len()
+    }
+
+    /// Waits (bounded) for a log line at index `from` or later containing `needle`; returns
+    /// the line's index and text. Panics with the log on timeout.
+    pub async fn wait_log(&self, from: usize, needle: &str, within: Duration) -> (usize, String) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            {
+                let logs = self.logs.lock().unwrap();
+                if let Some((i, l)) = logs
+                    .iter()
+                    .enumerate()
+                    .skip(from)
+                    .find(|(_, l)| l.contains(needle))
+                {
+                    return (i, l.clone());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "no log line containing {needle:?} within {within:?}; log:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The address logged as `KEY=ADDR` in the first line containing `needle`.
+    pub async fn logged_addr(&self, needle: &str, key: &str) -> SocketAddr {
+        let (_, line) = self.wait_log(0, needle, Duration::from_secs(10)).await;
+        let token = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in {line:?}"));
+        token
+            .trim_matches('"')
+            .parse()
+            .unwrap_or_else(|_| panic!("bad address in {line:?}"))
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits (bounded) for the process to exit; `None` on timeout.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Hubgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
