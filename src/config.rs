@@ -545,6 +545,16 @@ fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
     })
 }
 
+/// Parses an environment value as the TOML key's enum would be (`"optional"`, `"spool"`…).
+fn env_enum<T: serde::de::DeserializeOwned>(var: &str, value: &str) -> Result<T, ConfigError> {
+    use serde::de::value::{Error, StrDeserializer};
+    T::deserialize(StrDeserializer::<Error>::new(value)).map_err(|e| ConfigError {
+        file: "environment".into(),
+        key: var.to_owned(),
+        message: e.to_string(),
+    })
+}
+
 /// Applies `HUBGATE_*` variables to the raw configuration; returns which keys they set.
 fn overlay_env(
     raw: &mut RawConfig,
@@ -605,17 +615,7 @@ fn overlay_env(
     }
     let ca = raw.client_auth.get_or_insert_with(Default::default);
     if let Some(v) = take("HUBGATE_CLIENT_AUTH", "client_auth.mode") {
-        ca.mode = Some(match v.as_str() {
-            "require" => ClientAuthMode::Require,
-            "optional" => ClientAuthMode::Optional,
-            "off" => ClientAuthMode::Off,
-            _ => {
-                return Err(env_err(
-                    "HUBGATE_CLIENT_AUTH",
-                    format!("`{v}` is not one of require, optional, off"),
-                ))
-            }
-        });
+        ca.mode = Some(env_enum("HUBGATE_CLIENT_AUTH", &v)?);
     }
     if let Some(v) = take("HUBGATE_CLIENT_ROOTS", "client_auth.roots") {
         ca.roots = Some(OneOrMany::Many(list(v).into_iter().map(abs).collect()));
@@ -659,45 +659,19 @@ fn overlay_env(
                 .collect()
         }),
     };
-    let legacy_sha1 = match take("HUBGATE_LEGACY_SHA1", "route[0].legacy_sha1") {
-        None => None,
-        Some(v) => Some(match v.as_str() {
-            "true" | "1" => true,
-            "false" | "0" => false,
-            _ => {
-                return Err(env_err(
-                    "HUBGATE_LEGACY_SHA1",
-                    format!("`{v}` is not true or false"),
-                ))
-            }
-        }),
-    };
-    let client_cert = match take("HUBGATE_CLIENT_CERT", "route[0].client_cert") {
-        None => None,
-        Some(v) => Some(match v.as_str() {
-            "required" => RouteClientCert::Required,
-            "none" => RouteClientCert::None,
-            _ => {
-                return Err(env_err(
-                    "HUBGATE_CLIENT_CERT",
-                    format!("`{v}` is not one of required, none"),
-                ))
-            }
-        }),
-    };
-    let delivery = match take("HUBGATE_DELIVERY", "route[0].delivery") {
-        None => None,
-        Some(v) => Some(match v.as_str() {
-            "sync" => Delivery::Sync,
-            "spool" => Delivery::Spool,
-            _ => {
-                return Err(env_err(
-                    "HUBGATE_DELIVERY",
-                    format!("`{v}` is not one of sync, spool"),
-                ))
-            }
-        }),
-    };
+    let legacy_sha1 =
+        match take("HUBGATE_LEGACY_SHA1", "route[0].legacy_sha1") {
+            None => None,
+            Some(v) => Some(v.parse::<bool>().map_err(|_| {
+                env_err("HUBGATE_LEGACY_SHA1", format!("`{v}` is not true or false"))
+            })?),
+        };
+    let client_cert = take("HUBGATE_CLIENT_CERT", "route[0].client_cert")
+        .map(|v| env_enum("HUBGATE_CLIENT_CERT", &v))
+        .transpose()?;
+    let delivery = take("HUBGATE_DELIVERY", "route[0].delivery")
+        .map(|v| env_enum("HUBGATE_DELIVERY", &v))
+        .transpose()?;
     let any_route_var = delivery.is_some()
         || path.is_some()
         || upstream.is_some()
