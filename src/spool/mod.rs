@@ -384,6 +384,7 @@ impl Spool {
             key,
         };
         let weight = prepared.body.len();
+        let size = (prepared.body.len() + prepared.headers.len()) as u64;
         let result = writer::call(&self.inner.tx, weight, true, move |ctx, conn| {
             let window = store::duration_ms(ctx.settings.dedupe_window);
             let dedupe = window > 0;
@@ -391,8 +392,16 @@ impl Spool {
                 if let Some(at) = store::dedupe_lookup(conn, &prepared.key)? {
                     if ctx.now.saturating_sub(at) < window {
                         ctx.delta.duplicates += 1;
-                        return Ok(Accepted::Duplicate);
+                        return Ok(Ok(Accepted::Duplicate));
                     }
+                }
+            }
+            // The size cap refuses this event only; the rest of the batch commits.
+            if let Some(max) = ctx.settings.max_size_bytes {
+                if store::used_bytes(conn)? + size > max {
+                    return Ok(Err(SpoolError::Full {
+                        path: ctx.settings.path.clone(),
+                    }));
                 }
             }
             let id = store::insert_event(conn, &prepared, ctx.now, dedupe)?;
@@ -401,9 +410,10 @@ impl Spool {
             }
             ctx.stored = true;
             ctx.delta.accepted += 1;
-            Ok(Accepted::Stored(id))
+            Ok(Ok(Accepted::Stored(id)))
         })
-        .await;
+        .await
+        .and_then(|accepted| accepted);
         let stats = &self.inner.shared.stats;
         match &result {
             Err(SpoolError::Full { .. }) => {

@@ -323,16 +323,9 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     }
     // Keep the WAL file from staying huge after a burst of large bodies.
     pragma(&conn, "PRAGMA journal_size_limit = 67108864").map_err(oe)?;
-    if let Some(max) = settings.max_size_bytes {
-        let page: i64 = conn
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(oe)?;
-        let pages = i64::try_from(max)
-            .unwrap_or(i64::MAX)
-            .div_euclid(page.max(512))
-            .max(1);
-        pragma(&conn, &format!("PRAGMA max_page_count = {pages}")).map_err(oe)?;
-    }
+    // `max_size_bytes` is enforced by the accept job alone (see `used_bytes`), not with
+    // `max_page_count`: a cap on every write would also stop the delivery bookkeeping that
+    // frees space, and a full spool could never drain.
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(oe)?;
@@ -407,6 +400,13 @@ pub(crate) fn dedupe_lookup(conn: &Connection, key: &[u8; 32]) -> rusqlite::Resu
 }
 
 /// Inserts a pending event due now and records its key; returns its id.
+/// Bytes the database holds in live pages (its size less the free list).
+pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
+    let live = pragma("page_count")? - pragma("freelist_count")?;
+    Ok(u64::try_from(live.max(0) * pragma("page_size")?).unwrap_or(0))
+}
+
 pub(crate) fn insert_event(
     conn: &Connection,
     e: &Prepared,
