@@ -508,21 +508,28 @@ async fn handle(
     let started = Instant::now();
     let _in_flight = InFlight::enter(&conn);
     let method = req.method().clone();
+    // The client: the TCP (or PROXY protocol) peer, or what a trusted proxy reports.
+    let client_ip = state.trusted.client_address(conn.peer.ip(), req.headers());
     let route = state.routes.get(req.uri().path());
+    let mut header_cn = None;
     let (verdict, response) = match route {
         None => reject(Verdict::NotFound),
-        Some(route) => process(&state, route, &conn, req).await,
+        Some(route) => process(&state, route, &conn, client_ip, &mut header_cn, req).await,
     };
+    let client_cn = header_cn
+        .as_deref()
+        .or(conn.identity.as_ref().map(|i| i.cn.as_str()));
     info!(
         target: "hubgate::access",
         peer = %conn.peer,
+        client = %client_ip,
         route = route.map(|r| r.route.path.as_str()).unwrap_or("-"),
         method = %method,
         verdict = verdict.label(),
         reason = verdict.reason(),
         status = response.status().as_u16(),
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-        client_cn = conn.identity.as_ref().map(|i| i.cn.as_str()).unwrap_or("-"),
+        client_cn = client_cn.unwrap_or("-"),
         "request"
     );
     let label = route.map_or(&state.no_route_label, |r| &r.label);
@@ -532,16 +539,19 @@ async fn handle(
     Ok(response)
 }
 
+/// The request flow for a known route. `header_cn` receives the CN a trusted proxy reported,
+/// for the log line.
 async fn process(
     state: &State,
     route: &RouteState,
     conn: &ConnInfo,
+    client_ip: std::net::IpAddr,
+    header_cn: &mut Option<String>,
     req: Request<Incoming>,
 ) -> (Verdict, Response<Full<Bytes>>) {
     // Who the client is: the TLS peer, or what a trusted proxy says about it.
     let peer_ip = conn.peer.ip();
     let from_proxy = state.trusted.trusts(peer_ip);
-    let client_ip = state.trusted.client_address(peer_ip, req.headers());
     if from_proxy && client_ip != peer_ip && !state.source_allowed(client_ip) {
         return reject(Verdict::SourceNotAllowed);
     }
@@ -559,6 +569,7 @@ async fn process(
     } else {
         None
     };
+    *header_cn = header_identity.as_ref().map(|i| i.cn.clone());
     let identity = header_identity.as_ref().or(conn.identity.as_ref());
     if route.route.client_cert == RouteClientCert::Required && identity.is_none() {
         return reject(Verdict::ClientCertRequired);
