@@ -84,7 +84,7 @@ pub struct SpoolSettings {
     pub dedupe_window: Duration,
     /// How long after acceptance (or a replay) failed deliveries are retried. Default 36 h.
     pub retry_horizon: Duration,
-    /// Deliveries running at once per route. Default 4; 1 keeps strict acceptance order while
+    /// Deliveries running at once per route. Default 16; 1 keeps strict acceptance order while
     /// the backend succeeds.
     pub max_concurrency_per_route: usize,
     /// The first retry's nominal delay. Default 1 s.
@@ -114,7 +114,7 @@ impl SpoolSettings {
             path: path.into(),
             dedupe_window: Duration::from_secs(36 * 3600),
             retry_horizon: Duration::from_secs(36 * 3600),
-            max_concurrency_per_route: 4,
+            max_concurrency_per_route: 16,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             dead_letter_4xx: true,

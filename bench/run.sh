@@ -1,0 +1,401 @@
+#!/usr/bin/env bash
+# hubgate vs HAProxy vs nginx+njs, on loopback, each doing the whole Meta-webhook job:
+# mTLS with a verified chain, Meta's CN, the hub.challenge GET, X-Hub-Signature-256 over the
+# raw body, forwarding to the same trivial upstream. See bench/README.md.
+#
+#   bench/run.sh            # full run, ~12 minutes
+#   bench/run.sh --quick    # ~3 minutes
+#
+# Options: --quick, --reps N, --duration S, --warmup S, --no-build, --no-install,
+#          --systems "haproxy nginx hubgate". Environment: BENCH_PORT_BASE (default 28440).
+# Output: the markdown report on stdout and in bench/results/latest.md; raw JSON lines in
+# bench/results/latest.jsonl. Work files (PKI, configs, logs) in bench/work/.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+WORK="$BENCH_DIR/work"
+RESULTS_DIR="$BENCH_DIR/results"
+
+MODE=full
+REPS=5
+DURATION=6
+WARMUP=2
+IDLE_REPS=3
+IDLE_HOLD=3
+READY_REPS=5
+MICRO_MS=900
+BUILD=1
+INSTALL=1
+SYSTEMS="haproxy nginx hubgate"
+CONNS=50         # keep-alive connections, each one request at a time
+NEWCONN_CONNS=50 # concurrent new-connection clients
+IDLE_CONNS=1000
+SPOOL_DRAIN=30   # seconds at most to wait after a spool run until everything is delivered
+BUDGET_S=$((15 * 60))
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick)
+      MODE=quick REPS=3 DURATION=2 WARMUP=1 IDLE_REPS=2 IDLE_HOLD=2 READY_REPS=3 MICRO_MS=300
+      SPOOL_DRAIN=15
+      BUDGET_S=$((4 * 60))
+      ;;
+    --reps) REPS=$2; shift ;;
+    --duration) DURATION=$2; shift ;;
+    --warmup) WARMUP=$2; shift ;;
+    --no-build) BUILD=0 ;;
+    --no-install) INSTALL=0 ;;
+    --systems) SYSTEMS=$2; shift ;;
+    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+T_START=$(date +%s)
+log() { printf '[bench %4ss] %s\n' "$(($(date +%s) - T_START))" "$*" >&2; }
+over_budget() { [ $(($(date +%s) - T_START)) -ge "${1:-$BUDGET_S}" ]; }
+
+if [ "$(nproc)" -lt 2 ]; then
+  echo "bench: needs at least 2 cores (systems on core 0, load generator on core 1)" >&2
+  exit 1
+fi
+
+# --- packages -----------------------------------------------------------------------------
+NJS_MODULE=/usr/lib/nginx/modules/ngx_http_js_module.so
+if [ "$INSTALL" = 1 ]; then
+  need=()
+  command -v haproxy >/dev/null || need+=(haproxy)
+  command -v nginx >/dev/null || need+=(nginx)
+  [ -f "$NJS_MODULE" ] || need+=(libnginx-mod-http-js)
+  command -v openssl >/dev/null || need+=(openssl)
+  command -v taskset >/dev/null || need+=(util-linux)
+  command -v ss >/dev/null || need+=(iproute2)
+  command -v strip >/dev/null || need+=(binutils)
+  if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]} from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    apt-get install -y -q "${need[@]}" >&2
+  fi
+fi
+for tool in haproxy nginx openssl taskset ss; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing" >&2; exit 1; }
+done
+[ -f "$NJS_MODULE" ] || { echo "bench: $NJS_MODULE is missing (libnginx-mod-http-js)" >&2; exit 1; }
+
+# --- build ---------------------------------------------------------------------------------
+if [ "$BUILD" = 1 ]; then
+  log "cargo build --release --bins --examples"
+  (cd "$ROOT" && cargo build --release --bins --examples >&2)
+fi
+HUBGATE="$ROOT/target/release/hubgate"
+LOADGEN="$ROOT/target/release/examples/loadgen"
+UPSTREAM="$ROOT/target/release/examples/upstream"
+MICROBENCH="$ROOT/target/release/examples/microbench"
+for b in "$HUBGATE" "$LOADGEN" "$UPSTREAM" "$MICROBENCH"; do
+  [ -x "$b" ] || { echo "bench: $b is missing (cargo build --release --bins --examples)" >&2; exit 1; }
+done
+T_START=$(date +%s) # the time budget counts from here: installing and building are not timed
+
+# --- ports -----------------------------------------------------------------------------------
+port_busy() { ss -Htln "sport = :$1" | grep -q .; }
+BASE=${BENCH_PORT_BASE:-28440}
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  busy=0
+  for off in 1 2 3 4 10; do port_busy $((BASE + off)) && busy=1; done
+  [ $busy = 0 ] && break
+  BASE=$((BASE + 100))
+done
+[ $busy = 0 ] || { echo "bench: no free ports found near ${BENCH_PORT_BASE:-28440}" >&2; exit 1; }
+declare -A PORT=([haproxy]=$((BASE + 1)) [nginx]=$((BASE + 2)) [hubgate]=$((BASE + 3)) [hubgate-spool]=$((BASE + 4)))
+UPSTREAM_ADDR="127.0.0.1:$((BASE + 10))"
+
+# --- work folder, PKI, configs ------------------------------------------------------------------
+rm -rf "$WORK"
+mkdir -p "$WORK" "$RESULTS_DIR"
+log "generating the test PKI (RSA 2048)"
+"$BENCH_DIR/pki.sh" "$WORK/pki"
+PKI="$WORK/pki"
+TOKEN="bench-verify-token-$RANDOM$RANDOM"
+SECRET="bench-app-secret-$RANDOM$RANDOM$RANDOM"
+SECRET_B64=$(printf '%s' "$SECRET" | base64 -w0)
+CN=client.webhooks.fbclientcerts.com
+
+render() { # TEMPLATE PORT > OUT
+  sed -e "s|@WORK@|$WORK|g" -e "s|@PKI@|$PKI|g" -e "s|@PORT@|$2|g" \
+    -e "s|@UPSTREAM_ADDR@|$UPSTREAM_ADDR|g" -e "s|@TOKEN@|$TOKEN|g" \
+    -e "s|@SECRET_B64@|$SECRET_B64|g" -e "s|@SECRET@|$SECRET|g" \
+    -e "s|@CN_RE@|${CN//./\\\\.}|g" -e "s|@CN@|$CN|g" -e "s|@NJS_MODULE@|$NJS_MODULE|g" "$1"
+}
+render "$BENCH_DIR/conf/haproxy.cfg.tmpl" "${PORT[haproxy]}" >"$WORK/haproxy.cfg"
+render "$BENCH_DIR/conf/nginx.conf.tmpl" "${PORT[nginx]}" >"$WORK/nginx.conf"
+render "$BENCH_DIR/conf/meta.js.tmpl" 0 >"$WORK/meta.js"
+render "$BENCH_DIR/conf/hubgate.toml.tmpl" "${PORT[hubgate]}" >"$WORK/hubgate.toml"
+render "$BENCH_DIR/conf/hubgate-spool.toml.tmpl" "${PORT[hubgate-spool]}" >"$WORK/hubgate-spool.toml"
+mkdir -p "$WORK/spool"
+haproxy -c -q -f "$WORK/haproxy.cfg" >&2
+nginx -q -t -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" >&2
+"$HUBGATE" check --config "$WORK/hubgate.toml" >/dev/null
+# hubgate's spool delivery (durable acceptance) is timed too, as an extra hubgate-only row,
+# when this build of hubgate has it.
+SPOOL=0
+case " $SYSTEMS " in
+  *" hubgate "*)
+    if "$HUBGATE" check --config "$WORK/hubgate-spool.toml" >/dev/null 2>&1; then
+      SPOOL=1
+    else
+      log "this hubgate has no spool delivery: the spool row stays a placeholder"
+    fi
+    ;;
+esac
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+# Command lines: every system on core 0 with one worker; access logs off for all three.
+sys_cmd() {
+  case "$1" in
+    haproxy) echo "taskset -c 0 haproxy -db -f $WORK/haproxy.cfg" ;;
+    nginx) echo "taskset -c 0 nginx -c $WORK/nginx.conf -p $WORK -e $WORK/nginx-error.log" ;;
+    hubgate) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate.toml" ;;
+    hubgate-spool) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate-spool.toml" ;;
+  esac
+}
+
+declare -A PID=()
+UPSTREAM_PID=
+cleanup() {
+  for p in "${PID[@]}" $UPSTREAM_PID; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PID[@]}" $UPSTREAM_PID; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { # PORT -> waits up to 10 s for a listener
+  for _ in $(seq 200); do port_busy "$1" && return 0; sleep 0.05; done
+  return 1
+}
+
+start_sys() {
+  local s=$1
+  # shellcheck disable=SC2046
+  $(sys_cmd "$s") >>"$WORK/$s.log" 2>&1 &
+  PID[$s]=$!
+  wait_port "${PORT[$s]}" || { log "$s did not start (see $WORK/$s.log)"; return 1; }
+}
+
+stop_sys() {
+  local s=$1 p=${PID[$1]:-}
+  [ -n "$p" ] || return 0
+  kill -TERM "$p" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+  kill -KILL "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  unset "PID[$s]"
+  for _ in $(seq 100); do port_busy "${PORT[$s]}" || break; sleep 0.05; done
+}
+
+# The processes whose CPU/RSS count: the system's pid and its children (nginx's worker).
+sys_pids() {
+  local p=${PID[$1]} kids
+  kids=$(pgrep -P "$p" | paste -sd, -)
+  echo "$p${kids:+,$kids}"
+}
+
+LG() { timeout 120 taskset -c 1 "$LOADGEN" "$@"; }
+
+# The machine may be shared: before a timed run, wait (bounded) for other work to calm down.
+# Between runs our own processes are idle, so the machine's busy share is other work's.
+QUIET_PCT=${BENCH_QUIET_PCT:-20}
+QUIET_WAIT_PER_RUN=8     # seconds at most before one run
+QUIET_WAIT_TOTAL=$((BUDGET_S / 10)) # seconds at most over the whole benchmark
+QUIET_WAITED=0
+busy_pct() { # machine-wide busy % over 0.5 s
+  local a b
+  read -r -a a < <(grep '^cpu ' /proc/stat)
+  sleep 0.5
+  read -r -a b < <(grep '^cpu ' /proc/stat)
+  local busy=$(((b[1] + b[2] + b[3] + b[6] + b[7] + b[8]) - (a[1] + a[2] + a[3] + a[6] + a[7] + a[8])))
+  local idle=$(((b[4] + b[5]) - (a[4] + a[5])))
+  echo $((busy * 100 / (busy + idle + 1)))
+}
+wait_quiet() {
+  local start=$SECONDS pct
+  while :; do
+    pct=$(busy_pct)
+    [ "$pct" -le "$QUIET_PCT" ] && break
+    if [ $((SECONDS - start)) -ge $QUIET_WAIT_PER_RUN ] || [ $((QUIET_WAITED + SECONDS - start)) -ge $QUIET_WAIT_TOTAL ]; then
+      log "machine busy with other work (${pct}% of all cores): running anyway"
+      break
+    fi
+  done
+  QUIET_WAITED=$((QUIET_WAITED + SECONDS - start))
+}
+common() { # SYSTEM -> target arguments
+  echo "--addr 127.0.0.1:${PORT[$1]} --pki $PKI --secret $SECRET --verify-token $TOKEN --label system=$1"
+}
+
+RESULTS="$RESULTS_DIR/latest.jsonl"
+: >"$RESULTS"
+
+json_escape() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '%s' "${s//$'\n'/ }"; }
+
+# --- upstream and systems ------------------------------------------------------------------------
+log "starting the upstream on core 1 ($UPSTREAM_ADDR) and the systems on core 0"
+taskset -c 1 "$UPSTREAM" --listen "$UPSTREAM_ADDR" --max-seconds $((BUDGET_S + 300)) \
+  >"$WORK/upstream.log" 2>&1 &
+UPSTREAM_PID=$!
+wait_port "${UPSTREAM_ADDR##*:}" || { log "the upstream did not start"; exit 1; }
+
+read -r -a SYS_LIST <<<"$SYSTEMS"
+RUN_LIST=("${SYS_LIST[@]}")
+[ "$SPOOL" = 1 ] && RUN_LIST+=(hubgate-spool)
+for s in "${RUN_LIST[@]}"; do start_sys "$s" || true; done
+sleep 0.5
+
+hubgate_threads="not running"
+if [ -n "${PID[hubgate]:-}" ]; then
+  hp=${PID[hubgate]}
+  workers=$(cat /proc/"$hp"/task/*/comm 2>/dev/null | grep -c '^tokio-r' || true)
+  total=$(ls /proc/"$hp"/task | wc -l)
+  hubgate_threads="$workers tokio worker thread(s), $total threads in all"
+  log "hubgate runs with $hubgate_threads"
+fi
+
+# --- admission checks ------------------------------------------------------------------------------
+PASSED=()
+SPOOL_OK=0
+for s in "${RUN_LIST[@]}"; do
+  log "checking that $s does the whole job"
+  extra=""
+  [ "$s" = hubgate-spool ] && extra="--deferred --upstream-addr $UPSTREAM_ADDR"
+  # shellcheck disable=SC2046
+  if [ -n "${PID[$s]:-}" ] && LG check $(common "$s") $extra >>"$RESULTS" 2>"$WORK/check-$s.txt"; then
+    if [ "$s" = hubgate-spool ]; then SPOOL_OK=1; else PASSED+=("$s"); fi
+  else
+    [ -n "${PID[$s]:-}" ] || echo "{\"kind\":\"check\",\"system\":\"$s\",\"ok\":false,\"failed\":\"did not start\"}" >>"$RESULTS"
+    log "$s FAILED the admission checks, it will not be timed:"
+    sed 's/^/    /' "$WORK/check-$s.txt" >&2
+  fi
+done
+
+# --- load scenarios (interleaved: repetition i of every system back to back) --------------------------
+scenario_args() {
+  case "$1" in
+    ka1k) echo "--mode post --body-bytes 1024 --connections $CONNS" ;;
+    ka64k) echo "--mode post --body-bytes 65536 --connections $CONNS" ;;
+    newconn) echo "--mode post --body-bytes 1024 --new-conn --connections $NEWCONN_CONNS" ;;
+    get) echo "--mode get --connections $CONNS" ;;
+    spool1k) echo "--mode post --body-bytes 1024 --connections $CONNS --drain-wait $SPOOL_DRAIN" ;;
+  esac
+}
+n=${#PASSED[@]}
+for rep in $(seq "$REPS"); do
+  for sc in ka1k ka64k newconn get; do
+    for i in $(seq 0 $((n - 1))); do
+      s=${PASSED[$(((i + rep - 1) % n))]} # rotate the order each repetition
+      # Leave time for the idle, ready and micro-benchmark phases.
+      if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping the rest"; break 3; fi
+      wait_quiet
+      log "rep $rep/$REPS  $sc  $s"
+      # shellcheck disable=SC2046
+      LG load $(common "$s") --label "scenario=$sc" --label "rep=$rep" $(scenario_args "$sc") \
+        --warmup "$WARMUP" --duration "$DURATION" --pids "$(sys_pids "$s")" \
+        --upstream-pid "$UPSTREAM_PID" --upstream-addr "$UPSTREAM_ADDR" >>"$RESULTS" \
+        || log "load run failed: $s $sc rep $rep"
+    done
+  done
+  if [ "$SPOOL_OK" = 1 ] && ! over_budget $((BUDGET_S * 4 / 5)); then
+    s=hubgate-spool
+    wait_quiet
+    log "rep $rep/$REPS  spool1k  $s"
+    # shellcheck disable=SC2046
+    LG load $(common "$s") --label "scenario=spool1k" --label "rep=$rep" $(scenario_args spool1k) \
+      --warmup "$WARMUP" --duration "$DURATION" --pids "$(sys_pids "$s")" \
+      --upstream-pid "$UPSTREAM_PID" --upstream-addr "$UPSTREAM_ADDR" >>"$RESULTS" \
+      || log "load run failed: $s spool1k rep $rep"
+  fi
+done
+for s in "${RUN_LIST[@]}"; do stop_sys "$s"; done
+
+# --- 1,000 idle mTLS connections, each system freshly started -------------------------------------------
+for rep in $(seq "$IDLE_REPS"); do
+  for s in "${PASSED[@]}"; do
+    if over_budget; then log "time budget reached: skipping idle runs"; break 2; fi
+    log "idle connections rep $rep/$IDLE_REPS  $s"
+    start_sys "$s" || continue
+    sleep 0.3
+    # shellcheck disable=SC2046
+    LG idle $(common "$s") --label "rep=$rep" --connections "$IDLE_CONNS" --hold "$IDLE_HOLD" \
+      --pids "$(sys_pids "$s")" >>"$RESULTS" || log "idle run failed: $s"
+    stop_sys "$s"
+  done
+done
+
+# --- start to ready ------------------------------------------------------------------------------------
+for rep in $(seq "$READY_REPS"); do
+  for s in "${PASSED[@]}"; do
+    if over_budget; then break 2; fi
+    # shellcheck disable=SC2046
+    LG ready $(common "$s") --label "rep=$rep" --timeout 15 -- $(sys_cmd "$s") >>"$RESULTS" \
+      || log "ready run failed: $s"
+    for _ in $(seq 100); do port_busy "${PORT[$s]}" || break; sleep 0.05; done
+  done
+done
+log "start-to-ready measured"
+
+# --- size on disk ---------------------------------------------------------------------------------------
+size_line() { # NAME FILE...: the files plus the non-libc shared libraries they load
+  local name=$1; shift
+  local -A seen=()
+  local bin=0 total=0 files=() f lib
+  bin=$(stat -L -c %s "$1")
+  for f in "$@"; do
+    seen[$(readlink -f "$f")]=1
+    files+=("$(basename "$f")")
+    for lib in $(ldd "$f" 2>/dev/null | awk '/=>/ {print $3}'); do
+      case "$(basename "$lib")" in
+        libc.so* | libm.so* | libpthread.so* | libdl.so* | librt.so* | ld-linux* | libresolv.so*) continue ;;
+      esac
+      seen[$(readlink -f "$lib")]=1
+    done
+  done
+  for f in "${!seen[@]}"; do total=$((total + $(stat -c %s "$f"))); done
+  local libs
+  libs=$(for f in "${!seen[@]}"; do basename "$f"; done | sort | paste -sd' ' -)
+  echo "{\"kind\":\"size\",\"system\":\"$name\",\"files\":\"$(json_escape "$libs")\",\"binary_bytes\":$bin,\"total_bytes\":$total}" >>"$RESULTS"
+}
+size_line haproxy "$(command -v haproxy)"
+size_line "nginx + njs" "$(command -v nginx)" "$NJS_MODULE"
+size_line "hubgate (as built)" "$HUBGATE"
+strip -o "$WORK/hubgate.stripped" "$HUBGATE"
+size_line "hubgate (stripped)" "$WORK/hubgate.stripped"
+
+# --- micro-benchmark ---------------------------------------------------------------------------------------
+log "micro-benchmark (core 0)"
+MICROBENCH_MS=$MICRO_MS timeout 120 taskset -c 0 "$MICROBENCH" --json >>"$RESULTS" || log "microbench failed"
+
+# --- report --------------------------------------------------------------------------------------------------
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
+machine="$(nproc) cores ($cpu), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r), $(. /etc/os-release && echo "$PRETTY_NAME")"
+njs=$(dpkg-query -W -f='${Version}' libnginx-mod-http-js 2>/dev/null || echo '?')
+rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')
+dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null | grep -q . && echo ' + uncommitted changes in src/' || true)
+[ "$BUILD" = 1 ] || dirty="$dirty; binary not rebuilt by this run, built $(date -u -r "$HUBGATE" '+%H:%M UTC')"
+versions="$(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |') with njs $njs, $("$HUBGATE" --version) (git $rev$dirty), $(openssl version | awk '{print "OpenSSL " $2}')"
+{
+  printf '{"kind":"meta","date":"%s","mode":"%s","reps":"%s","duration":"%s","warmup":"%s",' \
+    "$(date -u '+%Y-%m-%d %H:%M UTC')" "$MODE" "$REPS" "$DURATION" "$WARMUP"
+  printf '"connections":"%s","newconn_connections":"%s","systems":"%s","machine":"%s",' \
+    "$CONNS" "$NEWCONN_CONNS" "$(IFS=,; echo "${RUN_LIST[*]}")" "$(json_escape "$machine")"
+  printf '"versions":"%s","hubgate_threads":"%s","elapsed_s":"%s"}\n' \
+    "$(json_escape "$versions")" "$(json_escape "$hubgate_threads")" "$(($(date +%s) - T_START))"
+} >>"$RESULTS"
+
+rm -rf "$WORK/spool" # hundreds of MB of accepted test events
+"$LOADGEN" report --results "$RESULTS" --out "$RESULTS_DIR/latest.md"
+log "done in $(($(date +%s) - T_START)) s: $RESULTS_DIR/latest.md"
