@@ -15,20 +15,6 @@ use tokio::net::TcpStream;
 // Helpers local to this file
 // ---------------------------------------------------------------------------------------------
 
-/// Loads `toml` (written next to the PKI's files) and starts a gate from it.
-async fn start_toml(pki: &Pki, toml: &str) -> Gate {
-    let config = pki
-        .config(toml)
-        .unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
-    let running = hubgate::run(config)
-        .await
-        .unwrap_or_else(|e| panic!("gate did not start: {e}"));
-    Gate {
-        addr: running.local_addr(),
-        running: Some(running),
-    }
-}
-
 fn running(gate: &Gate) -> &hubgate::Running {
     gate.running.as_ref().expect("gate is running")
 }
@@ -113,7 +99,9 @@ fn with_admin(cfg: &GateConfig) -> String {
 async fn metrics_count_forwarded_forged_challenge_and_refused_handshake() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &with_admin(&GateConfig::new(&up.url("/hook")))).await;
+    let gate = pki
+        .start_toml(&with_admin(&GateConfig::new(&up.url("/hook"))))
+        .await;
     let admin = running(&gate).admin_addr().expect("admin address");
     let http = client(&pki, Some(&pki.meta_client()));
 
@@ -167,7 +155,9 @@ async fn metrics_count_forwarded_forged_challenge_and_refused_handshake() {
 async fn metrics_report_certificate_expiry_of_server_cert_and_anchor() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &with_admin(&GateConfig::new(&up.url("/hook")))).await;
+    let gate = pki
+        .start_toml(&with_admin(&GateConfig::new(&up.url("/hook"))))
+        .await;
     let admin = running(&gate).admin_addr().unwrap();
     let (status, metrics) = http_get(admin, "/metrics").await.unwrap();
     assert_eq!(status, 200);
@@ -203,7 +193,9 @@ async fn metrics_report_certificate_expiry_of_server_cert_and_anchor() {
 async fn admin_answers_health_and_readiness_and_404_elsewhere() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &with_admin(&GateConfig::new(&up.url("/hook")))).await;
+    let gate = pki
+        .start_toml(&with_admin(&GateConfig::new(&up.url("/hook"))))
+        .await;
     let admin = running(&gate).admin_addr().unwrap();
     assert_ne!(admin, gate.addr);
     assert_eq!(http_get(admin, "/healthz").await.unwrap().0, 200);
@@ -216,7 +208,9 @@ async fn admin_answers_health_and_readiness_and_404_elsewhere() {
 async fn webhook_port_and_admin_port_serve_only_their_own_paths() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &with_admin(&GateConfig::new(&up.url("/hook")))).await;
+    let gate = pki
+        .start_toml(&with_admin(&GateConfig::new(&up.url("/hook"))))
+        .await;
     let admin = running(&gate).admin_addr().unwrap();
     let http = client(&pki, Some(&pki.meta_client()));
     for path in ["/metrics", "/healthz", "/readyz"] {
@@ -657,7 +651,9 @@ fn no_amzn_headers(r: &Recorded) {
 async fn alb_subject_from_a_trusted_proxy_admits_and_becomes_xfcc() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "127.0.0.1/32", "alb", "")).await;
+    let gate = pki
+        .start_toml(&proxied(&up, "127.0.0.1/32", "alb", ""))
+        .await;
     let http = client(&pki, None);
     let resp = post_with_headers(&http, &gate, &[(ALB_SUBJECT, META_SUBJECT)]).await;
     assert_eq!(resp.status(), 200);
@@ -673,7 +669,9 @@ async fn alb_subject_from_a_trusted_proxy_admits_and_becomes_xfcc() {
 async fn alb_subject_with_a_wrong_cn_is_refused() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "127.0.0.1/32", "alb", "")).await;
+    let gate = pki
+        .start_toml(&proxied(&up, "127.0.0.1/32", "alb", ""))
+        .await;
     let http = client(&pki, None);
     let resp =
         post_with_headers(&http, &gate, &[(ALB_SUBJECT, "CN=evil.example.com,O=Meta")]).await;
@@ -686,7 +684,7 @@ async fn alb_subject_with_a_wrong_cn_is_refused() {
 async fn identity_headers_from_an_untrusted_peer_do_not_stand_in_for_a_certificate() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "10.0.0.0/8", "alb", "")).await;
+    let gate = pki.start_toml(&proxied(&up, "10.0.0.0/8", "alb", "")).await;
     let http = client(&pki, None);
     let resp = post_with_headers(&http, &gate, &[(ALB_SUBJECT, META_SUBJECT)]).await;
     assert_eq!(resp.status(), 403);
@@ -698,7 +696,7 @@ async fn identity_headers_from_an_untrusted_peer_do_not_stand_in_for_a_certifica
 async fn untrusted_peer_gets_its_own_xfcc_and_xff_whatever_it_sends() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "10.0.0.0/8", "alb", "")).await;
+    let gate = pki.start_toml(&proxied(&up, "10.0.0.0/8", "alb", "")).await;
     let cert = pki.meta_client();
     let http = client(&pki, Some(&cert));
     let resp = post_with_headers(
@@ -730,7 +728,9 @@ async fn untrusted_peer_gets_its_own_xfcc_and_xff_whatever_it_sends() {
 async fn trusted_proxy_forwarded_for_is_extended_with_the_proxy_address() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "127.0.0.1/32", "alb", "")).await;
+    let gate = pki
+        .start_toml(&proxied(&up, "127.0.0.1/32", "alb", ""))
+        .await;
     let http = client(&pki, None);
     let resp = post_with_headers(
         &http,
@@ -754,7 +754,9 @@ async fn trusted_proxy_forwarded_for_keeps_every_header_line() {
     // taken from all of them, so the list passed on must hold all of them too.
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "127.0.0.1/32", "alb", "")).await;
+    let gate = pki
+        .start_toml(&proxied(&up, "127.0.0.1/32", "alb", ""))
+        .await;
     let http = client(&pki, None);
     let resp = post_with_headers(
         &http,
@@ -782,7 +784,9 @@ fn url_encoded_chain(cert: &ClientCert) -> String {
 async fn alb_passthrough_chain_is_verified_and_hashed() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "127.0.0.1/32", "alb-passthrough", "")).await;
+    let gate = pki
+        .start_toml(&proxied(&up, "127.0.0.1/32", "alb-passthrough", ""))
+        .await;
     let cert = pki.meta_client();
     let encoded = url_encoded_chain(&cert);
     let resp = post_with_headers(&client(&pki, None), &gate, &[(ALB_CERT, &encoded)]).await;
@@ -803,7 +807,9 @@ async fn alb_passthrough_chain_is_verified_and_hashed() {
 async fn alb_passthrough_untrusted_or_wrong_cn_chain_is_refused() {
     let pki = Pki::new();
     let up = Upstream::start().await;
-    let gate = start_toml(&pki, &proxied(&up, "127.0.0.1/32", "alb-passthrough", "")).await;
+    let gate = pki
+        .start_toml(&proxied(&up, "127.0.0.1/32", "alb-passthrough", ""))
+        .await;
     let http = client(&pki, None);
     for bad in [
         pki.untrusted_client(&LeafSpec::cn(META_CN)),
@@ -827,7 +833,7 @@ async fn allow_sources_applies_to_the_client_address_a_trusted_proxy_forwards() 
         "alb",
         "allow_sources = [\"31.13.0.0/16\"]\n",
     );
-    let gate = start_toml(&pki, &toml).await;
+    let gate = pki.start_toml(&toml).await;
     let http = client(&pki, None);
     let allowed = post_with_headers(
         &http,
@@ -861,7 +867,7 @@ async fn proxy_protocol_gate(pki: &Pki, up: &Upstream, server_extra: &str) -> Ga
         "{}\n[trusted_proxies]\ncidrs = [\"127.0.0.1/32\"]\n",
         cfg.to_toml()
     );
-    start_toml(pki, &toml).await
+    pki.start_toml(&toml).await
 }
 
 /// Connects, writes `header`, then runs a signed POST over TLS on the same socket.
@@ -953,7 +959,7 @@ async fn proxy_header_from_an_untrusted_address_is_refused() {
         "{}\n[trusted_proxies]\ncidrs = [\"10.0.0.0/8\"]\n",
         cfg.to_toml()
     );
-    let gate = start_toml(&pki, &toml).await;
+    let gate = pki.start_toml(&toml).await;
     let result =
         post_after_proxy_header(&pki, &gate, b"PROXY TCP4 31.13.1.1 127.0.0.1 5555 443\r\n").await;
     assert!(result.is_err(), "got {result:?}");

@@ -206,19 +206,6 @@ fn spool_toml(cfg: &GateConfig, extra: &str) -> String {
     t
 }
 
-async fn start_toml(pki: &Pki, toml: &str) -> Gate {
-    let config = pki
-        .config(toml)
-        .unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
-    let running = hubgate::run(config)
-        .await
-        .unwrap_or_else(|e| panic!("gate did not start: {e}"));
-    Gate {
-        addr: running.local_addr(),
-        running: Some(running),
-    }
-}
-
 struct Setup {
     pki: Pki,
     gate: Gate,
@@ -240,7 +227,7 @@ impl Setup {
     async fn with_toml(toml: impl FnOnce(&Pki) -> String) -> Setup {
         let pki = Pki::new();
         let toml = toml(&pki);
-        let gate = start_toml(&pki, &toml).await;
+        let gate = pki.start_toml(&toml).await;
         let cert = pki.meta_client();
         let http = client(&pki, Some(&cert));
         Setup {
@@ -934,7 +921,7 @@ async fn restart_resumes_pending_events() {
     );
 
     let backend = Backend::listen_on(socket);
-    let gate = start_toml(&s.pki, &toml).await;
+    let gate = s.pki.start_toml(&toml).await;
     eventually(
         WITHIN,
         || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
@@ -964,7 +951,7 @@ async fn duplicate_after_restart_is_still_suppressed() {
     .await;
     s.gate.shutdown().await;
 
-    s.gate = start_toml(&s.pki, &toml).await;
+    s.gate = s.pki.start_toml(&toml).await;
     s.post_acked(&body).await;
     let other = event_body("persist", 2);
     s.post_acked(&other).await;

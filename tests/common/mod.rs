@@ -287,9 +287,13 @@ impl Pki {
 
     /// Loads the configuration and starts a gate on 127.0.0.1:0.
     pub async fn start(&self, cfg: &GateConfig) -> Gate {
-        let toml = cfg.to_toml();
+        self.start_toml(&cfg.to_toml()).await
+    }
+
+    /// Loads `toml` (written next to the PKI's files) and starts a gate from it.
+    pub async fn start_toml(&self, toml: &str) -> Gate {
         let config = self
-            .config(&toml)
+            .config(toml)
             .unwrap_or_else(|e| panic!("config rejected: {e}\n{toml}"));
         let running = hubgate::run(config)
             .await
