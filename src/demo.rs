@@ -39,18 +39,17 @@ pub async fn run(listen: SocketAddr, exit_after_selftest: bool) -> Result<()> {
     let addr = gate.local_addr();
 
     banner(&dir, addr);
-    let ok = selftest(&pki, addr).await?;
-    if !ok {
-        gate.shutdown().await;
+    let ok = selftest(&pki, addr).await;
+    if matches!(ok, Ok(true)) && !exit_after_selftest {
+        print_curl(&dir, addr);
+        tokio::signal::ctrl_c().await.ok();
+    }
+    gate.shutdown().await;
+    // The throwaway keys and config go with the demo.
+    let _ = std::fs::remove_dir_all(&dir);
+    if !ok? {
         bail!("the self-test failed (see above)");
     }
-    if exit_after_selftest {
-        gate.shutdown().await;
-        return Ok(());
-    }
-    print_curl(&dir, addr);
-    tokio::signal::ctrl_c().await.ok();
-    gate.shutdown().await;
     Ok(())
 }
 

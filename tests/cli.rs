@@ -281,3 +281,36 @@ async fn sign_output_is_accepted_by_the_gate() {
     assert_eq!(resp.status(), 200);
     assert_eq!(up.only().body, body);
 }
+
+#[test]
+fn demo_plays_meta_against_itself_and_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().to_str().unwrap();
+    let out = hubgate(
+        &["demo", "--listen", "127.0.0.1:0", "--exit-after-selftest"],
+        b"",
+        &[("TMPDIR", tmpdir)],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("  PASS ").count(), 6, "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(stdout.contains("NOT FOR PRODUCTION"), "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "the demo left files behind: {left:?}");
+}
+
+#[test]
+fn demo_refuses_a_non_loopback_address() {
+    let out = hubgate(
+        &["demo", "--listen", "0.0.0.0:0", "--exit-after-selftest"],
+        b"",
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
