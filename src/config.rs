@@ -174,6 +174,7 @@ struct RawServer {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     max_body_bytes: Option<u64>,
+    max_buffered_bytes: Option<u64>,
     handshake_timeout: Option<String>,
     header_timeout: Option<String>,
     body_timeout: Option<String>,
@@ -253,6 +254,8 @@ pub struct ServerSettings {
     pub cert_chain: Vec<CertificateDer<'static>>,
     pub key: std::sync::Arc<PrivateKeyDer<'static>>,
     pub max_body_bytes: usize,
+    /// Request body bytes held in memory at once across all connections.
+    pub max_buffered_bytes: u64,
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -788,6 +791,13 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
         }
         Some(list) => Some(cidrs(cx, "server.allow_sources", &list)?),
     };
+    let max_buffered_bytes = s.max_buffered_bytes.unwrap_or(256 * 1024 * 1024);
+    if max_buffered_bytes < max_body_bytes as u64 {
+        return Err(cx.err(
+            "server.max_buffered_bytes",
+            format!("must be at least server.max_body_bytes ({max_body_bytes})"),
+        ));
+    }
     let server = ServerSettings {
         listen,
         cert_path,
@@ -795,6 +805,7 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
         cert_chain,
         key: std::sync::Arc::new(key),
         max_body_bytes,
+        max_buffered_bytes,
         handshake_timeout: cx.duration(
             "server.handshake_timeout",
             s.handshake_timeout.as_deref(),

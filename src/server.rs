@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
@@ -120,7 +120,7 @@ impl Prepared {
             .keep_alive(true);
         http.http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(256)
+            .max_concurrent_streams(100)
             .keep_alive_interval(Duration::from_secs(30));
         Ok(Prepared {
             acceptor: TlsAcceptor::from(tls),
@@ -147,6 +147,8 @@ pub(crate) struct Shared {
     pub(crate) spool: Option<Spool>,
     /// Bodies sync routes delivered recently (kept across reloads).
     recent: RecentDeliveries,
+    /// Request body bytes held in memory at once, in KiB permits (`server.max_buffered_bytes`).
+    body_budget: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -253,12 +255,16 @@ pub async fn start(prepared: Prepared) -> Result<Running, crate::Error> {
         ),
     };
     let dedupe = prepared.config.sync_dedupe;
+    let budget_kib = usize::try_from(prepared.config.server.max_buffered_bytes.div_ceil(1024))
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS);
     let shared = Arc::new(Shared {
         started_with: prepared.config.clone(),
         current: ArcSwap::from_pointee(prepared),
         metrics,
         spool,
         recent: RecentDeliveries::new(dedupe.window, dedupe.max_entries),
+        body_budget: Arc::new(Semaphore::new(budget_kib)),
     });
     let (stop, stopped) = watch::channel(false);
     let delivery = shared.spool.as_ref().map(|spool| {
@@ -592,7 +598,8 @@ async fn process(
         },
         Method::POST => {
             let (parts, body) = req.into_parts();
-            let body = match read_body(state, &parts.headers, body).await {
+            let budget = &conn.shared.body_budget;
+            let (body, _reserved) = match read_body(state, budget, &parts.headers, body).await {
                 Ok(b) => b,
                 Err(v) => return reject(v),
             };
@@ -750,11 +757,16 @@ impl Deliver for SpoolDelivery {
 
 /// Reads the whole body within the size limit and deadline. A declared `Content-Length` over
 /// the limit is refused before a byte of the body is read.
+///
+/// The body's bytes count against a process-wide budget (`server.max_buffered_bytes`) until
+/// the returned permit is dropped: many connections (or HTTP/2 streams) sending large bodies at
+/// once get 503 (Meta retries) instead of exhausting memory.
 async fn read_body(
     state: &State,
+    budget: &Arc<Semaphore>,
     headers: &http::HeaderMap,
     body: Incoming,
-) -> Result<Bytes, Verdict> {
+) -> Result<(Bytes, OwnedSemaphorePermit), Verdict> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -762,10 +774,17 @@ async fn read_body(
     if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
         return Err(Verdict::BodyTooLarge);
     }
+    // Reserve what the body may take: its declared length, or the limit when it has none.
+    let reserve = declared.unwrap_or(state.max_body_bytes as u64);
+    let kib = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let permit = budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| Verdict::Overloaded)?;
     let limited = Limited::new(body, state.max_body_bytes);
     match tokio::time::timeout(state.body_timeout, limited.collect()).await {
         Err(_) => Err(Verdict::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Ok(collected)) => Ok((collected.to_bytes(), permit)),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Verdict::BodyTooLarge),
         Ok(Err(_)) => Err(Verdict::BodyError),
     }

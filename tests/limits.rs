@@ -4,6 +4,7 @@
 mod common;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -432,4 +433,52 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     let text = String::from_utf8_lossy(&rest);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(s.up.only().body, body);
+}
+
+/// A body still arriving holds its share of `server.max_buffered_bytes`: with the whole budget
+/// reserved by one unfinished chunked body, the next POST gets 503 (Meta retries), and once that
+/// connection is gone the budget is free again.
+#[tokio::test]
+async fn buffered_body_budget_answers_503_when_exhausted() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup_with(Reply::default(), |c| {
+        c.server_extra = format!("max_buffered_bytes = {LIMIT}\n");
+    })
+    .await;
+    let cfg = Arc::new(tls_client_config(&s.pki, Some(&s.cert), Proto::H1, false));
+    let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n{SIG}: sha256=00\r\n\r\n4\r\nabcd\r\n",
+        s.gate.authority()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let client = client(&s.pki, Some(&s.cert));
+    let url = s.gate.url("/webhook");
+    let refused = post_signed(&client, &url, b"{\"n\":1}").await.unwrap();
+    assert_eq!(refused.status(), 503);
+    s.up.assert_nothing_received();
+
+    drop(tls);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = post_signed(&client, &url, b"{\"n\":2}").await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the budget was not released: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.up.only().body, Bytes::from_static(b"{\"n\":2}"));
 }
