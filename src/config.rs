@@ -85,6 +85,26 @@ impl<'de> Deserialize<'de> for SecretSource {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretSource, E> {
                 Ok(SecretSource::Inline(v.to_owned()))
             }
+            // Numbers and booleans are refused without echoing them: the error message must
+            // never carry a secret.
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<SecretSource, E> {
+                Err(E::custom(
+                    "must be a quoted string (a number here would be printed in errors)",
+                ))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<SecretSource, E> {
+                Err(E::custom(
+                    "must be a quoted string (a number here would be printed in errors)",
+                ))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretSource, E> {
+                Err(E::custom(
+                    "must be a quoted string (a number here would be printed in errors)",
+                ))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretSource, E> {
+                Err(E::custom("must be a quoted string"))
+            }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
                 let Some(key) = map.next_key::<String>()? else {
                     return Err(de::Error::custom(
@@ -278,7 +298,7 @@ pub struct ClientAuth {
 }
 
 /// The in-memory de-duplication of sync routes: how long and how many keys are remembered.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncDedupe {
     pub window: Duration,
     pub max_entries: usize,

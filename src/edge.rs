@@ -59,11 +59,22 @@ impl TrustedProxies {
         contains(&self.cidrs, ip)
     }
 
-    /// Headers that carry identity or addresses; never forwarded as received.
+    /// Headers that carry identity or client addresses; never forwarded as received (the
+    /// backend gets hubgate's `X-Forwarded-For` and `X-Forwarded-Client-Cert` instead).
     pub fn is_identity_header(&self, name: &HeaderName) -> bool {
+        let n = name.as_str();
         name == ALB_SUBJECT
             || name == ALB_CERT
-            || name.as_str().starts_with("x-amzn-mtls-")
+            || n.starts_with("x-amzn-mtls-")
+            || n.starts_with("x-ssl-client-")
+            || matches!(
+                n,
+                "x-real-ip"
+                    | "true-client-ip"
+                    | "cf-connecting-ip"
+                    | "x-client-ip"
+                    | "x-cluster-client-ip"
+            )
             || match &self.identity {
                 IdentityHeader::None => false,
                 IdentityHeader::Subject(h) | IdentityHeader::Certificate(h) => h == name,
@@ -85,19 +96,27 @@ impl TrustedProxies {
             .map(str::trim)
             .collect::<Vec<_>>();
         for hop in hops.iter().rev() {
-            match hop.parse::<IpAddr>() {
-                Ok(ip) => {
+            match parse_hop(hop) {
+                Some(ip) => {
                     client = ip;
                     if !self.trusts(ip) {
                         break;
                     }
                 }
                 // An unparseable hop ends what can be believed.
-                Err(_) => break,
+                None => break,
             }
         }
         client
     }
+}
+
+/// An `X-Forwarded-For` hop: `1.2.3.4`, `1.2.3.4:443`, `2001:db8::1` or `[2001:db8::1]:443`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
 /// Whether `ip` is inside any of `cidrs` (IPv4-mapped IPv6 addresses count as IPv4).
@@ -139,9 +158,7 @@ pub fn identity_from_headers(
     match source {
         IdentityHeader::None => Ok(None),
         IdentityHeader::Subject(name) => {
-            let Some(value) = headers.get(name) else {
-                return Err(HeaderIdentityError::Missing);
-            };
+            let value = single(headers, name)?;
             let subject = value.to_str().map_err(|_| HeaderIdentityError::Malformed)?;
             let cn = single_cn(subject).ok_or(HeaderIdentityError::Malformed)?;
             if !allowed_cn.contains(&cn) {
@@ -154,9 +171,7 @@ pub fn identity_from_headers(
             }))
         }
         IdentityHeader::Certificate(name) => {
-            let Some(value) = headers.get(name) else {
-                return Err(HeaderIdentityError::Missing);
-            };
+            let value = single(headers, name)?;
             let pem: Vec<u8> = percent_encoding::percent_decode(value.as_bytes()).collect();
             let chain = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<Vec<_>, _>>()
@@ -181,6 +196,19 @@ pub fn identity_from_headers(
                 .ok_or(HeaderIdentityError::Malformed)
         }
     }
+}
+
+/// The header's one value: several copies mean a client's copy got past the proxy.
+fn single<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<&'h http::HeaderValue, HeaderIdentityError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next().ok_or(HeaderIdentityError::Missing)?;
+    if values.next().is_some() {
+        return Err(HeaderIdentityError::Malformed);
+    }
+    Ok(first)
 }
 
 /// The single `CN=` of an RFC 2253/4514 subject string (`CN=a,O=b`); `None` if none or several.

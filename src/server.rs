@@ -187,14 +187,20 @@ impl Running {
     /// On error nothing changes. Settings that need a new socket (`server.listen`,
     /// `admin.listen`, `server.max_connections`) keep their old values, with a warning.
     pub fn reload(&self, config: Config) -> Result<(), crate::Error> {
+        let started = &self.shared.started_with;
         let result = Prepared::new(config).and_then(|p| {
             let open = self.shared.spool.as_ref().map(|s| s.path());
             let wanted = p.config.spool.as_ref().map(|s| s.path.as_path());
             if open != wanted {
                 return Err(crate::Error::Reload(
-                    "[spool] can only change on restart (the spool stays open while serving)"
-                        .into(),
+                    "[spool] can only change on restart (the spool stays open while serving)".into(),
                 ));
+            }
+            if p.config.server.max_body_bytes as u64 > started.server.max_buffered_bytes {
+                return Err(crate::Error::Reload(format!(
+                    "server.max_body_bytes exceeds the running server.max_buffered_bytes ({}), which changes only on restart",
+                    started.server.max_buffered_bytes
+                )));
             }
             Ok(p)
         });
@@ -202,11 +208,22 @@ impl Running {
         let prepared = result?;
         let old = &self.shared.started_with;
         let new = &prepared.config;
-        if new.server.listen != old.server.listen
-            || new.admin != old.admin
-            || new.server.max_connections != old.server.max_connections
-        {
-            warn!("server.listen, admin.listen and server.max_connections change only on restart");
+        let fixed = [
+            ("server.listen", new.server.listen != old.server.listen),
+            ("admin.listen", new.admin != old.admin),
+            (
+                "server.max_connections",
+                new.server.max_connections != old.server.max_connections,
+            ),
+            (
+                "server.max_buffered_bytes",
+                new.server.max_buffered_bytes != old.server.max_buffered_bytes,
+            ),
+            ("[spool] settings", new.spool != old.spool),
+            ("[dedupe] sync settings", new.sync_dedupe != old.sync_dedupe),
+        ];
+        for (key, _) in fixed.iter().filter(|(_, changed)| *changed) {
+            warn!("{key} changed: it takes effect only on restart; the running value stays");
         }
         self.shared.metrics.set_certificates(new);
         let routes = new.routes.len();
@@ -481,13 +498,22 @@ async fn serve_connection(
     let idle = settings.idle_timeout;
     let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Once closing, a peer gets `drain_timeout` to take what is still being written: one
+    // that stops reading must not hold its connection (and its max_connections slot) forever.
     let mut closing = false;
+    let hard_stop = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(hard_stop);
     let result = loop {
         tokio::select! {
             r = connection.as_mut() => break r,
+            _ = &mut hard_stop, if closing => {
+                debug!("closing deadline passed; dropping the connection");
+                return;
+            }
             _ = stopped.changed(), if !closing => {
                 closing = true;
                 connection.as_mut().graceful_shutdown();
+                hard_stop.as_mut().reset(tokio::time::Instant::now() + settings.drain_timeout);
             }
             _ = tick.tick(), if !closing => {
                 let a = &conn.activity;
@@ -496,6 +522,7 @@ async fn serve_connection(
                     debug!("closing idle connection");
                     closing = true;
                     connection.as_mut().graceful_shutdown();
+                    hard_stop.as_mut().reset(tokio::time::Instant::now() + settings.drain_timeout);
                 }
             }
         }
@@ -558,7 +585,12 @@ async fn process(
     // Who the client is: the TLS peer, or what a trusted proxy says about it.
     let peer_ip = conn.peer.ip();
     let from_proxy = state.trusted.trusts(peer_ip);
-    if from_proxy && client_ip != peer_ip && !state.source_allowed(client_ip) {
+    // Behind a trusted proxy with an allow-list, the client must be known and allowed: no
+    // usable X-Forwarded-For hop (missing, unparseable, forwarded_for off) is a refusal.
+    if from_proxy
+        && state.allow_sources.is_some()
+        && (client_ip == peer_ip || !state.source_allowed(client_ip))
+    {
         return reject(Verdict::SourceNotAllowed);
     }
     let header_identity = if from_proxy {

@@ -190,3 +190,14 @@ fn unknown_key_is_rejected_and_named() {
     let err = load_err(&pki, &toml);
     assert!(err.to_string().contains("timeuot"), "{err}");
 }
+
+#[test]
+fn a_secret_given_as_a_number_is_refused_without_echoing_it() {
+    let pki = Pki::new();
+    let mut cfg = base();
+    cfg.route().verify_token = "918273645".into();
+    let err = load_err(&pki, &cfg.to_toml());
+    assert_eq!(err.key, "route[0].verify_token");
+    assert!(!err.to_string().contains("918273645"), "{err}");
+    assert!(err.message.contains("quoted string"), "{err}");
+}

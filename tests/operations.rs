@@ -1111,3 +1111,108 @@ async fn connection_is_not_closed_while_a_request_is_in_flight() {
     assert_eq!(keep_alive_post(&mut tls, &gate.authority()).await, 200);
     assert!(closed_within(&mut tls, Duration::from_secs(5)).await);
 }
+
+#[tokio::test]
+async fn allow_sources_refuses_a_proxied_request_whose_client_is_unknown() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let toml = proxied(
+        &up,
+        "127.0.0.1/32",
+        "alb",
+        "allow_sources = [\"31.13.0.0/16\"]\n",
+    );
+    let gate = pki.start_toml(&toml).await;
+    let http = client(&pki, None);
+    for xff in [None, Some("not-an-address"), Some("8.8.8.8:443")] {
+        let mut headers = vec![(ALB_SUBJECT, META_SUBJECT)];
+        if let Some(v) = xff {
+            headers.push(("x-forwarded-for", v));
+        }
+        let r = post_with_headers(&http, &gate, &headers).await;
+        assert_eq!(r.status(), 403, "X-Forwarded-For {xff:?}");
+    }
+    up.assert_nothing_received();
+    for hop in ["31.13.1.1:443", "[::ffff:31.13.1.2]:443"] {
+        let r = post_with_headers(
+            &http,
+            &gate,
+            &[(ALB_SUBJECT, META_SUBJECT), ("x-forwarded-for", hop)],
+        )
+        .await;
+        assert_eq!(r.status(), 200, "X-Forwarded-For {hop}");
+    }
+    assert_eq!(up.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn repeated_identity_header_from_a_trusted_proxy_is_refused() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let gate = pki
+        .start_toml(&proxied(&up, "127.0.0.1/32", "alb", ""))
+        .await;
+    let http = client(&pki, None);
+    let r = post_with_headers(
+        &http,
+        &gate,
+        &[(ALB_SUBJECT, META_SUBJECT), (ALB_SUBJECT, "CN=evil")],
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    up.assert_nothing_received();
+    assert!(metrics_text(&gate).contains("verdict=\"bad_identity_header\",status=\"403\"} 1"));
+}
+
+/// A client that pipelines requests and never reads the answers must not keep its connection
+/// (and its `max_connections` slot) once the gate closes it: `drain_timeout` bounds the wait.
+#[tokio::test]
+async fn connection_of_a_client_that_never_reads_is_dropped() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let mut cfg = GateConfig::new(&up.url("/hook"));
+    cfg.server_extra = "idle_timeout = \"1s\"\ndrain_timeout = \"1s\"\n".into();
+    let gate = pki.start(&cfg).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let tcp = socket.connect(gate.addr).await.unwrap();
+    let tls_cfg = Arc::new(tls_client_config(
+        &pki,
+        Some(&pki.meta_client()),
+        Proto::H1,
+        false,
+    ));
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(tls_cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    // Each answer echoes a 1,000-byte challenge: 20,000 of them are far more than the socket
+    // buffers on both sides hold.
+    let one = format!(
+        "GET /webhook?hub.mode=subscribe&hub.challenge={}&hub.verify_token={TOKEN} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        "7".repeat(1000),
+        gate.authority()
+    );
+    let many = one.repeat(20_000);
+    // The writes stall once the gate stops reading; they are never read back.
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.write_all(many.as_bytes())).await;
+        tls
+    });
+    let open = |text: &str| text.lines().any(|l| l == "hubgate_open_connections 1");
+    let seen_open = std::time::Instant::now() + Duration::from_secs(3);
+    while !open(&metrics_text(&gate)) {
+        assert!(std::time::Instant::now() < seen_open, "the connection never showed as open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while open(&metrics_text(&gate)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.abort();
+}

@@ -74,7 +74,7 @@ pub use store::{
 use writer::Msg;
 
 /// Everything the spool can be told. [`SpoolSettings::new`] gives the defaults.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpoolSettings {
     /// The database file. Its folder must exist and be writable; the file is created if need
     /// be. SQLite adds `<path>-wal` and `<path>-shm`, and the spool `<path>.lock`.
