@@ -1203,7 +1203,10 @@ async fn connection_of_a_client_that_never_reads_is_dropped() {
     let open = |text: &str| text.lines().any(|l| l == "hubgate_open_connections 1");
     let seen_open = std::time::Instant::now() + Duration::from_secs(3);
     while !open(&metrics_text(&gate)) {
-        assert!(std::time::Instant::now() < seen_open, "the connection never showed as open");
+        assert!(
+            std::time::Instant::now() < seen_open,
+            "the connection never showed as open"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(8);
