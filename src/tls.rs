@@ -219,6 +219,9 @@ pub fn server_config(
     let mut config = builder.with_single_cert(server.cert_chain.clone(), server.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = ServerSessionMemoryCache::new(4096);
+    // Each TLS 1.3 ticket is a cache entry holding the client's certificate chain; one per
+    // connection is all a client needs to resume (rustls' default sends two).
+    config.send_tls13_tickets = 1;
     config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
