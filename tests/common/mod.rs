@@ -593,10 +593,22 @@ pub async fn raw_exchange_with(
     addr: SocketAddr,
     request: &[u8],
 ) -> std::io::Result<(RawResponse, Option<rustls::HandshakeKind>)> {
-    let connector = tokio_rustls::TlsConnector::from(cfg);
     let tcp = TcpStream::connect(addr).await?;
+    exchange_on(cfg, tcp, request).await
+}
+
+/// TLS on `tcp`, one request, and the answer read until the server closes the connection;
+/// with the handshake kind (full or resumed).
+async fn exchange_on(
+    cfg: Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+    request: &[u8],
+) -> std::io::Result<(RawResponse, Option<rustls::HandshakeKind>)> {
+    let connector = tokio_rustls::TlsConnector::from(cfg);
     let name = ServerName::try_from("127.0.0.1").unwrap().to_owned();
-    let mut tls = connector.connect(name, tcp).await?;
+    let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake"))??;
     let kind = tls.get_ref().1.handshake_kind();
     tls.write_all(request).await?;
     tls.flush().await?;
@@ -963,29 +975,7 @@ pub async fn raw_exchange_on(
     tcp: TcpStream,
     request: &[u8],
 ) -> std::io::Result<RawResponse> {
-    let connector = tokio_rustls::TlsConnector::from(cfg);
-    let name = ServerName::try_from("127.0.0.1").unwrap().to_owned();
-    let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake"))??;
-    tls.write_all(request).await?;
-    tls.flush().await?;
-    let mut buf = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match tls.read(&mut chunk).await {
-                Ok(0) => return Ok(()),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(_) if !buf.is_empty() => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))??;
-    parse_raw(&buf)
+    Ok(exchange_on(cfg, tcp, request).await?.0)
 }
 
 /// A signed HTTP/1.1 POST of `body` to `/webhook`, with extra header lines (each ending in
