@@ -339,20 +339,17 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        // The permit moves into the connection's own future: wrapping that future in another
+        // async block would store it twice in the task (the captured value and the awaited one).
         let conn = serve_connection(
             stream,
             peer,
             shared.current(),
             shared.clone(),
             stopped.clone(),
+            permit,
         );
-        tokio::spawn(
-            async move {
-                conn.await;
-                drop(permit);
-            }
-            .instrument(tracing::info_span!("conn", %peer)),
-        );
+        tokio::spawn(conn.instrument(tracing::info_span!("conn", %peer)));
     }
 
     drop(listener);
@@ -419,6 +416,7 @@ async fn serve_connection(
     generation: Arc<Prepared>,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
 ) {
     let metrics = &shared.metrics;
     let settings = &generation.config.server;
