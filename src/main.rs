@@ -80,6 +80,11 @@ enum Command {
     },
 }
 
+/// mimalloc instead of glibc's malloc: measured on the benchmark's keep-alive and idle-connection
+/// scenarios, fewer CPU cycles per request and less memory per connection (README, Performance).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
