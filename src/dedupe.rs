@@ -7,7 +7,7 @@
 //! forgotten first; keys older than the window are forgotten too. Lost on restart: spool routes
 //! keep their keys on disk instead.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,9 @@ pub struct RecentDeliveries {
 
 #[derive(Default)]
 struct Inner {
-    seen: HashMap<Key, Instant>,
+    /// foldhash rather than SipHash: the keys are MACs under the app secret, which nobody
+    /// without the secret can choose, and the lookup is on every forwarded request.
+    seen: foldhash::HashMap<Key, Instant>,
     order: VecDeque<(Key, Instant)>,
 }
 

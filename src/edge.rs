@@ -164,11 +164,7 @@ pub fn identity_from_headers(
             if !allowed_cn.contains(&cn) {
                 return Err(HeaderIdentityError::CnNotAllowed);
             }
-            Ok(Some(PeerIdentity {
-                cn,
-                subject: subject.to_owned(),
-                sha256: None,
-            }))
+            Ok(Some(PeerIdentity::new(cn, subject.to_owned(), None)))
         }
         IdentityHeader::Certificate(name) => {
             let value = single(headers, name)?;

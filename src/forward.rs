@@ -52,7 +52,7 @@ pub enum ForwardError {
 /// What hubgate tells the backend about the client.
 pub struct Client<'a> {
     /// The `X-Forwarded-For` value to send.
-    pub forwarded_for: String,
+    pub forwarded_for: HeaderValue,
     /// The verified identity, from the TLS connection or a trusted proxy's header.
     pub identity: Option<&'a PeerIdentity>,
     /// Whose headers were believed; their identity headers are never forwarded as received.
@@ -264,9 +264,7 @@ pub fn upstream_headers(parts: &Parts, client: &Client<'_>) -> HeaderMap {
             out.append(name.clone(), value.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&client.forwarded_for) {
-        out.insert(XFF, v);
-    }
+    out.insert(XFF, client.forwarded_for.clone());
     out.insert(XFP, HeaderValue::from_static("https"));
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
@@ -278,8 +276,8 @@ pub fn upstream_headers(parts: &Parts, client: &Client<'_>) -> HeaderMap {
         out.insert(XFH, host);
     }
     if let Some(id) = client.identity {
-        if let Ok(v) = HeaderValue::from_str(&id.xfcc()) {
-            out.insert(XFCC, v);
+        if let Some(v) = id.xfcc() {
+            out.insert(XFCC, v.clone());
         }
     }
     out

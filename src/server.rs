@@ -68,6 +68,8 @@ impl State {
 /// What one connection knows about its peer.
 struct ConnInfo {
     peer: SocketAddr,
+    /// The peer's address as an `X-Forwarded-For` value.
+    peer_ip_header: HeaderValue,
     identity: Option<PeerIdentity>,
     opened: Instant,
     activity: Activity,
@@ -476,6 +478,8 @@ async fn serve_connection(
     let opened = Instant::now();
     let conn = Arc::new(ConnInfo {
         peer,
+        peer_ip_header: HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value"),
         identity,
         opened,
         activity: Activity::default(),
@@ -638,18 +642,22 @@ async fn process(
                 Err(e) => return reject(Verdict::Signature(e)),
             };
             // Several X-Forwarded-For lines are one list (RFC 9110 §5.3): keep every hop.
-            let inbound_xff: Vec<&str> = parts
-                .headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            let forwarded_for =
-                if from_proxy && state.trusted.forwarded_for && !inbound_xff.is_empty() {
-                    format!("{}, {peer_ip}", inbound_xff.join(", "))
-                } else {
-                    peer_ip.to_string()
-                };
+            let inbound_xff: Vec<&str> = if from_proxy && state.trusted.forwarded_for {
+                parts
+                    .headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let forwarded_for = if inbound_xff.is_empty() {
+                conn.peer_ip_header.clone()
+            } else {
+                HeaderValue::from_str(&format!("{}, {peer_ip}", inbound_xff.join(", ")))
+                    .unwrap_or_else(|_| conn.peer_ip_header.clone())
+            };
             let client = forward::Client {
                 forwarded_for,
                 identity,

@@ -349,26 +349,39 @@ pub struct PeerIdentity {
     /// SHA-256 of the leaf DER, lower-case hex; unknown when only a subject was passed on by a
     /// trusted proxy.
     pub sha256: Option<String>,
+    /// The `X-Forwarded-Client-Cert` value, built once rather than per forwarded request.
+    xfcc: Option<http::HeaderValue>,
 }
 
 impl PeerIdentity {
+    pub fn new(cn: String, subject: String, sha256: Option<String>) -> PeerIdentity {
+        let escaped = subject.replace('\\', "\\\\").replace('"', "\\\"");
+        let value = match &sha256 {
+            Some(hash) => format!("Hash={hash};Subject=\"{escaped}\""),
+            None => format!("Subject=\"{escaped}\""),
+        };
+        PeerIdentity {
+            cn,
+            subject,
+            sha256,
+            xfcc: http::HeaderValue::from_str(&value).ok(),
+        }
+    }
+
     /// Builds the identity from the verified leaf.
     pub fn from_leaf(der: &[u8]) -> Option<PeerIdentity> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        Some(PeerIdentity {
-            cn: single_common_name(der)?,
-            subject: rfc4514(cert.subject()),
-            sha256: Some(hex::encode(Sha256::digest(der))),
-        })
+        Some(PeerIdentity::new(
+            single_common_name(der)?,
+            rfc4514(cert.subject()),
+            Some(hex::encode(Sha256::digest(der))),
+        ))
     }
 
-    /// The value of an Envoy-style `X-Forwarded-Client-Cert` header.
-    pub fn xfcc(&self) -> String {
-        let escaped = self.subject.replace('\\', "\\\\").replace('"', "\\\"");
-        match &self.sha256 {
-            Some(hash) => format!("Hash={hash};Subject=\"{escaped}\""),
-            None => format!("Subject=\"{escaped}\""),
-        }
+    /// The value of an Envoy-style `X-Forwarded-Client-Cert` header (`None` if the subject
+    /// cannot be a header value).
+    pub fn xfcc(&self) -> Option<&http::HeaderValue> {
+        self.xfcc.as_ref()
     }
 }
 
@@ -506,13 +519,13 @@ mod tests {
 
     #[test]
     fn xfcc_quotes_subject() {
-        let id = PeerIdentity {
-            cn: "c".into(),
-            subject: "CN=c,O=Say \\\"hi\\\"".into(),
-            sha256: Some("ab".into()),
-        };
+        let id = PeerIdentity::new(
+            "c".into(),
+            "CN=c,O=Say \\\"hi\\\"".into(),
+            Some("ab".into()),
+        );
         assert_eq!(
-            id.xfcc(),
+            id.xfcc().unwrap(),
             "Hash=ab;Subject=\"CN=c,O=Say \\\\\\\"hi\\\\\\\"\""
         );
     }
