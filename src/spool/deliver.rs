@@ -132,22 +132,28 @@ impl Spool {
         outcome: DeliveryOutcome,
     ) -> Result<Disposition, SpoolError> {
         writer::call(&self.inner.tx, 0, false, move |ctx, conn| {
-            let Some((attempts, since)) = store::in_flight(conn, id)? else {
-                return Ok(Disposition::Stale);
-            };
             let now = ctx.now;
-            Ok(match outcome {
+            match outcome {
+                // The common case, in one statement.
                 DeliveryOutcome::Done => {
-                    store::delete_event(conn, id)?;
+                    if !store::delete_in_flight(conn, id)? {
+                        return Ok(Disposition::Stale);
+                    }
                     ctx.delta.delivered += 1;
-                    Disposition::Delivered
+                    Ok(Disposition::Delivered)
                 }
                 DeliveryOutcome::Permanent(msg) => {
+                    if store::in_flight(conn, id)?.is_none() {
+                        return Ok(Disposition::Stale);
+                    }
                     store::mark_dead(conn, id, &msg, now)?;
                     ctx.delta.dead_lettered += 1;
-                    Disposition::Dead(msg)
+                    Ok(Disposition::Dead(msg))
                 }
                 DeliveryOutcome::Retry(msg) => {
+                    let Some((attempts, since)) = store::in_flight(conn, id)? else {
+                        return Ok(Disposition::Stale);
+                    };
                     let horizon = ctx.settings.retry_horizon;
                     let deadline = since.saturating_add(store::duration_ms(horizon));
                     if now >= deadline {
@@ -157,7 +163,7 @@ impl Spool {
                         );
                         store::mark_dead(conn, id, &why, now)?;
                         ctx.delta.dead_lettered += 1;
-                        Disposition::Dead(why)
+                        Ok(Disposition::Dead(why))
                     } else {
                         let s = &ctx.settings;
                         let (base, max) = (s.backoff_base, s.backoff_max);
@@ -165,10 +171,10 @@ impl Spool {
                         let at = now.saturating_add(store::duration_ms(delay)).min(deadline);
                         store::reschedule(conn, id, at, &msg, now)?;
                         ctx.delta.retried += 1;
-                        Disposition::RetryAt(at)
+                        Ok(Disposition::RetryAt(at))
                     }
                 }
-            })
+            }
         })
         .await
     }

@@ -323,6 +323,11 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     }
     // Keep the WAL file from staying huge after a burst of large bodies.
     pragma(&conn, "PRAGMA journal_size_limit = 67108864").map_err(oe)?;
+    // Checkpoint when the WAL holds 64 MiB (16,384 pages) rather than SQLite's 4 MiB: an
+    // event's insert, claim and delete touch the same pages within moments, and a page is
+    // copied into the database once per checkpoint however often it changed (measured: 23.4 ->
+    // 20.4 KiB written per 1 KiB event under load). The WAL is truncated back to the limit above.
+    pragma(&conn, "PRAGMA wal_autocheckpoint = 16384").map_err(oe)?;
     // `max_size_bytes` is enforced by the accept job alone (see `used_bytes`), not with
     // `max_page_count`: a cap on every write would also stop the delivery bookkeeping that
     // frees space, and a full spool could never drain.
@@ -446,9 +451,6 @@ pub(crate) fn prune_dedupe(conn: &Connection, cutoff: i64) -> rusqlite::Result<u
     .execute(params![cutoff, DELETE_CHUNK])
 }
 
-const EVENT_COLUMNS: &str =
-    "id, route, received_ms, attempts, client_identity, query, headers, body";
-
 fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     let headers: Vec<u8> = r.get(6)?;
     let body: Vec<u8> = r.get(7)?;
@@ -465,7 +467,8 @@ fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 }
 
 /// Marks up to `limit` due pending events of `route` in flight, oldest due first (then by id),
-/// and returns them with `attempt` already counting this attempt.
+/// and returns them in that order with `attempt` already counting this attempt. One statement:
+/// the rows are updated and read back together.
 pub(crate) fn claim(
     conn: &Connection,
     route: &str,
@@ -473,28 +476,22 @@ pub(crate) fn claim(
     now: i64,
 ) -> rusqlite::Result<Vec<StoredEvent>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let ids: Vec<i64> = conn
+    // The columns of `stored_event`, then the due time to order by (RETURNING keeps no order).
+    let mut claimed: Vec<(i64, StoredEvent)> = conn
         .prepare_cached(
-            "SELECT id FROM events
-             WHERE state = 'pending' AND route = ?1 AND next_attempt_ms <= ?2
-             ORDER BY next_attempt_ms, id LIMIT ?3",
-        )?
-        .query_map(params![route, now, limit], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        conn.prepare_cached(
             "UPDATE events SET state = 'in_flight', attempts = attempts + 1, updated_ms = ?2
-             WHERE id = ?1",
+             WHERE id IN (SELECT id FROM events
+                          WHERE state = 'pending' AND route = ?1 AND next_attempt_ms <= ?2
+                          ORDER BY next_attempt_ms, id LIMIT ?3)
+             RETURNING id, route, received_ms, attempts, client_identity, query, headers, body,
+                       next_attempt_ms",
         )?
-        .execute(params![id, now])?;
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?1");
-        out.push(
-            conn.prepare_cached(&sql)?
-                .query_row(params![id], stored_event)?,
-        );
-    }
-    Ok(out)
+        .query_map(params![route, now, limit], |r| {
+            Ok((r.get(8)?, stored_event(r)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    claimed.sort_by_key(|(due, e)| (*due, e.id));
+    Ok(claimed.into_iter().map(|(_, e)| e).collect())
 }
 
 /// The earliest due time of `route`'s pending events.
@@ -519,11 +516,12 @@ pub(crate) fn in_flight(conn: &Connection, id: i64) -> rusqlite::Result<Option<(
     .optional()
 }
 
-/// Delivered: the row goes (its dedupe key stays).
-pub(crate) fn delete_event(conn: &Connection, id: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM events WHERE id = ?1")?
+/// Delivered: the row goes (its dedupe key stays). `false` if it was not in flight any more.
+pub(crate) fn delete_in_flight(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached("DELETE FROM events WHERE id = ?1 AND state = 'in_flight'")?
         .execute(params![id])?;
-    Ok(())
+    Ok(n > 0)
 }
 
 /// Back to pending, due at `next`, with the failure recorded.
@@ -944,6 +942,48 @@ impl SpoolOps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_takes_due_events_oldest_due_first_and_counts_the_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
+        let conn = &opened.conn;
+        let mut ids = Vec::new();
+        for n in 0..4u8 {
+            let e = Prepared {
+                route: "/w".to_owned(),
+                body: Bytes::from(vec![n]),
+                headers: Vec::new(),
+                query: None,
+                client_identity: None,
+                received_ms: 1,
+                key: [n; 32],
+            };
+            ids.push(insert_event(conn, &e, 100, true).unwrap());
+        }
+        // Due times: the last event first, then the first; the third is not due yet.
+        for (id, due) in [(ids[0], 50), (ids[1], 60), (ids[2], 500), (ids[3], 10)] {
+            conn.execute(
+                "UPDATE events SET next_attempt_ms = ?2 WHERE id = ?1",
+                params![id, due],
+            )
+            .unwrap();
+        }
+        let claimed = claim(conn, "/w", 10, 100).unwrap();
+        let got: Vec<(i64, u32)> = claimed.iter().map(|e| (e.id, e.attempt)).collect();
+        assert_eq!(got, vec![(ids[3], 1), (ids[0], 1), (ids[1], 1)]);
+        assert_eq!(&claimed[0].body[..], &[3]);
+        assert!(
+            claim(conn, "/w", 10, 100).unwrap().is_empty(),
+            "in flight now"
+        );
+        assert!(delete_in_flight(conn, ids[0]).unwrap());
+        assert!(!delete_in_flight(conn, ids[0]).unwrap(), "already gone");
+        assert!(
+            !delete_in_flight(conn, ids[2]).unwrap(),
+            "pending, not in flight"
+        );
+    }
 
     #[test]
     fn headers_round_trip() {
