@@ -13,12 +13,16 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::RouteLabel;
 
-type Key = (RouteLabel, [u8; 32]);
+/// 128 bits of the MAC, with the route folded in. Two different bodies (or routes) share a key
+/// with probability 2^-128; half the MAC keeps the table small enough to stay in cache.
+type Key = u128;
 
 /// The keys delivered recently.
 pub struct RecentDeliveries {
     window: Duration,
     max_entries: usize,
+    /// Times are milliseconds since this.
+    epoch: Instant,
     inner: Mutex<Inner>,
 }
 
@@ -26,8 +30,20 @@ pub struct RecentDeliveries {
 struct Inner {
     /// foldhash rather than SipHash: the keys are MACs under the app secret, which nobody
     /// without the secret can choose, and the lookup is on every forwarded request.
-    seen: foldhash::HashMap<Key, Instant>,
-    order: VecDeque<(Key, Instant)>,
+    seen: foldhash::HashMap<Key, u64>,
+    order: VecDeque<(Key, u64)>,
+}
+
+/// The route's path (FNV-1a: stable across restarts and reloads) mixed into the MAC's first
+/// 16 bytes: the same body signed with the same secret on two routes gives two keys.
+fn key(route: &RouteLabel, mac: &[u8; 32]) -> Key {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in route.as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut half = [0u8; 16];
+    half.copy_from_slice(&mac[..16]);
+    u128::from_le_bytes(half) ^ u128::from(h)
 }
 
 impl RecentDeliveries {
@@ -35,27 +51,39 @@ impl RecentDeliveries {
         RecentDeliveries {
             window,
             max_entries,
+            epoch: Instant::now(),
             inner: Mutex::new(Inner::default()),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn window_ms(&self) -> u64 {
+        u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Whether this route delivered a body with this MAC within the window.
     pub fn contains(&self, route: &RouteLabel, mac: &[u8; 32]) -> bool {
+        let key = key(route, mac);
+        let now = self.now_ms();
         let inner = self.inner.lock().expect("dedupe lock");
         inner
             .seen
-            .get(&(route.clone(), *mac))
-            .is_some_and(|at| at.elapsed() < self.window)
+            .get(&key)
+            .is_some_and(|at| now.saturating_sub(*at) < self.window_ms())
     }
 
     /// Remembers a delivered body.
     pub fn insert(&self, route: &RouteLabel, mac: &[u8; 32]) {
-        let now = Instant::now();
-        let key = (route.clone(), *mac);
+        let key = key(route, mac);
+        let now = self.now_ms();
+        let window = self.window_ms();
         let mut inner = self.inner.lock().expect("dedupe lock");
         // Forget what is too old or too many, oldest first.
         while let Some((_, at)) = inner.order.front() {
-            if now.duration_since(*at) < self.window && inner.order.len() < self.max_entries {
+            if now.saturating_sub(*at) < window && inner.order.len() < self.max_entries {
                 break;
             }
             let (old, at) = inner.order.pop_front().expect("front exists");
@@ -63,7 +91,7 @@ impl RecentDeliveries {
                 inner.seen.remove(&old);
             }
         }
-        inner.seen.insert(key.clone(), now);
+        inner.seen.insert(key, now);
         inner.order.push_back((key, now));
     }
 }
