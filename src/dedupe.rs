@@ -6,6 +6,10 @@
 //! secret without hashing it a second time. Bounded: at most `max_entries` keys, the oldest
 //! forgotten first; keys older than the window are forgotten too. Lost on restart: spool routes
 //! keep their keys on disk instead.
+//!
+//! The table is split into up to 16 shards, each with its own lock and its share of
+//! `max_entries`, so that worker threads forwarding at once do not queue on one lock. "Oldest
+//! first" holds within a shard; keys spread evenly (they are MACs), so the shards fill alike.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -20,11 +24,14 @@ type Key = u128;
 /// The keys delivered recently.
 pub struct RecentDeliveries {
     window: Duration,
+    /// Entries per shard.
     max_entries: usize,
     /// Times are milliseconds since this.
     epoch: Instant,
-    inner: Mutex<Inner>,
+    shards: Box<[Mutex<Inner>]>,
 }
+
+const MAX_SHARDS: usize = 16;
 
 #[derive(Default)]
 struct Inner {
@@ -48,12 +55,19 @@ fn key(route: &RouteLabel, mac: &[u8; 32]) -> Key {
 
 impl RecentDeliveries {
     pub fn new(window: Duration, max_entries: usize) -> RecentDeliveries {
+        let shards = max_entries.clamp(1, MAX_SHARDS);
         RecentDeliveries {
             window,
-            max_entries,
+            max_entries: (max_entries / shards).max(1),
             epoch: Instant::now(),
-            inner: Mutex::new(Inner::default()),
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
         }
+    }
+
+    fn shard(&self, key: Key) -> &Mutex<Inner> {
+        // The high bits: pure MAC, untouched by the route.
+        let i = (key >> 96) as usize % self.shards.len();
+        &self.shards[i]
     }
 
     fn now_ms(&self) -> u64 {
@@ -68,7 +82,7 @@ impl RecentDeliveries {
     pub fn contains(&self, route: &RouteLabel, mac: &[u8; 32]) -> bool {
         let key = key(route, mac);
         let now = self.now_ms();
-        let inner = self.inner.lock().expect("dedupe lock");
+        let inner = self.shard(key).lock().expect("dedupe lock");
         inner
             .seen
             .get(&key)
@@ -80,7 +94,7 @@ impl RecentDeliveries {
         let key = key(route, mac);
         let now = self.now_ms();
         let window = self.window_ms();
-        let mut inner = self.inner.lock().expect("dedupe lock");
+        let mut inner = self.shard(key).lock().expect("dedupe lock");
         // Forget what is too old or too many, oldest first.
         while let Some((_, at)) = inner.order.front() {
             if now.saturating_sub(*at) < window && inner.order.len() < self.max_entries {
@@ -103,6 +117,8 @@ mod tests {
 
     #[test]
     fn remembers_within_window_and_bound() {
+        // Two entries: two shards of one each. [1; 32] and [3; 32] share a shard (high bits
+        // 0x01010101 and 0x03030303 are both odd), [2; 32] is in the other.
         let d = RecentDeliveries::new(Duration::from_secs(60), 2);
         let r: RouteLabel = Arc::new("/w".into());
         let other: RouteLabel = Arc::new("/x".into());
@@ -110,12 +126,31 @@ mod tests {
         assert!(d.contains(&r, &[1; 32]));
         assert!(!d.contains(&other, &[1; 32]), "keys are per route");
         d.insert(&r, &[2; 32]);
+        assert!(
+            d.contains(&r, &[1; 32]),
+            "another shard's key takes no room"
+        );
         d.insert(&r, &[3; 32]);
         assert!(
             !d.contains(&r, &[1; 32]),
             "oldest forgotten past max_entries"
         );
         assert!(d.contains(&r, &[3; 32]));
+        assert!(d.contains(&r, &[2; 32]));
+    }
+
+    #[test]
+    fn never_holds_more_than_max_entries() {
+        let d = RecentDeliveries::new(Duration::from_secs(60), 100);
+        let r: RouteLabel = Arc::new("/w".into());
+        for n in 0..1000u32 {
+            let mut mac = [0u8; 32];
+            mac[..4].copy_from_slice(&n.to_le_bytes());
+            mac[12..16].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
+            d.insert(&r, &mac);
+        }
+        let held: usize = d.shards.iter().map(|s| s.lock().unwrap().seen.len()).sum();
+        assert!((90..=100).contains(&held), "{held} entries held");
     }
 
     #[test]
