@@ -7,7 +7,9 @@
 #   bench/run.sh --quick    # ~3 minutes
 #
 # Options: --quick, --reps N, --duration S, --warmup S, --no-build, --no-install,
-#          --systems "haproxy nginx hubgate". Environment: BENCH_PORT_BASE (default 28440).
+#          --systems "haproxy nginx hubgate",
+#          --scenarios "ka1k ka64k newconn get spool1k idle ready size micro" (default: all).
+#          Environment: BENCH_PORT_BASE (default 28440).
 # Output: the markdown report on stdout and in bench/results/latest.md; raw JSON lines in
 # bench/results/latest.jsonl. Work files (PKI, configs, logs) in bench/work/.
 set -euo pipefail
@@ -28,6 +30,7 @@ MICRO_MS=900
 BUILD=1
 INSTALL=1
 SYSTEMS="haproxy nginx hubgate"
+SCENARIOS="ka1k ka64k newconn get spool1k idle ready size micro"
 CONNS=50         # keep-alive connections, each one request at a time
 NEWCONN_CONNS=50 # concurrent new-connection clients
 IDLE_CONNS=1000
@@ -47,11 +50,15 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0 ;;
     --no-install) INSTALL=0 ;;
     --systems) SYSTEMS=$2; shift ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    --scenarios) SCENARIOS=$2; shift ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
   shift
 done
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+has idle || IDLE_REPS=0
+has ready || READY_REPS=0
 
 T_START=$(date +%s)
 log() { printf '[bench %4ss] %s\n' "$(($(date +%s) - T_START))" "$*" >&2; }
@@ -86,6 +93,10 @@ done
 [ -f "$NJS_MODULE" ] || { echo "bench: $NJS_MODULE is missing (libnginx-mod-http-js)" >&2; exit 1; }
 
 # --- build ---------------------------------------------------------------------------------
+# The revision being measured, taken before building (edits made while the benchmark runs do
+# not change the binary).
+rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')
+dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null | grep -q . && echo ' + uncommitted changes in src/' || true)
 if [ "$BUILD" = 1 ]; then
   log "cargo build --release --bins --examples"
   (cd "$ROOT" && cargo build --release --bins --examples >&2)
@@ -141,7 +152,7 @@ nginx -q -t -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" >&2
 # hubgate's spool delivery (durable acceptance) is timed too, as an extra hubgate-only row,
 # when this build of hubgate has it.
 SPOOL=0
-case " $SYSTEMS " in
+has spool1k && case " $SYSTEMS " in
   *" hubgate "*)
     if "$HUBGATE" check --config "$WORK/hubgate-spool.toml" >/dev/null 2>&1; then
       SPOOL=1
@@ -296,6 +307,7 @@ scenario_args() {
 n=${#PASSED[@]}
 for rep in $(seq "$REPS"); do
   for sc in ka1k ka64k newconn get; do
+    has "$sc" || continue
     for i in $(seq 0 $((n - 1))); do
       s=${PASSED[$(((i + rep - 1) % n))]} # rotate the order each repetition
       # Leave time for the idle, ready and micro-benchmark phases.
@@ -369,22 +381,24 @@ size_line() { # NAME FILE...: the files plus the non-libc shared libraries they 
   libs=$(for f in "${!seen[@]}"; do basename "$f"; done | sort | paste -sd' ' -)
   echo "{\"kind\":\"size\",\"system\":\"$name\",\"files\":\"$(json_escape "$libs")\",\"binary_bytes\":$bin,\"total_bytes\":$total}" >>"$RESULTS"
 }
-size_line haproxy "$(command -v haproxy)"
-size_line "nginx + njs" "$(command -v nginx)" "$NJS_MODULE"
-size_line "hubgate (as built)" "$HUBGATE"
-strip -o "$WORK/hubgate.stripped" "$HUBGATE"
-size_line "hubgate (stripped)" "$WORK/hubgate.stripped"
+if has size; then
+  size_line haproxy "$(command -v haproxy)"
+  size_line "nginx + njs" "$(command -v nginx)" "$NJS_MODULE"
+  size_line "hubgate (as built)" "$HUBGATE"
+  strip -o "$WORK/hubgate.stripped" "$HUBGATE"
+  size_line "hubgate (stripped)" "$WORK/hubgate.stripped"
+fi
 
 # --- micro-benchmark ---------------------------------------------------------------------------------------
-log "micro-benchmark (core 0)"
-MICROBENCH_MS=$MICRO_MS timeout 120 taskset -c 0 "$MICROBENCH" --json >>"$RESULTS" || log "microbench failed"
+if has micro; then
+  log "micro-benchmark (core 0)"
+  MICROBENCH_MS=$MICRO_MS timeout 120 taskset -c 0 "$MICROBENCH" --json >>"$RESULTS" || log "microbench failed"
+fi
 
 # --- report --------------------------------------------------------------------------------------------------
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 machine="$(nproc) cores ($cpu), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r), $(. /etc/os-release && echo "$PRETTY_NAME")"
 njs=$(dpkg-query -W -f='${Version}' libnginx-mod-http-js 2>/dev/null || echo '?')
-rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')
-dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null | grep -q . && echo ' + uncommitted changes in src/' || true)
 [ "$BUILD" = 1 ] || dirty="$dirty; binary not rebuilt by this run, built $(date -u -r "$HUBGATE" '+%H:%M UTC')"
 versions="$(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |') with njs $njs, $("$HUBGATE" --version) (git $rev$dirty), $(openssl version | awk '{print "OpenSSL " $2}')"
 {
