@@ -40,6 +40,9 @@ failed=()
 say() { printf '%s\n' "$*"; }
 die() { say "validate.sh: $*" >&2; exit 1; }
 # must DESCRIPTION COMMAND...: runs the command, fails the step if it fails.
+# Succeeds when the command fails (its error output dropped).
+fails() { ! "$@" 2>/dev/null; }
+
 must() {
   local what=$1
   shift
@@ -295,10 +298,14 @@ s_runtime() {
   must "admin GET /healthz -> 200 (livenessProbe)" curl -fsS -o /dev/null "http://127.0.0.1:$p_admin/healthz"
   must "admin GET /readyz -> 200 (readinessProbe)" curl -fsS -o /dev/null "http://127.0.0.1:$p_admin/readyz"
   must "admin GET /metrics -> 200" curl -fsS -o /dev/null "http://127.0.0.1:$p_admin/metrics"
-  local hc
-  hc=$(policy compose-get "$TMP/compose.json" healthcheck-script)
-  must "compose/Dockerfile healthcheck command succeeds against it" bash -c "${hc//\/9901//$p_admin}"
-  must "  ... and fails when nothing listens" bash -c "! bash -c \"\$1\" 2>/dev/null" _ "${hc//\/9901//$p_closed}"
+  # The image's HEALTHCHECK (hubgate health), with the image's kind of HUBGATE_ADMIN_LISTEN.
+  local -a hc
+  read -r -a hc <<<"$(policy compose-get "$TMP/compose.json" healthcheck-command)"
+  [ "${hc[0]}" = hubgate ] && hc[0]=$BIN
+  must "compose/Dockerfile healthcheck (${hc[*]##*/}) succeeds against it" \
+    env HUBGATE_ADMIN_LISTEN="0.0.0.0:$p_admin" "${hc[@]}"
+  must "  ... and fails when nothing listens" \
+    fails env HUBGATE_ADMIN_LISTEN="0.0.0.0:$p_closed" "${hc[@]}"
 
   local pki=$TMP/pki url="https://localhost:$p_tls/webhook" token out code sig
   local body='{"object":"page","entry":[{"id":"1","time":1,"messaging":[]}]}'

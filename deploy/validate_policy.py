@@ -361,15 +361,15 @@ def cmd_prepare_compose(cfg_path: Path, root: Path, out: Path) -> None:
 
 
 def cmd_compose_get(cfg_path: Path, what: str) -> None:
-    """Prints a piece of the compose config for validate.sh: backend-script, healthcheck-script."""
+    """Prints a piece of the compose config for validate.sh: backend-script, healthcheck-command."""
     cfg = json.loads(cfg_path.read_text())
     if what == "backend-script":
         cmd = cfg["services"]["backend"]["command"]
         print(cmd[cmd.index("-c") + 1])
-    elif what == "healthcheck-script":
+    elif what == "healthcheck-command":
         test = cfg["services"]["hubgate"]["healthcheck"]["test"]
-        assert test[:3] == ["CMD", "bash", "-c"], test
-        print(test[3])
+        assert test[0] == "CMD" and all(" " not in a for a in test), test
+        print(" ".join(test[1:]))
     else:
         raise SystemExit(f"unknown: {what}")
 
