@@ -11,7 +11,8 @@
 #             heaptrack live heap by allocation site (use with idle)
 #             none      just the load generator's JSON line
 #
-# Needs perf (linux-perf) or heaptrack for those tools; builds the release binaries if missing.
+# Needs perf (linux-perf) or heaptrack for those tools; builds the release binaries if missing
+# (and, for heaptrack, a build with the system allocator in target/system-alloc).
 set -euo pipefail
 SCENARIO=${1:?scenario: ka1k | ka64k | spool1k | idle}
 TOOL=${2:?tool: perf | syscalls | io | heaptrack | none}
@@ -47,7 +48,11 @@ taskset -c 1 "$BIN/examples/upstream" --listen "$UPSTREAM_ADDR" --max-seconds 30
 PIDS+=($!)
 wait_port "${UPSTREAM_ADDR##*:}"
 GATE=("$BIN/hubgate" run --config "$WORK/hubgate.toml")
-if [ "$TOOL" = heaptrack ]; then GATE=(heaptrack -o "$WORK/heaptrack" "${GATE[@]}"); fi
+if [ "$TOOL" = heaptrack ]; then
+  # heaptrack sees malloc, not mimalloc: profile a build with the system allocator.
+  (cd "$ROOT" && cargo build --release --no-default-features --bin hubgate --target-dir target/system-alloc)
+  GATE=(heaptrack -o "$WORK/heaptrack" "$ROOT/target/system-alloc/release/hubgate" run --config "$WORK/hubgate.toml")
+fi
 TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "${GATE[@]}" >"$WORK/hubgate.log" 2>&1 &
 PIDS+=($!)
 wait_port "${GATE_ADDR##*:}"
@@ -109,7 +114,11 @@ for k in ("syscw", "syscr"):
 PY
     ;;
   heaptrack)
-    kill "$HP"; sleep 2
-    heaptrack_print -f "$WORK"/heaptrack.*.zst --print-peaks 1 --print-allocators 0 --print-temporary 0 \
-      --print-leaks 0 --peak-limit 12 2>/dev/null | sed -n '/PEAK MEMORY/,/^total runtime/p' | grep -v '^ *at \|^ *in /' ;;
+    kill "$HP"
+    wait "${PIDS[1]}" || true # heaptrack writes its file when the gate exits
+    # The largest live-heap sites at the peak (all connections open), one line each.
+    heaptrack_print -f "$WORK"/heaptrack*.zst --print-peaks 1 --print-allocators 0 --print-temporary 0 \
+      --print-leaks 0 --peak-limit 15 2>/dev/null | sed -n '/PEAK MEMORY/,$p' |
+      awk '/peak memory consumed over/ {getline site; sub(/::h[0-9a-f]+$/, "", site); print $1 "\t" $6 " calls\t" site}
+           /^peak heap memory consumption/ {print}' ;;
 esac

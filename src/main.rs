@@ -82,6 +82,7 @@ enum Command {
 
 /// mimalloc instead of glibc's malloc: measured on the benchmark's keep-alive and idle-connection
 /// scenarios, fewer CPU cycles per request and less memory per connection (README, Performance).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
