@@ -11,6 +11,7 @@
 #             heaptrack live heap by allocation site (use with idle)
 #             none      just the load generator's JSON line
 #
+# PROFILE_ENV="VAR=value ..." adds to the gate's environment (e.g. RUST_LOG=info).
 # Needs perf (linux-perf) or heaptrack for those tools; builds the release binaries if missing
 # (and, for heaptrack, a build with the system allocator in target/system-alloc).
 set -euo pipefail
@@ -53,7 +54,7 @@ if [ "$TOOL" = heaptrack ]; then
   (cd "$ROOT" && cargo build --release --no-default-features --bin hubgate --target-dir target/system-alloc)
   GATE=(heaptrack -o "$WORK/heaptrack" "$ROOT/target/system-alloc/release/hubgate" run --config "$WORK/hubgate.toml")
 fi
-TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "${GATE[@]}" >"$WORK/hubgate.log" 2>&1 &
+env ${PROFILE_ENV:-PROFILE=1} TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "${GATE[@]}" >"$WORK/hubgate.log" 2>&1 &
 PIDS+=($!)
 wait_port "${GATE_ADDR##*:}"
 HP=$(pgrep -n -x hubgate)
