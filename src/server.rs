@@ -471,6 +471,16 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|leaf| PeerIdentity::from_leaf(leaf));
+    // A full handshake checked the dates; a resumed session did not, and must not outlive the
+    // certificate it was made with.
+    if identity.as_ref().is_some_and(PeerIdentity::expired) {
+        metrics.handshake_failed(HandshakeFailure::Expired.as_str());
+        warn!(
+            reason = %HandshakeFailure::Expired,
+            "TLS session refused: the client certificate it was made with has expired"
+        );
+        return;
+    }
     debug!(
         client_cn = identity.as_ref().map(|i| i.cn.as_str()),
         "TLS established"

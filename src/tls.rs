@@ -349,6 +349,8 @@ pub struct PeerIdentity {
     /// SHA-256 of the leaf DER, lower-case hex; unknown when only a subject was passed on by a
     /// trusted proxy.
     pub sha256: Option<String>,
+    /// The leaf's notAfter (Unix seconds); unknown when a trusted proxy passed on a subject.
+    pub not_after: Option<i64>,
     /// The `X-Forwarded-Client-Cert` value, built once rather than per forwarded request.
     xfcc: Option<http::HeaderValue>,
 }
@@ -364,18 +366,31 @@ impl PeerIdentity {
             cn,
             subject,
             sha256,
+            not_after: None,
             xfcc: http::HeaderValue::from_str(&value).ok(),
         }
+    }
+
+    /// Whether the certificate has expired by now. A resumed TLS session carries the identity
+    /// verified when the session was made, and each resumption hands out a new ticket, so
+    /// without this check a session could outlive its certificate.
+    pub fn expired(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.not_after.is_some_and(|t| t < now)
     }
 
     /// Builds the identity from the verified leaf.
     pub fn from_leaf(der: &[u8]) -> Option<PeerIdentity> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        Some(PeerIdentity::new(
+        let mut id = PeerIdentity::new(
             single_common_name(der)?,
             rfc4514(cert.subject()),
             Some(hex::encode(Sha256::digest(der))),
-        ))
+        );
+        id.not_after = Some(cert.validity().not_after.timestamp());
+        Some(id)
     }
 
     /// The value of an Envoy-style `X-Forwarded-Client-Cert` header (`None` if the subject

@@ -419,6 +419,50 @@ async fn off_mode_does_not_request_a_cert() {
 }
 
 #[tokio::test]
+async fn resumed_session_does_not_outlive_its_certificate() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let gate = require_gate(&pki, &up).await;
+    let mut spec = LeafSpec::cn(META_CN);
+    spec.not_after_exact = Some(std::time::SystemTime::now() + std::time::Duration::from_secs(2));
+    let cert = pki.client(&spec);
+    let cfg = Arc::new(tls_client_config(&pki, Some(&cert), Proto::H1, false));
+    let get = format!(
+        "GET /webhook?hub.mode=subscribe&hub.challenge=77&hub.verify_token={TOKEN} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        gate.authority()
+    )
+    .into_bytes();
+    let (first, kind) = raw_exchange_with(cfg.clone(), gate.addr, &get)
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+    // Resuming works while the certificate is valid...
+    let (second, kind) = raw_exchange_with(cfg.clone(), gate.addr, &get)
+        .await
+        .unwrap();
+    assert_eq!(second.status, 200);
+    assert_eq!(kind, Some(rustls::HandshakeKind::Resumed));
+    // ...and stops once it has expired, although the client still holds a fresh ticket.
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let third = raw_exchange_with(cfg, gate.addr, &get).await;
+    assert!(
+        third.is_err(),
+        "a session resumed after the certificate expired must be refused, got {:?}",
+        third.map(|(r, k)| (r.status, k))
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let metrics = gate.running.as_ref().unwrap().metrics().encode(now);
+    assert!(
+        metrics.contains("hubgate_tls_handshake_failures_total{reason=\"cert_expired\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn resumed_session_keeps_the_verified_identity() {
     let pki = Pki::new();
     let up = Upstream::start().await;

@@ -92,6 +92,8 @@ pub struct LeafSpec {
     pub full_meta_dn: bool,
     pub not_before: (i32, u8, u8),
     pub not_after: (i32, u8, u8),
+    /// An exact notAfter instead of `not_after`'s date (a certificate that expires mid-test).
+    pub not_after_exact: Option<std::time::SystemTime>,
     pub eku: Vec<ExtendedKeyUsagePurpose>,
     /// Leave the CN out of the subject (the SAN still carries `cn`).
     pub omit_cn: bool,
@@ -108,6 +110,7 @@ impl LeafSpec {
             full_meta_dn: false,
             not_before: (2000, 1, 1),
             not_after: (2090, 1, 1),
+            not_after_exact: None,
             eku: vec![ExtendedKeyUsagePurpose::ClientAuth],
             omit_cn: false,
             extra_cn: None,
@@ -149,6 +152,9 @@ impl LeafSpec {
         p.not_before = rcgen::date_time_ymd(y, m, d);
         let (y, m, d) = self.not_after;
         p.not_after = rcgen::date_time_ymd(y, m, d);
+        if let Some(t) = self.not_after_exact {
+            p.not_after = t.into();
+        }
         p.use_authority_key_identifier_extension = true;
         p
     }
