@@ -17,6 +17,7 @@
 set -euo pipefail
 SCENARIO=${1:?scenario: ka1k | ka64k | spool1k | idle}
 TOOL=${2:?tool: perf | syscalls | io | heaptrack | none}
+case "$TOOL" in perf | syscalls | io | heaptrack | none) ;; *) echo "unknown tool $TOOL" >&2; exit 2 ;; esac
 SECONDS_TIMED=${3:-6}
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
@@ -54,10 +55,12 @@ if [ "$TOOL" = heaptrack ]; then
   (cd "$ROOT" && cargo build --release --no-default-features --bin hubgate --target-dir target/system-alloc)
   GATE=(heaptrack -o "$WORK/heaptrack" "$ROOT/target/system-alloc/release/hubgate" run --config "$WORK/hubgate.toml")
 fi
-env ${PROFILE_ENV:-PROFILE=1} TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "${GATE[@]}" >"$WORK/hubgate.log" 2>&1 &
+read -r -a EXTRA_ENV <<<"${PROFILE_ENV:-PROFILE=1}"
+env "${EXTRA_ENV[@]}" TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 "${GATE[@]}" >"$WORK/hubgate.log" 2>&1 &
 PIDS+=($!)
 wait_port "${GATE_ADDR##*:}"
-HP=$(pgrep -n -x hubgate)
+HP=${PIDS[1]} # env and taskset exec into the gate (or into heaptrack, which starts it)
+if [ "$TOOL" = heaptrack ]; then HP=$(pgrep -x hubgate -P "${PIDS[1]}"); fi
 
 LG=(taskset -c 1 "$BIN/examples/loadgen")
 COMMON=(--addr "$GATE_ADDR" --pki "$WORK/pki" --secret "$SECRET" --verify-token "$TOKEN")
@@ -86,7 +89,7 @@ case "$TOOL" in
   perf)
     wait "$TOOLPID" || true
     perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
-      grep '%' | grep -v '^#' | head -40 | sed 's/  \+-  \+-  *$//'
+      grep '%' | grep -v '^#' | awk 'NR <= 40' | sed 's/  \+-  \+-  *$//'
     echo "full report: perf report -i $WORK/perf.data" ;;
   syscalls)
     wait "$TOOLPID" || true

@@ -96,7 +96,9 @@ done
 # The revision being measured, taken before building (edits made while the benchmark runs do
 # not change the binary).
 rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')
-dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null | grep -q . && echo ' + uncommitted changes in src/' || true)
+dirty=""
+[ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null)" ] && dirty=' + uncommitted changes in src/'
+
 if [ "$BUILD" = 1 ]; then
   log "cargo build --release --bins --examples"
   (cd "$ROOT" && cargo build --release --bins --examples >&2)
