@@ -35,10 +35,14 @@ const MAX_SHARDS: usize = 16;
 
 #[derive(Default)]
 struct Inner {
-    /// foldhash rather than SipHash: the keys are MACs under the app secret, which nobody
-    /// without the secret can choose, and the lookup is on every forwarded request.
-    seen: foldhash::HashMap<Key, u64>,
-    order: VecDeque<(Key, u64)>,
+    /// Key → (when, insertion number). foldhash rather than SipHash: the keys are MACs under
+    /// the app secret, which nobody without the secret can choose, and the lookup is on every
+    /// forwarded request.
+    seen: foldhash::HashMap<Key, (u64, u64)>,
+    /// (key, when, insertion number), oldest first. The number tells a key's current entry
+    /// from an older one for the same key, also within one millisecond.
+    order: VecDeque<(Key, u64, u64)>,
+    inserted: u64,
 }
 
 /// The route's path (FNV-1a: stable across restarts and reloads) mixed into the MAC's first
@@ -86,7 +90,7 @@ impl RecentDeliveries {
         inner
             .seen
             .get(&key)
-            .is_some_and(|at| now.saturating_sub(*at) < self.window_ms())
+            .is_some_and(|(at, _)| now.saturating_sub(*at) < self.window_ms())
     }
 
     /// Remembers a delivered body.
@@ -96,17 +100,23 @@ impl RecentDeliveries {
         let window = self.window_ms();
         let mut inner = self.shard(key).lock().expect("dedupe lock");
         // Forget what is too old or too many, oldest first.
-        while let Some((_, at)) = inner.order.front() {
+        while let Some((_, at, _)) = inner.order.front() {
             if now.saturating_sub(*at) < window && inner.order.len() < self.max_entries {
                 break;
             }
-            let (old, at) = inner.order.pop_front().expect("front exists");
-            if inner.seen.get(&old) == Some(&at) {
+            let (old, _, n) = inner.order.pop_front().expect("front exists");
+            if inner
+                .seen
+                .get(&old)
+                .is_some_and(|(_, current)| *current == n)
+            {
                 inner.seen.remove(&old);
             }
         }
-        inner.seen.insert(key, now);
-        inner.order.push_back((key, now));
+        inner.inserted += 1;
+        let n = inner.inserted;
+        inner.seen.insert(key, (now, n));
+        inner.order.push_back((key, now, n));
     }
 }
 
@@ -151,6 +161,23 @@ mod tests {
         }
         let held: usize = d.shards.iter().map(|s| s.lock().unwrap().seen.len()).sum();
         assert!((90..=100).contains(&held), "{held} entries held");
+    }
+
+    #[test]
+    fn a_key_inserted_again_lives_on_when_its_older_entry_goes() {
+        // One shard of two entries: [1; 32] twice (same millisecond, most likely), then
+        // another key pushes the older entry of [1; 32] out; the newer one must stay.
+        let d = RecentDeliveries::new(Duration::from_secs(60), 1);
+        let r: RouteLabel = Arc::new("/w".into());
+        let d = RecentDeliveries {
+            max_entries: 2,
+            ..d
+        };
+        d.insert(&r, &[1; 32]);
+        d.insert(&r, &[1; 32]);
+        d.insert(&r, &[2; 32]);
+        assert!(d.contains(&r, &[1; 32]));
+        assert!(d.contains(&r, &[2; 32]));
     }
 
     #[test]
