@@ -463,6 +463,64 @@ async fn resumed_session_does_not_outlive_its_certificate() {
 }
 
 #[tokio::test]
+async fn tls12_resumes_by_ticket_with_the_verified_identity_until_a_reload() {
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let cfg = GateConfig::new(&up.url("/hook"));
+    let gate = pki.start(&cfg).await;
+    let cert = pki.meta_client();
+    let tls = Arc::new(tls_client_config(&pki, Some(&cert), Proto::H1, true));
+    let request = |body: &[u8]| {
+        let mut r = format!(
+            "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{SIG}: {}\r\nConnection: close\r\n\r\n",
+            gate.authority(),
+            body.len(),
+            sign(SECRET, body)
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let body = sample_body();
+    let (first, kind) = raw_exchange_with(tls.clone(), gate.addr, &request(&body))
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.status, kind),
+        (200, Some(rustls::HandshakeKind::Full))
+    );
+    let second_body = [body.as_slice(), b" "].concat();
+    let (second, kind) = raw_exchange_with(tls.clone(), gate.addr, &request(&second_body))
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.status, kind),
+        (200, Some(rustls::HandshakeKind::Resumed)),
+        "TLS 1.2 resumes with a ticket (the server keeps no session IDs)"
+    );
+    let got = up.requests();
+    assert_eq!(got.len(), 2);
+    let xfcc = got[1].header("x-forwarded-client-cert").unwrap_or_default();
+    assert!(
+        xfcc.contains(&format!("Hash={}", cert.leaf_sha256())),
+        "the resumed session forwards the verified identity: {xfcc}"
+    );
+    // After a reload that no longer allows Meta's CN, the old ticket must not bring it back.
+    let mut stricter = cfg.clone();
+    stricter.allowed_cn = Some(format!("[{}]", q("partner.example.com")));
+    let config = pki.config(&stricter.to_toml()).unwrap();
+    gate.running.as_ref().unwrap().reload(config).unwrap();
+    let third_body = [body.as_slice(), b"  "].concat();
+    let third = raw_exchange_with(tls, gate.addr, &request(&third_body)).await;
+    assert!(
+        third.is_err(),
+        "refused after the reload, got {:?}",
+        third.map(|(r, k)| (r.status, k))
+    );
+    assert_eq!(up.requests().len(), 2);
+}
+
+#[tokio::test]
 async fn resumed_session_keeps_the_verified_identity() {
     let pki = Pki::new();
     let up = Upstream::start().await;
