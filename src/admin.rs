@@ -18,6 +18,7 @@ use tracing::warn;
 use crate::config::ClientAuthMode;
 use crate::server::Shared;
 use crate::tls::CertInfo;
+use crate::unix_now;
 
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -120,11 +121,4 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
-}
-
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -44,6 +44,13 @@ pub enum Error {
     },
 }
 
+/// Seconds since the Unix epoch (0 if the clock is before it): for certificate dates.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Builds everything from a validated configuration, binds the listener and starts serving.
 pub async fn run(config: Config) -> Result<Running, Error> {
     server::start(Prepared::new(config)?).await

@@ -175,7 +175,7 @@ fn load(path: Option<&Path>) -> Result<(Config, hubgate::Prepared, Vec<String>),
 }
 
 fn config_warnings(config: &Config) -> Vec<String> {
-    let now = unix_now();
+    let now = hubgate::unix_now();
     let mut w = Vec::new();
     if let Some(leaf) = config.server.cert_chain.first() {
         if let Some(info) = hubgate::tls::CertInfo::parse(leaf) {
@@ -204,13 +204,6 @@ fn config_warnings(config: &Config) -> Vec<String> {
         ));
     }
     w
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// GETs the admin URL once, with a short deadline; 0 on 200, 1 otherwise.

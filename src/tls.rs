@@ -5,10 +5,12 @@
 //! # Session resumption and client auth
 //! A resumed session skips the client-certificate verifier: rustls restores the client chain
 //! that was verified when the session was made. hubgate resumes with stateless TLS tickets
-//! (rustls' RFC 5077 construction, AES-256 + HMAC-SHA256, keys rotated every 6 hours, tickets
-//! valid 12 hours, TLS 1.3 resumption always with a fresh (EC)DHE exchange), so:
+//! (rustls' RFC 5077 construction, AES-256 + HMAC-SHA256, keys rotated every 6 hours, TLS 1.3
+//! resumption always with a fresh (EC)DHE exchange), so:
 //! - a resumed session carries exactly the identity that passed the CN check when it was made
-//!   (the chain is inside the encrypted ticket and cannot be altered without the key);
+//!   (the chain is inside the encrypted ticket and cannot be altered without the key), and
+//!   never past that certificate's notAfter: each resumption hands out a new ticket, so the
+//!   server checks the date on every connection ([`PeerIdentity::expired`]);
 //! - the ticket keys live and die with one `ServerConfig`: a new configuration (new trust anchors
 //!   or allowed CNs) has new keys, so no session made under old rules resumes under new ones;
 //! - the server keeps nothing per session: memory does not grow with the number of clients
@@ -375,10 +377,7 @@ impl PeerIdentity {
     /// verified when the session was made, and each resumption hands out a new ticket, so
     /// without this check a session could outlive its certificate.
     pub fn expired(&self) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.not_after.is_some_and(|t| t < now)
+        self.not_after.is_some_and(|t| t < crate::unix_now())
     }
 
     /// Builds the identity from the verified leaf.

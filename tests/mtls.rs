@@ -451,11 +451,12 @@ async fn resumed_session_does_not_outlive_its_certificate() {
         "a session resumed after the certificate expired must be refused, got {:?}",
         third.map(|(r, k)| (r.status, k))
     );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    let metrics = gate
+        .running
+        .as_ref()
         .unwrap()
-        .as_secs() as i64;
-    let metrics = gate.running.as_ref().unwrap().metrics().encode(now);
+        .metrics()
+        .encode(hubgate::unix_now());
     assert!(
         metrics.contains("hubgate_tls_handshake_failures_total{reason=\"cert_expired\"} 1"),
         "{metrics}"

@@ -21,14 +21,7 @@ fn running(gate: &Gate) -> &hubgate::Running {
 
 /// The gate's metrics as the admin endpoint would encode them.
 fn metrics_text(gate: &Gate) -> String {
-    running(gate).metrics().encode(unix_now())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    running(gate).metrics().encode(hubgate::unix_now())
 }
 
 /// Waits (bounded) until `text()` contains `needle`; panics with the last text otherwise.
