@@ -21,6 +21,8 @@ case "$TOOL" in perf | syscalls | io | heaptrack | none) ;; *) echo "unknown too
 SECONDS_TIMED=${3:-6}
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
+# shellcheck source=bench/common.sh
+. "$BENCH_DIR/common.sh"
 WORK="$BENCH_DIR/work/profile"
 BIN="$ROOT/target/release"
 for b in hubgate examples/loadgen examples/upstream; do
@@ -33,18 +35,17 @@ UPSTREAM_ADDR="127.0.0.1:$((BASE + 10))"
 rm -rf "$WORK"
 mkdir -p "$WORK/spool"
 "$BENCH_DIR/pki.sh" "$WORK/pki" >/dev/null
+PKI="$WORK/pki"
 TOKEN="profile-token-$RANDOM$RANDOM"
 SECRET="profile-secret-$RANDOM$RANDOM$RANDOM"
+CN=client.webhooks.fbclientcerts.com
 TEMPLATE=hubgate.toml.tmpl
 [ "$SCENARIO" = spool1k ] && TEMPLATE=hubgate-spool.toml.tmpl
-sed -e "s|@WORK@|$WORK|g" -e "s|@PKI@|$WORK/pki|g" -e "s|@PORT@|${GATE_ADDR##*:}|g" \
-  -e "s|@UPSTREAM_ADDR@|$UPSTREAM_ADDR|g" -e "s|@TOKEN@|$TOKEN|g" -e "s|@SECRET@|$SECRET|g" \
-  -e "s|@CN@|client.webhooks.fbclientcerts.com|g" "$BENCH_DIR/conf/$TEMPLATE" >"$WORK/hubgate.toml"
+render "$BENCH_DIR/conf/$TEMPLATE" "${GATE_ADDR##*:}" >"$WORK/hubgate.toml"
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-wait_port() { for _ in $(seq 200); do ss -Htln "sport = :$1" | grep -q . && return 0; sleep 0.05; done; return 1; }
 
 taskset -c 1 "$BIN/examples/upstream" --listen "$UPSTREAM_ADDR" --max-seconds 300 >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)

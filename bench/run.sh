@@ -16,6 +16,8 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
+# shellcheck source=bench/common.sh
+. "$BENCH_DIR/common.sh"
 WORK="$BENCH_DIR/work"
 RESULTS_DIR="$BENCH_DIR/results"
 
@@ -113,7 +115,6 @@ done
 T_START=$(date +%s) # the time budget counts from here: installing and building are not timed
 
 # --- ports -----------------------------------------------------------------------------------
-port_busy() { ss -Htln "sport = :$1" | grep -q .; }
 BASE=${BENCH_PORT_BASE:-28440}
 for _ in 1 2 3 4 5 6 7 8 9 10; do
   busy=0
@@ -136,12 +137,6 @@ SECRET="bench-app-secret-$RANDOM$RANDOM$RANDOM"
 SECRET_B64=$(printf '%s' "$SECRET" | base64 -w0)
 CN=client.webhooks.fbclientcerts.com
 
-render() { # TEMPLATE PORT > OUT
-  sed -e "s|@WORK@|$WORK|g" -e "s|@PKI@|$PKI|g" -e "s|@PORT@|$2|g" \
-    -e "s|@UPSTREAM_ADDR@|$UPSTREAM_ADDR|g" -e "s|@TOKEN@|$TOKEN|g" \
-    -e "s|@SECRET_B64@|$SECRET_B64|g" -e "s|@SECRET@|$SECRET|g" \
-    -e "s|@CN_RE@|${CN//./\\\\.}|g" -e "s|@CN@|$CN|g" -e "s|@NJS_MODULE@|$NJS_MODULE|g" "$1"
-}
 render "$BENCH_DIR/conf/haproxy.cfg.tmpl" "${PORT[haproxy]}" >"$WORK/haproxy.cfg"
 render "$BENCH_DIR/conf/nginx.conf.tmpl" "${PORT[nginx]}" >"$WORK/nginx.conf"
 render "$BENCH_DIR/conf/meta.js.tmpl" 0 >"$WORK/meta.js"
@@ -188,10 +183,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() { # PORT -> waits up to 10 s for a listener
-  for _ in $(seq 200); do port_busy "$1" && return 0; sleep 0.05; done
-  return 1
-}
 
 start_sys() {
   local s=$1

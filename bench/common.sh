@@ -1,0 +1,18 @@
+# shellcheck shell=bash
+# Helpers shared by bench/run.sh and bench/profile.sh (sourced, not run).
+
+port_busy() { ss -Htln "sport = :$1" | grep -q .; }
+
+wait_port() { # PORT -> waits up to 10 s for a listener
+  for _ in $(seq 200); do port_busy "$1" && return 0; sleep 0.05; done
+  return 1
+}
+
+# Fills a template's @PLACEHOLDERS@ from WORK, PKI, UPSTREAM_ADDR, TOKEN, SECRET, SECRET_B64, CN
+# and NJS_MODULE (those a template does not use may be unset).
+render() { # TEMPLATE PORT > OUT
+  sed -e "s|@WORK@|$WORK|g" -e "s|@PKI@|$PKI|g" -e "s|@PORT@|$2|g" \
+    -e "s|@UPSTREAM_ADDR@|$UPSTREAM_ADDR|g" -e "s|@TOKEN@|$TOKEN|g" \
+    -e "s|@SECRET_B64@|${SECRET_B64:-}|g" -e "s|@SECRET@|$SECRET|g" \
+    -e "s|@CN_RE@|${CN//./\\\\.}|g" -e "s|@CN@|$CN|g" -e "s|@NJS_MODULE@|${NJS_MODULE:-}|g" "$1"
+}
