@@ -353,6 +353,9 @@ struct Ctx<'a> {
     base: &'a Path,
     /// Keys whose value came from an environment variable, and which.
     from_env: HashMap<String, &'static str>,
+    /// Reads environment variables (`{ env = "NAME" }` secrets): the process environment in
+    /// the binary, a map in tests.
+    env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Ctx<'_> {
@@ -410,8 +413,8 @@ impl Ctx<'_> {
     fn secret(&self, key: &str, src: &SecretSource) -> Result<Secret, ConfigError> {
         let bytes = match src {
             SecretSource::Inline(s) => s.as_bytes().to_vec(),
-            SecretSource::Env(name) => std::env::var(name)
-                .map_err(|_| {
+            SecretSource::Env(name) => (self.env)(name)
+                .ok_or_else(|| {
                     self.err(
                         key,
                         format!("environment variable `{name}` is not set or not UTF-8"),
@@ -451,6 +454,16 @@ impl Config {
 
     /// Parses and validates TOML text; relative paths resolve against `base`.
     pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        Self::from_toml_with_env(text, file, base, &process_env)
+    }
+
+    /// [`Config::from_toml`] with `{ env = "NAME" }` secrets read through `env`.
+    pub fn from_toml_with_env(
+        text: &str,
+        file: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let raw = parse(text, file)?;
         validate(
             raw,
@@ -458,6 +471,7 @@ impl Config {
                 file,
                 base,
                 from_env: HashMap::new(),
+                env,
             },
         )
     }
@@ -493,6 +507,7 @@ impl Config {
                 file: &file,
                 base: &base,
                 from_env,
+                env,
             },
         )
     }
@@ -533,6 +548,13 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("HUBGATE_CLIENT_CERT", "route[0].client_cert"),
 ];
+
+/// The process environment, as the configuration reads it: the one place that calls
+/// `std::env::var` (everything else takes a reader, so tests pass a map instead).
+#[allow(clippy::disallowed_methods)]
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
 
 /// True when any configuration variable of [`ENV_VARS`] is set.
 pub fn env_configured(env: &dyn Fn(&str) -> Option<String>) -> bool {

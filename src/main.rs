@@ -251,7 +251,7 @@ async fn probe(url: &str) -> anyhow::Result<u16> {
 
 /// The process environment, as the configuration reads it.
 fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
+    hubgate::config::process_env(name)
 }
 
 fn check(path: Option<&Path>) -> ExitCode {
