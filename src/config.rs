@@ -16,7 +16,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::tls::{self, Anchor};
+use crate::pki::{self, Anchor};
+pub use crate::secret::Secret;
 
 /// The CN Meta's webhook client certificate carries.
 pub const META_CLIENT_CN: &str = "client.webhooks.fbclientcerts.com";
@@ -257,7 +258,7 @@ pub struct Config {
     /// The admin listener (health, readiness, metrics); off unless `[admin]` is configured.
     pub admin: Option<SocketAddr>,
     /// Whose forwarding and identity headers are believed.
-    pub trusted_proxies: crate::edge::TrustedProxies,
+    pub trusted_proxies: TrustedProxies,
     /// The durable spool, when any route has `delivery = "spool"` (or `[spool]` is given).
     pub spool: Option<crate::spool::SpoolSettings>,
     /// In-memory de-duplication for `delivery = "sync"` routes.
@@ -287,6 +288,43 @@ pub struct ServerSettings {
     pub proxy_protocol: bool,
     /// When set, only clients from these networks are served.
     pub allow_sources: Option<Vec<ipnet::IpNet>>,
+}
+
+/// AWS ALB, mTLS verify mode: the verified leaf's subject.
+pub const ALB_SUBJECT: http::HeaderName =
+    http::HeaderName::from_static("x-amzn-mtls-clientcert-subject");
+/// AWS ALB, mTLS passthrough mode: the client's chain, URL-encoded PEM.
+pub const ALB_CERT: http::HeaderName = http::HeaderName::from_static("x-amzn-mtls-clientcert");
+
+/// How a trusted proxy passes on the client's identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityHeader {
+    /// The proxy passes no identity.
+    None,
+    /// A subject DN (`CN=…,O=…`) the proxy verified; hubgate checks the CN.
+    Subject(http::HeaderName),
+    /// The client's certificate chain, URL-encoded PEM; hubgate verifies it itself.
+    Certificate(http::HeaderName),
+}
+
+/// The `[trusted_proxies]` policy: whose forwarding and identity headers are believed.
+#[derive(Clone, Debug)]
+pub struct TrustedProxies {
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Take the client address from `X-Forwarded-For` sent by a trusted proxy.
+    pub forwarded_for: bool,
+    pub identity: IdentityHeader,
+}
+
+impl TrustedProxies {
+    /// No proxy is trusted.
+    pub fn none() -> TrustedProxies {
+        TrustedProxies {
+            cidrs: vec![],
+            forwarded_for: false,
+            identity: IdentityHeader::None,
+        }
+    }
 }
 
 /// Client certificate policy.
@@ -326,25 +364,6 @@ pub struct Route {
     pub delivery: Delivery,
     /// Answer a repeat of an already accepted body 200 without delivering it again.
     pub dedupe: bool,
-}
-
-/// Secret bytes; `Debug` never shows them.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        Secret(bytes.into())
-    }
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
 }
 
 /// Collects errors with the file name attached.
@@ -435,7 +454,7 @@ impl Ctx<'_> {
         if bytes.is_empty() {
             return Err(self.err(key, "is empty"));
         }
-        Ok(Secret(bytes))
+        Ok(Secret::new(bytes))
     }
 }
 
@@ -807,9 +826,9 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
     let cert_path = required(s.cert, "server.cert", "HUBGATE_CERT")?;
     let key_path = required(s.key, "server.key", "HUBGATE_KEY")?;
     let cert_chain =
-        tls::load_certs(&cert_path).map_err(|e| cx.err("server.cert", e.to_string()))?;
-    let key = tls::load_key(&key_path).map_err(|e| cx.err("server.key", e.to_string()))?;
-    tls::check_key_matches(&cert_chain, &key).map_err(|e| {
+        pki::load_certs(&cert_path).map_err(|e| cx.err("server.cert", e.to_string()))?;
+    let key = pki::load_key(&key_path).map_err(|e| cx.err("server.key", e.to_string()))?;
+    pki::check_key_matches(&cert_chain, &key).map_err(|e| {
         cx.err(
             "server.key",
             format!("{} does not match server.cert: {e}", key_path.display()),
@@ -901,7 +920,7 @@ fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> {
             Some(p) => {
                 let path = cx.path(p);
                 let certs =
-                    tls::load_certs(&path).map_err(|e| cx.err("upstream.ca", e.to_string()))?;
+                    pki::load_certs(&path).map_err(|e| cx.err("upstream.ca", e.to_string()))?;
                 Some((path, certs))
             }
         },
@@ -1108,8 +1127,7 @@ fn validate_trusted_proxies(
     raw: Option<RawTrustedProxies>,
     client_auth: &ClientAuth,
     cx: &Ctx,
-) -> Result<crate::edge::TrustedProxies, ConfigError> {
-    use crate::edge::{IdentityHeader, TrustedProxies, ALB_CERT, ALB_SUBJECT};
+) -> Result<TrustedProxies, ConfigError> {
     let Some(raw) = raw else {
         return Ok(TrustedProxies::none());
     };
@@ -1199,7 +1217,7 @@ fn validate_client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAu
         } else {
             format!("client_auth.roots[{i}]")
         };
-        let loaded = tls::load_anchors(&path).map_err(|e| cx.err(key, e.to_string()))?;
+        let loaded = pki::load_anchors(&path).map_err(|e| cx.err(key, e.to_string()))?;
         anchors.extend(loaded);
     }
     for (i, cn) in allowed_cn.iter().enumerate() {
@@ -1212,6 +1230,42 @@ fn validate_client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAu
         anchors,
         allowed_cn,
     })
+}
+
+impl Config {
+    /// What an operator should be told about this configuration at `now` (Unix seconds):
+    /// expired or self-signed server certificate, an empty CN allow-list, expired or retired
+    /// trust anchors. `check`, `run` and every reload show the same list.
+    pub fn warnings(&self, now: i64) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(info) = self
+            .server
+            .cert_chain
+            .first()
+            .and_then(pki::CertInfo::parse)
+        {
+            if info.not_after <= now {
+                w.push(format!(
+                    "server.cert {} expired on {}",
+                    self.server.cert_path.display(),
+                    info.not_after_text
+                ));
+            }
+            if info.self_signed {
+                w.push(format!(
+                    "server.cert {} is self-signed: Meta refuses self-signed server certificates",
+                    self.server.cert_path.display()
+                ));
+            }
+        }
+        if self.client_auth.mode != ClientAuthMode::Off {
+            if self.client_auth.allowed_cn.is_empty() {
+                w.push("client_auth.allowed_cn is empty: no client certificate is admitted".into());
+            }
+            w.extend(pki::anchor_warnings(&self.client_auth.anchors, now));
+        }
+        w
+    }
 }
 
 #[cfg(test)]
@@ -1232,13 +1286,5 @@ mod tests {
         assert_eq!(t.c, SecretSource::File("f".into()));
         let bad = toml::from_str::<T>("a = { envv = \"E\" }\nb = \"\"\nc = \"\"");
         assert!(bad.unwrap_err().to_string().contains("envv"));
-    }
-
-    #[test]
-    fn secret_debug_is_redacted() {
-        assert_eq!(
-            format!("{:?}", Secret::new("hunter2")),
-            "Secret(<redacted>)"
-        );
     }
 }

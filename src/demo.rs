@@ -235,7 +235,7 @@ fn client(
 ) -> Result<DemoClient> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.clone())?;
-    let builder = rustls::ClientConfig::builder_with_provider(hubgate::tls::crypto_provider())
+    let builder = rustls::ClientConfig::builder_with_provider(hubgate::pki::crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
     let tls = match identity {

@@ -1,42 +1,58 @@
 //! hubgate: an edge proxy that admits only genuine Meta webhook traffic.
 //!
-//! A request goes: TLS (rustls, client certificate verified against the configured anchors and
-//! its CN checked, [`tls`]) → exact-path route → `hub.challenge` answer or `X-Hub-Signature-256`
-//! check over the raw body ([`gate`]) → forward, byte for byte, to the route's upstream
-//! ([`forward`]). [`server`] holds the accept loop and the request flow; [`config`] the
-//! validated configuration that `check` and `run` share.
+//! The way a request takes, module by module:
+//! - [`listener`]: accept, PROXY protocol header, source allow-list, TLS handshake ([`tls`]),
+//!   connection lifetime and drain;
+//! - [`identity`]: who the client is — one [`identity::ClientContext`] per request, built by
+//!   the generation's [`identity::ClientPolicy`];
+//! - [`pipeline`]: route → client check → challenge | body + signature → deliver → respond and
+//!   log, with one [`pipeline::Outcome`] per request;
+//! - [`gate`]: the Meta rules as pure functions (challenge, signature);
+//! - [`deliver`]: forward now through the upstream client, or store in the [`spool`] and
+//!   deliver from there.
+//!
+//! Around it: [`config`] (file and environment into a validated [`Config`]), [`pki`]
+//! (certificates and keys), [`state`] (what one configuration builds, what the process
+//! shares), [`metrics`], and [`ops`] (lifecycle and the admin listener).
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod config;
-pub mod dedupe;
-pub mod edge;
-pub mod forward;
+pub mod deliver;
 pub mod gate;
+pub mod identity;
+pub mod listener;
 pub mod metrics;
-pub mod server;
+pub mod ops;
+pub mod pipeline;
+pub mod pki;
+pub mod secret;
 pub mod spool;
+pub mod state;
 pub mod tls;
 
 use std::net::SocketAddr;
 
 pub use config::{Config, ConfigError};
-pub use server::{Prepared, Running};
+pub use ops::lifecycle::{ConfigSource, ReloadError, Running};
+pub use pki::unix_now;
+pub use state::Generation;
 
-/// Everything that can stop hubgate from starting.
+/// Everything that can stop hubgate from starting or a reload from taking effect.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Pki(#[from] pki::PkiError),
     #[error(transparent)]
-    Client(#[from] forward::ClientError),
+    Client(#[from] deliver::ClientError),
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
-    #[error("{0}")]
-    Reload(String),
+    #[error("opening the spool: {0}")]
+    SpoolTask(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -44,14 +60,7 @@ pub enum Error {
     },
 }
 
-/// Seconds since the Unix epoch (0 if the clock is before it): for certificate dates.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// Builds everything from a validated configuration, binds the listener and starts serving.
 pub async fn run(config: Config) -> Result<Running, Error> {
-    server::start(Prepared::new(config)?).await
+    ops::lifecycle::start(Generation::new(config)?).await
 }

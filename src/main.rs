@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hubgate::config::{ClientAuthMode, Config};
+use hubgate::config::ClientAuthMode;
 use hubgate::gate::signature::Signer;
+use hubgate::ConfigSource;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -97,7 +98,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
     let command = cli.command.unwrap_or_else(|| {
-        let config = std::env::var_os("HUBGATE_CONFIG").map(PathBuf::from);
+        let config = env("HUBGATE_CONFIG").map(PathBuf::from);
         if config.is_some() || hubgate::config::env_configured(&env) {
             Command::Run { config }
         } else {
@@ -157,53 +158,27 @@ fn sign(secret: &str) -> ExitCode {
 }
 
 /// Loads and validates the config and builds what `run` would build. Returns it with warnings.
-fn load(path: Option<&Path>) -> Result<(Config, hubgate::Prepared, Vec<String>), ExitCode> {
+fn load(source: &ConfigSource) -> Result<(hubgate::Generation, Vec<String>), ExitCode> {
+    let config = source.load().map_err(|e| {
+        eprintln!("config error: {e}");
+        ExitCode::from(2)
+    })?;
+    let warnings = config.warnings(hubgate::unix_now());
+    let file = config.source.clone();
+    let generation = hubgate::Generation::new(config).map_err(|e| {
+        eprintln!("config error: {file}: {e}");
+        ExitCode::from(2)
+    })?;
+    Ok((generation, warnings))
+}
+
+/// The configuration source of `check` and `run`, or exit code 2 when nothing configures hubgate.
+fn source(path: Option<&Path>) -> Result<ConfigSource, ExitCode> {
     if path.is_none() && !hubgate::config::env_configured(&env) {
         eprintln!("config error: no configuration: give --config FILE, set HUBGATE_CONFIG, or set HUBGATE_* variables (see README.md)");
         return Err(ExitCode::from(2));
     }
-    let config = Config::from_sources(path, &env).map_err(|e| {
-        eprintln!("config error: {e}");
-        ExitCode::from(2)
-    })?;
-    let prepared = hubgate::Prepared::new(config.clone()).map_err(|e| {
-        eprintln!("config error: {}: {e}", config.source);
-        ExitCode::from(2)
-    })?;
-    let warnings = config_warnings(&config);
-    Ok((config, prepared, warnings))
-}
-
-fn config_warnings(config: &Config) -> Vec<String> {
-    let now = hubgate::unix_now();
-    let mut w = Vec::new();
-    if let Some(leaf) = config.server.cert_chain.first() {
-        if let Some(info) = hubgate::tls::CertInfo::parse(leaf) {
-            if info.not_after <= now {
-                w.push(format!(
-                    "server.cert {} expired on {}",
-                    config.server.cert_path.display(),
-                    info.not_after_text
-                ));
-            }
-            if info.self_signed {
-                w.push(format!(
-                    "server.cert {} is self-signed: Meta refuses self-signed server certificates",
-                    config.server.cert_path.display()
-                ));
-            }
-        }
-    }
-    if config.client_auth.mode != ClientAuthMode::Off {
-        if config.client_auth.allowed_cn.is_empty() {
-            w.push("client_auth.allowed_cn is empty: no client certificate is admitted".into());
-        }
-        w.extend(hubgate::tls::anchor_warnings(
-            &config.client_auth.anchors,
-            now,
-        ));
-    }
-    w
+    Ok(ConfigSource::process(path))
 }
 
 /// GETs the admin URL once, with a short deadline; 0 on 200, 1 otherwise.
@@ -255,17 +230,18 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn check(path: Option<&Path>) -> ExitCode {
-    let (config, _prepared, warnings) = match load(path) {
+    let (generation, warnings) = match source(path).and_then(|s| load(&s)) {
         Ok(v) => v,
         Err(code) => return code,
     };
+    let config = generation.config();
     println!("{}: OK", config.source);
     println!("  listen          {}", config.server.listen);
     if let Some(info) = config
         .server
         .cert_chain
         .first()
-        .and_then(hubgate::tls::CertInfo::parse)
+        .and_then(hubgate::pki::CertInfo::parse)
     {
         println!(
             "  server cert     {} (expires {})",
@@ -326,7 +302,11 @@ fn check(path: Option<&Path>) -> ExitCode {
 }
 
 async fn run(path: Option<&Path>) -> ExitCode {
-    let (config, prepared, warnings) = match load(path) {
+    let source = match source(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let (generation, warnings) = match load(&source) {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -334,49 +314,19 @@ async fn run(path: Option<&Path>) -> ExitCode {
         warn!("{w}");
         eprintln!("WARNING: {w}");
     }
+    let config = generation.config();
     info!(config = %config.source, routes = config.routes.len(), client_auth = %config.client_auth.mode, "starting");
-    let running = match hubgate::server::start(prepared).await {
+    let running = match hubgate::ops::lifecycle::start(generation).await {
         Ok(r) => r,
         Err(e) => {
             error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    serve_until_signalled(&running, path).await;
+    if let Err(e) = running.serve_until_signalled(&source).await {
+        error!("cannot handle signals: {e}");
+    }
     running.shutdown().await;
     info!("stopped");
     ExitCode::SUCCESS
-}
-
-/// Serves until SIGTERM or SIGINT. SIGHUP reloads the configuration file and never exits: a
-/// configuration that fails to load or build leaves the last good one in force.
-async fn serve_until_signalled(running: &hubgate::Running, path: Option<&Path>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    loop {
-        tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: draining and shutting down"); return }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: draining and shutting down"); return }
-            _ = hup.recv() => {
-                info!("SIGHUP: reloading the configuration");
-                let loaded = Config::from_sources(path, &env).map_err(hubgate::Error::from);
-                let outcome = match loaded {
-                    Ok(config) => {
-                        for w in config_warnings(&config) {
-                            warn!("{w}");
-                        }
-                        running.reload(config)
-                    }
-                    Err(e) => {
-                        running.metrics().reload(false);
-                        Err(e)
-                    }
-                };
-                if let Err(e) = outcome {
-                    error!("reload failed, the last good configuration stays in force: {e}");
-                }
-            }
-        }
-    }
 }

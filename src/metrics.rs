@@ -13,8 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
-use crate::gate::Verdict;
-use crate::tls::CertInfo;
+use crate::pki::CertInfo;
 
 /// A route's path as a label value, shared rather than copied per request.
 pub type RouteLabel = Arc<String>;
@@ -190,32 +189,39 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished request under its verdict.
-    pub fn request(&self, route: &RouteLabel, verdict: &Verdict, status: u16) {
+    /// Counts a finished request under its verdict and status.
+    pub fn request(&self, route: &RouteLabel, verdict: &'static str, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.clone(),
-                verdict: verdict.label(),
+                verdict,
                 status,
             })
             .inc();
-        let by_reason = |family: &Family<RouteReason, Counter>, reason| {
-            family
-                .get_or_create(&RouteReason {
-                    route: route.clone(),
-                    reason,
-                })
-                .inc();
-        };
-        match verdict {
-            Verdict::Signature(e) => by_reason(&self.signature_failures, e.as_str()),
-            Verdict::Challenge(e) => by_reason(&self.challenges, e.as_str()),
-            Verdict::ChallengeAnswered => by_reason(&self.challenges, "ok"),
-            Verdict::UpstreamUnreachable
-            | Verdict::UpstreamTimeout
-            | Verdict::UpstreamBadResponse => by_reason(&self.upstream_errors, verdict.label()),
-            _ => {}
-        }
+    }
+
+    /// Counts a refused signature by its reason.
+    pub fn signature_failure(&self, route: &RouteLabel, reason: &'static str) {
+        Self::by_reason(&self.signature_failures, route, reason);
+    }
+
+    /// Counts a verification request: `ok` or the refusal's reason.
+    pub fn challenge(&self, route: &RouteLabel, outcome: &'static str) {
+        Self::by_reason(&self.challenges, route, outcome);
+    }
+
+    /// Counts a failed forward by its kind.
+    pub fn upstream_error(&self, route: &RouteLabel, reason: &'static str) {
+        Self::by_reason(&self.upstream_errors, route, reason);
+    }
+
+    fn by_reason(family: &Family<RouteReason, Counter>, route: &RouteLabel, reason: &'static str) {
+        family
+            .get_or_create(&RouteReason {
+                route: route.clone(),
+                reason,
+            })
+            .inc();
     }
 
     pub fn upstream_latency(&self, route: &RouteLabel, elapsed: Duration) {

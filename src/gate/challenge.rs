@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Longest challenge echoed. Meta sends a decimal integer; anything this long is not Meta.
 pub const MAX_CHALLENGE_BYTES: usize = 1024;

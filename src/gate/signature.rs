@@ -11,7 +11,7 @@ use http::HeaderMap;
 use sha1::Sha1;
 use sha2::Sha256;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 pub const SHA256_HEADER: &str = "x-hub-signature-256";
 pub const SHA1_HEADER: &str = "x-hub-signature";

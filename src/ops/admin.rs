@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (the process answers), `/readyz` (listener bound, certificates
-//! in date) and `/metrics` (OpenMetrics text). Plain HTTP/1.1, meant for loopback or a pod
+//! The admin listener: `/healthz` (the process answers), `/readyz` (serving, not draining,
+//! certificates in date, spool readable) and `/metrics` (OpenMetrics text). Plain HTTP/1.1, meant for loopback or a pod
 //! network; it never serves webhook routes, and the webhook listener never serves these paths.
 
 use std::convert::Infallible;
@@ -16,9 +16,8 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::config::ClientAuthMode;
-use crate::server::Shared;
-use crate::tls::CertInfo;
-use crate::unix_now;
+use crate::pki::{unix_now, CertInfo};
+use crate::state::Shared;
 
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -87,10 +86,14 @@ async fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-/// Ready when the server certificate is in date, with client auth on at least one trust anchor
-/// is, and the spool (if any) is open and readable. The backend's health is deliberately not
-/// part of it.
+/// Ready when not draining, the server certificate is in date, with client auth on at least
+/// one trust anchor is, and the spool (if any) is open and readable. The backend's health is
+/// deliberately not part of it. A drain answers `draining` while in-flight requests finish, so
+/// that a load balancer stops sending new ones.
 async fn readiness(shared: &Shared) -> Result<(), String> {
+    if shared.draining() {
+        return Err("draining".into());
+    }
     if let Some(spool) = &shared.spool {
         spool
             .summary()

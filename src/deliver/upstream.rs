@@ -1,7 +1,10 @@
-//! The upstream side: a pooled HTTP client, header hygiene on the way in, and the relay of the
-//! backend's answer on the way out.
+//! The upstream client: a pooled HTTP client (hyper-util, rustls), header hygiene on the way
+//! in, and the relay of the backend's answer on the way out. Used for sync routes and for
+//! spooled events alike.
 //!
-//! The body is forwarded as the same `Bytes` that were verified: no copy, no re-encoding.
+//! The body is forwarded as the same `Bytes` that were verified: no copy, no re-encoding. The
+//! identity headers (`X-Forwarded-For`, `X-Forwarded-Client-Cert` and the proxies' own) are
+//! stripped and set by the request's [`ClientContext`], which owns that rule.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,12 +22,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::UpstreamSettings;
-use crate::edge::TrustedProxies;
-use crate::tls::PeerIdentity;
+use crate::identity::ClientContext;
 
-/// Envoy's client-identity header. Removed from every inbound request, always.
-pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
-const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -38,25 +37,28 @@ pub enum ClientError {
     Tls(#[from] rustls::Error),
 }
 
-/// Why forwarding failed.
+/// Why forwarding failed. The causes are kept: [`error_chain`] shows them all.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("upstream unreachable: {0}")]
-    Unreachable(String),
+    #[error("upstream unreachable")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("bad upstream response: {0}")]
-    BadResponse(String),
+    #[error("bad upstream response")]
+    BadResponse(#[source] BadResponse),
+    #[error("the request's query string cannot be appended to the upstream URL")]
+    Query(#[source] http::Error),
 }
 
-/// What hubgate tells the backend about the client.
-pub struct Client<'a> {
-    /// The `X-Forwarded-For` value to send.
-    pub forwarded_for: HeaderValue,
-    /// The verified identity, from the TLS connection or a trusted proxy's header.
-    pub identity: Option<&'a PeerIdentity>,
-    /// Whose headers were believed; their identity headers are never forwarded as received.
-    pub trusted: &'a TrustedProxies,
+/// What was wrong with the backend's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BadResponse {
+    #[error("the exchange failed")]
+    Exchange(#[source] hyper_util::client::legacy::Error),
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("reading the body")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -121,7 +123,7 @@ impl Upstream {
         upstream: &Uri,
         parts: &Parts,
         body: Bytes,
-        client: &Client<'_>,
+        client: &ClientContext,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let uri = match parts.uri.query() {
             None => upstream.clone(),
@@ -168,18 +170,18 @@ impl Upstream {
         let exchange = async move {
             let resp = self.client.request(request).await.map_err(|e| {
                 if e.is_connect() {
-                    ForwardError::Unreachable(error_chain(&e))
+                    ForwardError::Unreachable(e)
                 } else {
-                    ForwardError::BadResponse(error_chain(&e))
+                    ForwardError::BadResponse(BadResponse::Exchange(e))
                 }
             })?;
             let (head, body) = resp.into_parts();
             let body = Limited::new(body, limit).collect().await.map_err(|e| {
-                if e.is::<LengthLimitError>() {
-                    ForwardError::BadResponse(format!("body larger than {limit} bytes"))
+                ForwardError::BadResponse(if e.is::<LengthLimitError>() {
+                    BadResponse::TooLarge(limit)
                 } else {
-                    ForwardError::BadResponse(error_chain(&*e))
-                }
+                    BadResponse::Body(e)
+                })
             })?;
             let mut out = Response::new(Full::new(body.to_bytes()));
             *out.status_mut() = head.status;
@@ -200,16 +202,18 @@ fn with_query(upstream: &Uri, query: &str) -> Result<Uri, ForwardError> {
         Some(existing) if !existing.is_empty() => format!("{path}?{existing}&{query}"),
         _ => format!("{path}?{query}"),
     };
-    let mut parts = upstream.clone().into_parts();
-    parts.path_and_query = Some(
-        joined
-            .parse()
-            .map_err(|_| ForwardError::BadResponse("query string is not valid in a URI".into()))?,
-    );
-    Uri::from_parts(parts).map_err(|_| ForwardError::BadResponse("invalid upstream URI".into()))
+    let mut builder = Uri::builder().path_and_query(joined);
+    if let Some(scheme) = upstream.scheme() {
+        builder = builder.scheme(scheme.clone());
+    }
+    if let Some(authority) = upstream.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    builder.build().map_err(ForwardError::Query)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes, `: `-separated, for logs and the spool's last error.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -246,7 +250,7 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
 /// The request headers sent upstream: end-to-end headers kept as they came (the signature
 /// header among them); hop-by-hop, framing and any inbound forwarding or identity headers
 /// dropped; `X-Forwarded-*` and the verified identity set by hubgate.
-pub fn upstream_headers(parts: &Parts, client: &Client<'_>) -> HeaderMap {
+pub fn upstream_headers(parts: &Parts, client: &ClientContext) -> HeaderMap {
     let named = connection_tokens(&parts.headers);
     let mut out = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
@@ -254,17 +258,15 @@ pub fn upstream_headers(parts: &Parts, client: &Client<'_>) -> HeaderMap {
             || named.contains(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
-            || name == XFCC
-            || name == XFF
             || name == XFP
             || name == XFH
             || name == FORWARDED
-            || client.trusted.is_identity_header(name);
+            || client.is_identity_header(name);
         if !drop {
             out.append(name.clone(), value.clone());
         }
     }
-    out.insert(XFF, client.forwarded_for.clone());
+    client.set_identity_headers(&mut out);
     out.insert(XFP, HeaderValue::from_static("https"));
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
@@ -274,11 +276,6 @@ pub fn upstream_headers(parts: &Parts, client: &Client<'_>) -> HeaderMap {
     });
     if let Some(host) = host {
         out.insert(XFH, host);
-    }
-    if let Some(id) = client.identity {
-        if let Some(v) = id.xfcc() {
-            out.insert(XFCC, v.clone());
-        }
     }
     out
 }

@@ -1,0 +1,141 @@
+//! What a running gate holds: the [`Generation`] that one configuration builds (new
+//! connections get the current one; open connections keep theirs), and the process-wide
+//! [`Shared`] parts that outlive reloads (metrics, the spool, recent sync deliveries, the body
+//! budget, the drain flag).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, Route};
+use crate::deliver::{RecentDeliveries, Upstream};
+use crate::gate::signature::Signer;
+use crate::identity::{verifier, ClientPolicy};
+use crate::metrics::{Metrics, RouteLabel};
+use crate::spool::Spool;
+use crate::tls;
+
+/// A route with its secrets keyed and ready.
+pub struct RouteState {
+    pub route: Route,
+    pub signer: Signer,
+    pub label: RouteLabel,
+}
+
+/// Everything built from one configuration, validated before use: the TLS acceptor, the
+/// client policy with its one certificate verifier, keyed routes and the upstream client.
+/// `hubgate check` builds one too, so it fails on everything `run` would fail on; a reload
+/// builds a new one and swaps it in only if that succeeded.
+pub struct Generation {
+    config: Config,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) http: auto::Builder<TokioExecutor>,
+    pub(crate) clients: ClientPolicy,
+    pub(crate) routes: HashMap<String, RouteState>,
+    /// The route label of requests to unknown paths.
+    pub(crate) no_route_label: RouteLabel,
+    pub(crate) upstream: Arc<Upstream>,
+}
+
+impl Generation {
+    pub fn new(config: Config) -> Result<Generation, crate::Error> {
+        let provider = crate::pki::crypto_provider();
+        let verifier = verifier::client_verifier(&config.client_auth, provider.clone())?;
+        let tls = tls::server_config(&config.server, verifier.clone(), provider.clone())?;
+        let upstream = Arc::new(Upstream::new(&config.upstream, provider)?);
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let state = RouteState {
+                    signer: Signer::new(&r.app_secrets, r.legacy_sha1),
+                    label: Arc::new(r.path.clone()),
+                    route: r.clone(),
+                };
+                (r.path.clone(), state)
+            })
+            .collect();
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.server.header_timeout)
+            .keep_alive(true);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(100)
+            .keep_alive_interval(Duration::from_secs(30));
+        Ok(Generation {
+            acceptor: TlsAcceptor::from(tls),
+            http,
+            clients: ClientPolicy::new(&config, verifier),
+            routes,
+            no_route_label: Arc::new("-".to_owned()),
+            upstream,
+            config,
+        })
+    }
+
+    /// The configuration this was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// What the listener, the admin endpoints, spool delivery and reloads share.
+pub(crate) struct Shared {
+    /// The configuration generation new connections get.
+    pub(crate) current: ArcSwap<Generation>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Settings fixed at start: a reload that changes them is told to restart.
+    pub(crate) started_with: Config,
+    /// The durable spool, open for the process's life when any route spools.
+    pub(crate) spool: Option<Spool>,
+    /// Bodies sync routes delivered recently (kept across reloads).
+    pub(crate) recent: RecentDeliveries,
+    /// Request body bytes held in memory at once, in KiB permits (`server.max_buffered_bytes`).
+    pub(crate) body_budget: Arc<Semaphore>,
+    /// Set when the drain starts: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        generation: Generation,
+        metrics: Arc<Metrics>,
+        spool: Option<Spool>,
+    ) -> Shared {
+        let config = generation.config();
+        let dedupe = config.sync_dedupe;
+        let budget_kib = usize::try_from(config.server.max_buffered_bytes.div_ceil(1024))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Shared {
+            started_with: config.clone(),
+            recent: RecentDeliveries::new(dedupe.window, dedupe.max_entries),
+            body_budget: Arc::new(Semaphore::new(budget_kib)),
+            current: ArcSwap::from_pointee(generation),
+            metrics,
+            spool,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
