@@ -1,5 +1,6 @@
 //! The `hubgate` binary's options: global options are accepted after the subcommand as well as
-//! before it (`hubgate spool summary --config F` = `hubgate spool --config F summary`).
+//! before it (`hubgate spool summary --config F` = `hubgate spool --config F summary`), and logs
+//! written to a pipe carry no ANSI colour codes.
 //!
 //! Keys and certificates are generated per test (rcgen) into a temporary folder.
 
@@ -181,5 +182,26 @@ fn check_takes_the_log_format_before_or_after_the_subcommand() {
     assert!(
         after.contains("/webhook"),
         "the summary names the route: {after}"
+    );
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    // Neither terminal nor NO_COLOR: stderr is a pipe, and NO_COLOR is removed from the child.
+    let out = hubgate(&["demo", "--listen", "127.0.0.1:0", "--exit-after-selftest"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the demo's self-test passes: exit {:?}\nstdout: {}\nstderr: {stderr}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("hubgate::access") && stderr.contains("verdict=\"forwarded\""),
+        "the demo logs its requests: {stderr}"
+    );
+    assert!(
+        !stderr.contains("\x1b["),
+        "no ANSI escape in piped logs: {stderr:?}"
     );
 }
