@@ -29,11 +29,28 @@ BIN_WHEELS=(
 K8S_VERSIONS=(1.30.0 1.37.0)  # oldest supported by the manifests (preStop sleep), newest bundled
 YAMLLINT_CONFIG='{extends: default, rules: {line-length: {max: 130}, document-start: disable, truthy: {check-keys: false}}}'
 
+# Every process this script starts, it ends: on success, on failure and when interrupted. Steps
+# run in a background subshell that the script waits for (step_pid), so a signal is acted on at
+# once: the subshell is told to stop (TERM), ends what it started (s_runtime: stop_started) and
+# is waited for before the scratch folder goes.
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/hubgate-validate.XXXXXX")
+step_pid=
 cleanup() {
+  trap '' INT TERM HUP # a second Ctrl-C does not cut the clean-up short
+  if [ -n "$step_pid" ]; then
+    kill -TERM "$step_pid" 2>/dev/null || true
+    wait "$step_pid" 2>/dev/null || true
+  fi
   if [ "${HUBGATE_VALIDATE_KEEP:-}" = 1 ]; then say "validate.sh: kept $TMP"; else rm -rf "$TMP"; fi
 }
+interrupted() {
+  say "validate.sh: interrupted ($1), stopping" >&2
+  exit "$2" # runs cleanup
+}
 trap cleanup EXIT
+trap 'interrupted SIGINT 130' INT
+trap 'interrupted SIGTERM 143' TERM
+trap 'interrupted SIGHUP 129' HUP
 
 passed=()
 failed=()
@@ -53,14 +70,19 @@ must() {
     return 1
   fi
 }
-# step NAME FUNCTION: runs the function in a subshell with errexit, records the outcome.
+# step NAME FUNCTION: runs the function in a subshell with errexit, records the outcome. The
+# subshell runs in the background (so that `wait` returns as soon as a signal comes) and exits
+# on TERM or HUP, running the EXIT trap the step set (s_runtime's stop_started).
 step() {
   local name=$1 t0=$SECONDS rc
   shift
   say "== $name"
   set +e
-  (set -euo pipefail; "$@")
+  (set -euo pipefail; trap 'exit 143' TERM; trap 'exit 129' HUP; "$@") &
+  step_pid=$!
+  wait "$step_pid"
   rc=$?
+  step_pid=
   set -e
   if [ "$rc" = 0 ]; then
     say "   PASS $name ($((SECONDS - t0))s)"
@@ -253,9 +275,36 @@ descendant_running() {
   done
 }
 
-stop_pids() {
-  local p
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+# descendants PID: the processes below PID, at any depth.
+descendants() {
+  local child
+  for child in $(pgrep -P "$1" || true); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
+# stop_started: ends the processes in `pids` (s_runtime's: the backend, and the subshell running
+# strace with hubgate below it) and everything below them, then waits until all are gone:
+# `wait` for this shell's children, polling for the others; SIGKILL for one still there after
+# 15 s (hubgate drains for up to 10 s).
+stop_started() {
+  local p i
+  local -a all=() below
+  for p in "${pids[@]}"; do
+    mapfile -t below < <(descendants "$p")
+    all+=("$p" "${below[@]}")
+  done
+  for p in "${all[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${all[@]}"; do
+    wait "$p" 2>/dev/null || true
+    for ((i = 0; i < 150; i++)); do
+      kill -0 "$p" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$p" 2>/dev/null; then kill -KILL "$p" 2>/dev/null || true; fi
+  done
+  pids=()
 }
 
 # Runs hubgate (compose's environment, loopback ports) in front of compose's sample backend,
@@ -264,14 +313,15 @@ s_runtime() {
   local p_tls p_admin p_backend p_closed
   read -r p_tls p_admin p_backend p_closed < <(policy free-ports 4)
   pids=()
-  trap stop_pids EXIT
+  trap stop_started EXIT
 
   local script
   script=$(policy compose-get "$TMP/compose.json" backend-script)
   [[ $script == *'("0.0.0.0", 3000)'* ]] || { say "  FAIL backend script listens elsewhere"; return 1; }
   local from='("0.0.0.0", 3000)' to="(\"127.0.0.1\", $p_backend)"
   python3 -u -c "${script/"$from"/"$to"}" >"$TMP/backend.log" 2>&1 &
-  pids+=($!)
+  local backend=$!
+  pids+=("$backend")
 
   {
     grep -v -e '^HUBGATE_LISTEN=' -e '^HUBGATE_ADMIN_LISTEN=' -e '^HUBGATE_UPSTREAM=' "$TMP/compose.env"
@@ -341,7 +391,9 @@ s_runtime() {
   wait "$tracer" || rc=$?
   must "SIGTERM: drained and exited 0 in $((SECONDS - t0))s (< 10s drain + margin)" \
     test "$rc" = 0 -a $((SECONDS - t0)) -le 12
-  pids=()
+  # hubgate and strace are gone (reaped): only the backend is left, and it goes now.
+  pids=("$backend")
+  stop_started
   policy strace "$here/systemd/hubgate.service" "$TMP/syscall-filter.txt" \
     "$TMP/strace.run.log" "$TMP/strace.check.log"
 }

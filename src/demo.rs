@@ -242,12 +242,17 @@ fn client(
         Some((chain, key)) => builder.with_client_auth_cert(chain.clone(), key.clone_key())?,
         None => builder.with_no_client_auth(),
     };
+    // TCP_NODELAY: a request leaves in more than one write (HTTP/2 HEADERS then DATA, each its
+    // own TLS record); with Nagle on, the second waits for the server's delayed ACK (~40 ms).
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(http);
     Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector))
 }
 

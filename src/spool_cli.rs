@@ -9,13 +9,15 @@ use clap::{Args, Subcommand};
 use hubgate::spool::{EventInfo, EventState, ListFilter, ReplayTarget, SpoolOps};
 use serde_json::{json, Value};
 
+/// The options are global: accepted before or after the subcommand (`hubgate spool summary
+/// --config F` and `hubgate spool --config F summary` are the same).
 #[derive(Args)]
 pub struct SpoolArgs {
     /// The spool database; by default `[spool] path` of the configuration.
-    #[arg(long)]
+    #[arg(long, global = true)]
     path: Option<PathBuf>,
     /// The configuration file to take the spool path from (also HUBGATE_CONFIG).
-    #[arg(long, env = "HUBGATE_CONFIG")]
+    #[arg(long, global = true, env = "HUBGATE_CONFIG")]
     config: Option<PathBuf>,
     /// Machine-readable output: one JSON document.
     #[arg(long, global = true)]

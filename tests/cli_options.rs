@@ -1,0 +1,207 @@
+//! The `hubgate` binary's options: global options are accepted after the subcommand as well as
+//! before it (`hubgate spool summary --config F` = `hubgate spool --config F summary`), and logs
+//! written to a pipe carry no ANSI colour codes.
+//!
+//! Keys and certificates are generated per test (rcgen) into a temporary folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::SystemTime;
+
+use hubgate::spool::{NewEvent, Spool, SpoolSettings};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// Runs the binary with `args`, stdout and stderr piped, without any `HUBGATE_*` or `NO_COLOR`
+/// variable from outside.
+fn hubgate(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubgate"));
+    cmd.args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HUBGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.output().expect("the hubgate binary runs")
+}
+
+/// Runs `hubgate args…` and requires exit 0; returns stdout.
+fn hubgate_ok(args: &[&str]) -> String {
+    let out = hubgate(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "hubgate {args:?}: exit {:?}\nstdout: {stdout}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A throwaway CA and a server certificate under it in `dir`, and a configuration with one
+/// spooled route and `[spool] path = "spool.db"` (next to the configuration).
+fn write_config(dir: &Path) -> PathBuf {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "hubgate cli_options test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let path = dir.join("hubgate.toml");
+    std::fs::write(
+        &path,
+        r#"[server]
+listen = "127.0.0.1:0"
+cert = "server.pem"
+key = "server.key"
+
+[client_auth]
+mode = "require"
+roots = "ca.pem"
+
+[[route]]
+path = "/webhook"
+verify_token = "token"
+app_secrets = ["secret"]
+upstream = "http://127.0.0.1:9/hook"
+delivery = "spool"
+
+[spool]
+path = "spool.db"
+"#,
+    )
+    .unwrap();
+    path
+}
+
+/// Stores `bodies` as pending events of `/webhook` in the spool at `db` (nothing delivers them).
+async fn fill_spool(db: &Path, bodies: &[&str]) {
+    let spool = tokio::task::block_in_place(|| Spool::open(SpoolSettings::new(db)))
+        .expect("open the spool");
+    for body in bodies {
+        spool
+            .accept(NewEvent {
+                route: "/webhook".to_owned(),
+                body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+                headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
+                query: None,
+                client_identity: None,
+                received_at: SystemTime::now(),
+            })
+            .await
+            .expect("the spool stores the event");
+    }
+    spool.close().await;
+}
+
+/// The first `n` whitespace-separated fields of every line: the output without its ages, which
+/// may tick over between two runs.
+fn fields(stdout: &str, n: usize) -> Vec<Vec<String>> {
+    stdout
+        .lines()
+        .map(|l| l.split_whitespace().take(n).map(str::to_owned).collect())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn spool_options_are_accepted_before_and_after_the_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let config = config.to_str().unwrap();
+    let db = dir.path().join("spool.db");
+    fill_spool(&db, &[r#"{"n":1}"#, r#"{"n":2}"#]).await;
+    let db = db.to_str().unwrap();
+
+    let before = hubgate_ok(&["spool", "--config", config, "summary"]);
+    let after = hubgate_ok(&["spool", "summary", "--config", config]);
+    assert_eq!(fields(&before, 4), fields(&after, 4), "{before}\n{after}");
+    assert!(
+        fields(&after, 4).contains(&vec![
+            "/webhook".to_owned(),
+            "2".to_owned(),
+            "0".to_owned(),
+            "0".to_owned()
+        ]),
+        "the summary counts the 2 pending events: {after}"
+    );
+
+    // Every subcommand, every spool option (--path, --config, --json), in either place.
+    let before = hubgate_ok(&["spool", "--path", db, "list", "--state", "pending"]);
+    let after = hubgate_ok(&["spool", "list", "--state", "pending", "--path", db]);
+    assert_eq!(fields(&before, 5), fields(&after, 5), "{before}\n{after}");
+    assert_eq!(after.lines().count(), 3, "a header and 2 events: {after}");
+
+    let before = hubgate_ok(&["spool", "--config", config, "--json", "show", "1"]);
+    let after = hubgate_ok(&["spool", "show", "1", "--json", "--config", config]);
+    let id_and_body = |s: &str| {
+        let v: serde_json::Value = serde_json::from_str(s).expect("JSON");
+        (v["id"].clone(), v["body"].clone())
+    };
+    assert_eq!(id_and_body(&before), id_and_body(&after));
+    assert_eq!(id_and_body(&after).1, r#"{"n":1}"#);
+
+    // Nothing is dead: replay and purge find nothing, wherever --path is.
+    assert_eq!(
+        hubgate_ok(&["spool", "--path", db, "replay", "--all-dead"]),
+        hubgate_ok(&["spool", "replay", "--all-dead", "--path", db])
+    );
+    assert_eq!(
+        hubgate_ok(&["spool", "--path", db, "purge", "--older-than", "1d"]),
+        hubgate_ok(&["spool", "purge", "--older-than", "1d", "--path", db])
+    );
+}
+
+#[test]
+fn check_takes_the_log_format_before_or_after_the_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let config = config.to_str().unwrap();
+    let before = hubgate_ok(&["--log-format", "json", "check", "--config", config]);
+    let after = hubgate_ok(&["check", "--config", config, "--log-format", "json"]);
+    assert_eq!(before, after);
+    assert!(
+        after.contains("/webhook"),
+        "the summary names the route: {after}"
+    );
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    // Neither terminal nor NO_COLOR: stderr is a pipe, and NO_COLOR is removed from the child.
+    let out = hubgate(&["demo", "--listen", "127.0.0.1:0", "--exit-after-selftest"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the demo's self-test passes: exit {:?}\nstdout: {}\nstderr: {stderr}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("hubgate::access") && stderr.contains("verdict=\"forwarded\""),
+        "the demo logs its requests: {stderr}"
+    );
+    assert!(
+        !stderr.contains("\x1b["),
+        "no ANSI escape in piped logs: {stderr:?}"
+    );
+}
