@@ -91,7 +91,14 @@ async fn serve_route(
             let (parts, body) = req.into_parts();
             let (body, _reserved) = read_body(generation, shared, &parts.headers, body).await?;
             let signed = verify(route, &parts.headers, &body)?;
-            deliver(generation, shared, route, client, &parts, body, &signed).await
+            let event = Event {
+                route,
+                client,
+                parts: &parts,
+                body,
+                signed,
+            };
+            deliver(generation, shared, event).await
         }
         _ => Err(Outcome::MethodNotAllowed),
     }
@@ -168,19 +175,24 @@ fn verify(route: &RouteState, headers: &HeaderMap, body: &[u8]) -> Result<Signat
         .map_err(Outcome::Signature)
 }
 
+/// An event that passed every check, ready to deliver.
+struct Event<'a> {
+    route: &'a RouteState,
+    client: &'a ClientContext,
+    parts: &'a Parts,
+    body: Bytes,
+    signed: SignatureMatch,
+}
+
 /// Hands the authenticated event to the route's delivery.
 async fn deliver(
     generation: &Generation,
     shared: &Shared,
-    route: &RouteState,
-    client: &ClientContext,
-    parts: &Parts,
-    body: Bytes,
-    signed: &SignatureMatch,
+    event: Event<'_>,
 ) -> Result<Reply, Outcome> {
-    match route.route.delivery {
-        Delivery::Spool => spool(shared, route, client, parts, body).await,
-        Delivery::Sync => forward(generation, shared, route, client, parts, body, signed).await,
+    match event.route.route.delivery {
+        Delivery::Spool => spool(shared, event).await,
+        Delivery::Sync => forward(generation, shared, event).await,
     }
 }
 
@@ -189,12 +201,15 @@ async fn deliver(
 async fn forward(
     generation: &Generation,
     shared: &Shared,
-    route: &RouteState,
-    client: &ClientContext,
-    parts: &Parts,
-    body: Bytes,
-    signed: &SignatureMatch,
+    event: Event<'_>,
 ) -> Result<Reply, Outcome> {
+    let Event {
+        route,
+        client,
+        parts,
+        body,
+        signed,
+    } = event;
     let recent = &shared.recent;
     if route.route.dedupe && recent.contains(&route.label, &signed.mac) {
         return Ok((Outcome::Duplicate, outcome::event_received()));
@@ -229,16 +244,18 @@ async fn forward(
 
 /// Spool delivery: the 200 goes out only after the commit that holds the event; when it
 /// cannot be stored, 503 so that Meta retries.
-async fn spool(
-    shared: &Shared,
-    route: &RouteState,
-    client: &ClientContext,
-    parts: &Parts,
-    body: Bytes,
-) -> Result<Reply, Outcome> {
+async fn spool(shared: &Shared, event: Event<'_>) -> Result<Reply, Outcome> {
+    let route = event.route;
     // Validation makes a spool route without [spool] impossible.
     let spool = shared.spool.as_ref().ok_or(Outcome::SpoolError)?;
-    match spooling::store(spool, &route.route.path, parts, body, client).await {
+    let stored = spooling::store(
+        spool,
+        &route.route.path,
+        event.parts,
+        event.body,
+        event.client,
+    );
+    match stored.await {
         Ok(Accepted::Stored(_)) => Ok((Outcome::Spooled, outcome::event_received())),
         Ok(Accepted::Duplicate) => Ok((Outcome::Duplicate, outcome::event_received())),
         Err(e) => {
