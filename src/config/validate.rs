@@ -462,12 +462,14 @@ fn trusted_proxies(
         "alb-passthrough" => IdentityHeader::Certificate(ALB_CERT),
         "subject-header" => IdentityHeader::Subject(header("subject-header")?),
         "cert-header" => IdentityHeader::Certificate(header("cert-header")?),
-        other => return Err(cx.err(
-            "trusted_proxies.identity",
-            format!(
+        other => {
+            return Err(cx.err(
+                "trusted_proxies.identity",
+                format!(
                 "`{other}` is not one of none, alb, alb-passthrough, subject-header, cert-header"
             ),
-        )),
+            ))
+        }
     };
     if matches!(identity, IdentityHeader::Certificate(_)) && client_auth.mode == ClientAuthMode::Off
     {

@@ -321,7 +321,7 @@ fn route_variables_refuse_a_file_with_several_routes() {
 
 #[test]
 fn validation_errors_name_the_variable() {
-    let env = reader(&[("HUBGATE_LISTEN", "nowhere"), ("HUBGATE_APP_SECRET", "s")]);
+    let env = reader(&[("HUBGATE_LISTEN", "nowhere")]);
     let err = crate::config::Config::from_sources(None, &env)
         .err()
         .unwrap();
