@@ -24,9 +24,9 @@ use std::time::Duration;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use crate::spool::SpoolSettings;
 // Types from modules being reshaped (`crate::tls` → `crate::pki`; the proxy types come here).
 use crate::edge::TrustedProxies;
-use crate::spool::SpoolSettings;
 use crate::tls::Anchor;
 
 pub use env::{env_configured, env_docs, ENV_VARS};
@@ -185,6 +185,8 @@ pub struct Route {
     pub dedupe: bool,
 }
 
+// Moving to `crate::secret::Secret` (re-exported here); this module builds one only through
+// `Secret::new`.
 /// Secret bytes; `Debug` never shows them.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Vec<u8>);

@@ -1,7 +1,10 @@
 //! Validation: the raw shapes become a [`Config`], one function per section, every referenced
 //! file loaded. Every error names the file and the key (with `(from HUBGATE_…)` when the
-//! environment set it). Sections are checked in the order of the file's documentation, and
-//! the first error found is the one reported.
+//! environment set it). Sections are checked in a fixed order (server, client_auth, upstream,
+//! routes, admin, trusted_proxies, dedupe, spool, then the checks across sections) and the
+//! first error found is the one reported. A section that depends on another one checked
+//! before it (a route's client certificate on `client_auth.mode`, `admin.listen` on
+//! `server.listen`…) takes what it needs as an argument.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -9,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::spool::SpoolSettings;
 // The certificate helpers and the proxy types (moving to `crate::pki` and `crate::config`).
 use crate::edge::{IdentityHeader, TrustedProxies, ALB_CERT, ALB_SUBJECT};
 use crate::tls::{check_key_matches, load_anchors, load_certs, load_key};
@@ -21,7 +25,6 @@ use super::{
     ClientAuth, ClientAuthMode, Config, ConfigError, Delivery, Route, RouteClientCert, Secret,
     ServerSettings, SyncDedupe, UpstreamSettings, DEFAULT_MAX_BODY_BYTES, META_CLIENT_CN,
 };
-use crate::spool::SpoolSettings;
 
 /// What validation needs besides the raw configuration: names for errors, the folder relative
 /// paths resolve against, and the environment reader for `{ env = "NAME" }` secrets.
