@@ -1,6 +1,6 @@
-//! Configuration, in layers: the raw TOML shape ([`raw`]: serde, unknown keys rejected), the
-//! `HUBGATE_*` environment variables on top ([`env`]: one table drives both the overlay and
-//! [`ENV_VARS`]), and validation into a [`Config`] ([`validate`]: one function per section)
+//! Configuration, in layers: the raw TOML shape (`raw`: serde, unknown keys rejected), the
+//! `HUBGATE_*` environment variables on top (`env`: one table drives both the overlay and
+//! [`ENV_VARS`]), and validation into a [`Config`] (`validate`: one function per section)
 //! that holds everything `run` needs, already loaded: certificates, keys, trust anchors and
 //! secrets. `hubgate check` and `hubgate run` both go through here, so a config that checks is
 //! a config that runs; [`Config::warnings`] is what both print about a config that is valid
