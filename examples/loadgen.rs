@@ -1243,7 +1243,7 @@ async fn ready(a: ReadyArgs) -> i32 {
         if let Err(e) = warm_up_client(&t.pki, config.clone(), &req).await {
             eprintln!("loadgen ready: client warm-up failed: {e}");
         }
-        if std::env::var_os("LOADGEN_DEBUG").is_some() {
+        if hubgate::config::process_env("LOADGEN_DEBUG").is_some() {
             eprintln!(
                 "ready: warm-up {i} took {:.1} ms",
                 w.elapsed().as_secs_f64() * 1000.0
@@ -1274,7 +1274,7 @@ async fn ready(a: ReadyArgs) -> i32 {
             c.roundtrip(&req, true).await
         })
         .await;
-        if std::env::var_os("LOADGEN_DEBUG").is_some() {
+        if hubgate::config::process_env("LOADGEN_DEBUG").is_some() {
             eprintln!(
                 "ready: attempt {attempts} at {:.1} ms: {}",
                 started.elapsed().as_secs_f64() * 1000.0,

@@ -48,8 +48,7 @@ fn time<F: FnMut()>(budget: Duration, mut f: F) -> f64 {
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
     let budget = Duration::from_millis(
-        std::env::var("MICROBENCH_MS")
-            .ok()
+        hubgate::config::process_env("MICROBENCH_MS")
             .and_then(|v| v.parse().ok())
             .unwrap_or(900),
     );

@@ -719,7 +719,7 @@ async fn expired_dedupe_keys_are_pruned() {
 #[tokio::test]
 #[ignore = "needs a small file system: set HUBGATE_SPOOL_ENOSPC_DIR"]
 async fn a_full_disk_is_reported_as_full() {
-    let Some(dir) = std::env::var_os("HUBGATE_SPOOL_ENOSPC_DIR") else {
+    let Some(dir) = crate::config::process_env("HUBGATE_SPOOL_ENOSPC_DIR") else {
         return;
     };
     let dir = tempfile::tempdir_in(dir).unwrap();
