@@ -229,14 +229,7 @@ async fn sign_output_is_accepted_by_the_gate() {
     let out = hubgate_output_async(&["sign", "--secret", SECRET], &body).await;
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let signature = text(&out.stdout).trim_end().to_owned();
-    let resp = s
-        .http()
-        .post(s.url("/webhook"))
-        .header(SIG, &signature)
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = s.post_with_headers(&body, &[(SIG, &signature)]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(s.upstream.only().body, body);
 }

@@ -20,6 +20,31 @@ fn raw_post(s: &Started, body: &[u8], extra: &str, connection_tokens: &str) -> V
     r
 }
 
+/// Sends [`raw_post`] of `body` on a fresh TLS connection with Meta's certificate: it must be
+/// answered 200, and the one request the upstream received is returned.
+async fn forward_raw(s: &Started, body: &[u8], extra: &str, connection_tokens: &str) -> Recorded {
+    let resp = s
+        .raw(&raw_post(s, body, extra, connection_tokens))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    s.upstream.only()
+}
+
+/// The upstream's one request is the signed POST of `body` with Meta's identity, to `/hook`.
+fn assert_forwarded_as_sent(s: &Started, body: &[u8]) -> Recorded {
+    let got = s.upstream.only();
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.uri, "/hook");
+    assert_eq!(got.body, body);
+    assert_eq!(got.header(SIG), Some(sign(SECRET, body)));
+    assert_eq!(
+        got.header("x-forwarded-client-cert"),
+        Some(s.expected_xfcc())
+    );
+    got
+}
+
 /// The default scenario, its upstream answering `reply`.
 async fn replying(reply: Reply) -> Started {
     Scenario::new().reply(reply).start().await
@@ -33,15 +58,7 @@ async fn http1_request_is_forwarded_end_to_end() {
     assert_eq!(resp.version(), http::Version::HTTP_11);
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap(), "ok");
-    let got = s.upstream.only();
-    assert_eq!(got.method, "POST");
-    assert_eq!(got.uri, "/hook");
-    assert_eq!(got.body, body);
-    assert_eq!(got.header(SIG), Some(sign(SECRET, &body)));
-    assert_eq!(
-        got.header("x-forwarded-client-cert"),
-        Some(s.expected_xfcc())
-    );
+    assert_forwarded_as_sent(&s, &body);
 }
 
 #[tokio::test]
@@ -54,15 +71,7 @@ async fn http2_request_is_forwarded_end_to_end() {
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap(), "ok");
-    let got = s.upstream.only();
-    assert_eq!(got.method, "POST");
-    assert_eq!(got.uri, "/hook");
-    assert_eq!(got.body, body);
-    assert_eq!(got.header(SIG), Some(sign(SECRET, &body)));
-    assert_eq!(
-        got.header("x-forwarded-client-cert"),
-        Some(s.expected_xfcc())
-    );
+    let got = assert_forwarded_as_sent(&s, &body);
     // :authority stands in for Host.
     assert_eq!(got.header("x-forwarded-host"), Some(s.gate.authority()));
 }
@@ -97,10 +106,7 @@ async fn http2_streams_on_one_connection_are_each_forwarded() {
 async fn upstream_receives_exact_body_and_headers() {
     let s = Scenario::new().start().await;
     let body = sample_body();
-    let req = raw_post(&s, &body, "User-Agent: facebookexternalua\r\n", "");
-    let resp = s.raw(&req).await.unwrap();
-    assert_eq!(resp.status, 200);
-    let got = s.upstream.only();
+    let got = forward_raw(&s, &body, "User-Agent: facebookexternalua\r\n", "").await;
     assert_eq!(got.method, "POST");
     assert_eq!(got.uri, "/hook");
     assert_eq!(got.version, http::Version::HTTP_11);
@@ -134,11 +140,9 @@ async fn no_header_is_added_that_the_client_did_not_send() {
     let s = Scenario::new().start().await;
     let body = sample_body();
     // No Accept header on the way in.
-    let req = raw_post(&s, &body, "", "");
-    let resp = s.raw(&req).await.unwrap();
-    assert_eq!(resp.status, 200);
+    let got = forward_raw(&s, &body, "", "").await;
     assert_eq!(
-        s.upstream.only().header("accept"),
+        got.header("accept"),
         None,
         "hubgate's upstream client added an Accept header"
     );
@@ -237,15 +241,13 @@ async fn spoofed_xfcc_is_removed_without_a_client_cert() {
 async fn several_spoofed_xfcc_headers_are_all_removed() {
     let s = Scenario::new().start().await;
     let body = sample_body();
-    let req = raw_post(
+    let got = forward_raw(
         &s,
         &body,
         "X-Forwarded-Client-Cert: Hash=evil1\r\nx-forwarded-client-cert: Hash=evil2\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n",
         "",
-    );
-    let resp = s.raw(&req).await.unwrap();
-    assert_eq!(resp.status, 200);
-    let got = s.upstream.only();
+    )
+    .await;
     assert_eq!(
         got.header("x-forwarded-client-cert"),
         Some(s.expected_xfcc())
@@ -257,15 +259,13 @@ async fn several_spoofed_xfcc_headers_are_all_removed() {
 async fn hop_by_hop_request_headers_are_dropped() {
     let s = Scenario::new().start().await;
     let body = sample_body();
-    let req = raw_post(
+    let got = forward_raw(
         &s,
         &body,
         "X-Hop-Custom: per-connection\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nTE: trailers\r\nTrailer: X-Checksum\r\nX-End-To-End: kept\r\n",
         ", X-Hop-Custom",
-    );
-    let resp = s.raw(&req).await.unwrap();
-    assert_eq!(resp.status, 200);
-    let got = s.upstream.only();
+    )
+    .await;
     for name in [
         "connection",
         "x-hop-custom",

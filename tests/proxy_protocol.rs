@@ -23,6 +23,28 @@ async fn post_after_proxy_header(s: &Started, header: &[u8]) -> std::io::Result<
     raw_exchange_on(s.tls_config(Some(&s.cert), false), tcp, &request).await
 }
 
+/// A signed POST after `header` is forwarded with `X-Forwarded-For: {client}`.
+async fn assert_client_address(header: &[u8], client: &str) {
+    let s = behind_proxy("127.0.0.1/32").start().await;
+    let resp = post_after_proxy_header(&s, header).await.unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        s.upstream.only().header("x-forwarded-for").as_deref(),
+        Some(client)
+    );
+}
+
+/// The connection behind `result` was dropped, nothing was forwarded, and the drop is counted
+/// as `reason`.
+async fn assert_dropped(s: &Started, result: std::io::Result<RawResponse>, reason: &str) {
+    assert!(result.is_err(), "got {result:?}");
+    s.upstream.assert_nothing_received();
+    s.metrics_eventually_contain(&format!(
+        "hubgate_refused_connections_total{{reason=\"{reason}\"}} 1\n"
+    ))
+    .await;
+}
+
 fn proxy_v2_header(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> Vec<u8> {
     let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     h.push(0x21); // version 2, PROXY
@@ -37,27 +59,17 @@ fn proxy_v2_header(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> 
 
 #[tokio::test]
 async fn proxy_v1_header_gives_the_client_address() {
-    let s = behind_proxy("127.0.0.1/32").start().await;
-    let resp = post_after_proxy_header(&s, b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 443\r\n")
-        .await
-        .unwrap();
-    assert_eq!(resp.status, 200, "{resp:?}");
-    assert_eq!(
-        s.upstream.only().header("x-forwarded-for").as_deref(),
-        Some("203.0.113.7")
-    );
+    assert_client_address(
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 443\r\n",
+        "203.0.113.7",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn proxy_v2_header_gives_the_client_address() {
-    let s = behind_proxy("127.0.0.1/32").start().await;
     let header = proxy_v2_header([203, 0, 113, 7], [127, 0, 0, 1], 5555, 443);
-    let resp = post_after_proxy_header(&s, &header).await.unwrap();
-    assert_eq!(resp.status, 200, "{resp:?}");
-    assert_eq!(
-        s.upstream.only().header("x-forwarded-for").as_deref(),
-        Some("203.0.113.7")
-    );
+    assert_client_address(&header, "203.0.113.7").await;
 }
 
 #[tokio::test]
@@ -65,24 +77,14 @@ async fn proxy_protocol_listener_drops_a_connection_without_header() {
     let s = behind_proxy("127.0.0.1/32").start().await;
     let request = s.signed_request("/webhook", &sample_body(), "");
     let result = s.raw(&request).await;
-    assert!(result.is_err(), "got {result:?}");
-    s.upstream.assert_nothing_received();
-    s.metrics_eventually_contain(
-        "hubgate_refused_connections_total{reason=\"proxy_protocol\"} 1\n",
-    )
-    .await;
+    assert_dropped(&s, result, "proxy_protocol").await;
 }
 
 #[tokio::test]
 async fn proxy_header_from_an_untrusted_address_is_refused() {
     let s = behind_proxy("10.0.0.0/8").start().await;
     let result = post_after_proxy_header(&s, b"PROXY TCP4 31.13.1.1 127.0.0.1 5555 443\r\n").await;
-    assert!(result.is_err(), "got {result:?}");
-    s.upstream.assert_nothing_received();
-    s.metrics_eventually_contain(
-        "hubgate_refused_connections_total{reason=\"proxy_protocol\"} 1\n",
-    )
-    .await;
+    assert_dropped(&s, result, "proxy_protocol").await;
 }
 
 #[tokio::test]
@@ -93,12 +95,7 @@ async fn proxy_protocol_source_outside_allow_sources_is_dropped_before_tls() {
         .await;
     let result =
         post_after_proxy_header(&s, b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 443\r\n").await;
-    assert!(result.is_err(), "got {result:?}");
-    s.upstream.assert_nothing_received();
-    s.metrics_eventually_contain(
-        "hubgate_refused_connections_total{reason=\"source_not_allowed\"} 1\n",
-    )
-    .await;
+    assert_dropped(&s, result, "source_not_allowed").await;
     // Refused before TLS: no handshake was attempted, so none failed.
     assert!(!s
         .metrics()

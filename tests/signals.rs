@@ -17,6 +17,17 @@ async fn run_binary(pki: &Pki, cfg: &GateConfig) -> (Hubgate, Gate) {
     (child, Gate::at(addr))
 }
 
+/// A verification request for `challenge` is answered with the challenge.
+async fn assert_challenge_echoed(http: &reqwest::Client, gate: &Gate, challenge: &str) {
+    let resp = http
+        .get(gate.url(&challenge_path(challenge)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), challenge);
+}
+
 /// A signed POST of a fresh body on a fresh client presenting `identity`.
 async fn post_fresh(pki: &Pki, identity: &ClientCert, gate: &Gate) -> reqwest::Result<u16> {
     post_signed(
@@ -39,11 +50,7 @@ async fn sighup_reloads_a_rewritten_certificate_and_keeps_running() {
     // Renewed in place, as cert-manager or certbot would, and the config rewritten.
     pki.reissue_server_cert(&REISSUED_SERIAL, "server-chain.pem", "server.key");
     cfg.write(&pki, "hubgate.toml");
-    let mark = child.log_count();
-    child.signal("HUP");
-    child
-        .wait_log(mark, "configuration reloaded", Duration::from_secs(10))
-        .await;
+    child.sighup("configuration reloaded").await;
 
     assert_eq!(
         server_serial(&pki, Some(&cert), gate.addr).await.unwrap(),
@@ -63,22 +70,14 @@ async fn sighup_with_a_broken_config_keeps_serving() {
 
     // Not TOML at all.
     pki.write("hubgate.toml", "[server\nlisten = ");
-    let mark = child.log_count();
-    child.signal("HUP");
-    child
-        .wait_log(mark, "reload failed", Duration::from_secs(10))
-        .await;
+    child.sighup("reload failed").await;
     assert!(child.running());
     assert_eq!(post_fresh(&pki, &cert, &gate).await.unwrap(), 200);
 
     // Valid TOML, but the key file no longer matches the certificate.
     cfg.write(&pki, "hubgate.toml");
     pki.reissue_server_cert(&REISSUED_SERIAL, "unused-chain.pem", "server.key");
-    let mark = child.log_count();
-    child.signal("HUP");
-    child
-        .wait_log(mark, "reload failed", Duration::from_secs(10))
-        .await;
+    child.sighup("reload failed").await;
     assert!(child.running());
     assert_eq!(
         server_serial(&pki, Some(&cert), gate.addr).await.unwrap(),
@@ -173,13 +172,7 @@ async fn env_only_sidecar_serves_challenge_and_signed_event() {
 
     let cert = pki.meta_client();
     let http = client(&pki, Some(&cert));
-    let resp = http
-        .get(gate.url(&challenge_path("1158201444")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "1158201444");
+    assert_challenge_echoed(&http, &gate, "1158201444").await;
 
     let body = sample_body();
     let resp = post_signed(&http, &gate.url("/webhook"), &body)
@@ -206,11 +199,5 @@ async fn plain_hubgate_with_only_environment_runs_the_gate() {
     ]);
     let (_child, gate) = spawn_sidecar(&pki, &[], &env).await;
     let http = client(&pki, Some(&pki.meta_client()));
-    let resp = http
-        .get(gate.url(&challenge_path("77")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "77");
+    assert_challenge_echoed(&http, &gate, "77").await;
 }

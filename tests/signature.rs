@@ -8,15 +8,7 @@ use common::*;
 /// POSTs `body` to `/webhook` with Meta's certificate and each `(name, value)` header; the
 /// status.
 async fn post(s: &Started, body: &[u8], headers: &[(&str, &str)]) -> u16 {
-    let mut req = s
-        .http()
-        .post(s.url("/webhook"))
-        .header("content-type", "application/json")
-        .body(body.to_vec());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.expect("request").status().as_u16()
+    s.post_with_headers(body, headers).await.status().as_u16()
 }
 
 /// The request was refused with 403 and the upstream got nothing.
@@ -89,16 +81,7 @@ async fn secret_from_file_is_accepted_without_its_trailing_newline() {
         .start()
         .await;
     let body = sample_body();
-    let resp = s
-        .http()
-        .post(s.url("/webhook"))
-        .header(SIG, sign("file-held-secret", &body))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(s.upstream.only().body, body);
+    assert_forwarded(&s, &body, &[(SIG, &sign("file-held-secret", &body))]).await;
 }
 
 #[tokio::test]

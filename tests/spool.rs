@@ -90,6 +90,19 @@ impl SpoolScenario for Started {
     }
 }
 
+/// Two ordinary events tagged `tag` and a poisoned one, each posted and acknowledged.
+async fn post_two_events_and_a_poisoned_one(s: &Started, tag: &str) -> [Vec<u8>; 3] {
+    let events = [
+        event_body(tag, 1),
+        event_body(tag, 2),
+        event_body("poison", 3),
+    ];
+    for body in &events {
+        s.post_acked(body).await;
+    }
+    events
+}
+
 fn store_events(db: &Path) -> Vec<EventInfo> {
     SpoolOps::open(db)
         .expect("open the spool")
@@ -440,14 +453,7 @@ async fn spool_cli_summary_list_and_show_read_the_running_gates_store() {
         }
     });
     let s = spooling_to(&backend, "60s").await;
-    let (a, b, p) = (
-        event_body("cli", 1),
-        event_body("cli", 2),
-        event_body("poison", 3),
-    );
-    for body in [&a, &b, &p] {
-        s.post_acked(body).await;
-    }
+    let [a, b, p] = post_two_events_and_a_poisoned_one(&s, "cli").await;
     eventually(
         WITHIN,
         || {
@@ -596,14 +602,7 @@ async fn spool_cli_replay_and_purge_while_the_gate_runs() {
     let backend = Upstream::start().await;
     backend.set_status(400);
     let s = spooling_to(&backend, "60s").await;
-    let (a, b, p) = (
-        event_body("replay", 1),
-        event_body("replay", 2),
-        event_body("poison", 3),
-    );
-    for body in [&a, &b, &p] {
-        s.post_acked(body).await;
-    }
+    let [a, b, p] = post_two_events_and_a_poisoned_one(&s, "replay").await;
     eventually(
         WITHIN,
         || {

@@ -46,6 +46,15 @@ async fn post_with_headers(
     req.send().await.unwrap()
 }
 
+/// `resp` was refused 403, nothing was forwarded, and the metrics count `count` requests with
+/// `verdict`.
+fn assert_refused(s: &Started, resp: &reqwest::Response, verdict: &str, count: u64) {
+    assert_eq!(resp.status(), 403);
+    s.upstream.assert_nothing_received();
+    let line = format!("verdict=\"{verdict}\",status=\"403\"}} {count}");
+    assert!(s.metrics().contains(&line), "missing {line:?}");
+}
+
 fn no_amzn_headers(r: &Recorded) {
     let amzn: Vec<_> = r
         .headers
@@ -53,6 +62,20 @@ fn no_amzn_headers(r: &Recorded) {
         .filter(|k| k.as_str().starts_with("x-amzn-"))
         .collect();
     assert!(amzn.is_empty(), "forwarded identity headers: {amzn:?}");
+}
+
+/// A POST through the proxy at 127.0.0.1 with Meta's subject and these `X-Forwarded-For` lines
+/// is forwarded with `X-Forwarded-For: {forwarded}`.
+async fn assert_forwarded_for(lines: &[&str], forwarded: &str) {
+    let s = proxied("127.0.0.1/32", "alb").start().await;
+    let mut headers = vec![(ALB_SUBJECT, META_SUBJECT)];
+    headers.extend(lines.iter().map(|l| ("x-forwarded-for", *l)));
+    let resp = post_with_headers(&s.client(None), &s, &headers).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        s.upstream.only().header("x-forwarded-for").as_deref(),
+        Some(forwarded)
+    );
 }
 
 fn url_encoded_chain(cert: &ClientCert) -> String {
@@ -79,11 +102,7 @@ async fn alb_subject_with_a_wrong_cn_is_refused() {
     let s = proxied("127.0.0.1/32", "alb").start().await;
     let http = s.client(None);
     let resp = post_with_headers(&http, &s, &[(ALB_SUBJECT, "CN=evil.example.com,O=Meta")]).await;
-    assert_eq!(resp.status(), 403);
-    s.upstream.assert_nothing_received();
-    assert!(s
-        .metrics()
-        .contains("verdict=\"bad_identity_header\",status=\"403\"} 1"));
+    assert_refused(&s, &resp, "bad_identity_header", 1);
 }
 
 #[tokio::test]
@@ -91,11 +110,7 @@ async fn identity_headers_from_an_untrusted_peer_do_not_stand_in_for_a_certifica
     let s = proxied("10.0.0.0/8", "alb").start().await;
     let http = s.client(None);
     let resp = post_with_headers(&http, &s, &[(ALB_SUBJECT, META_SUBJECT)]).await;
-    assert_eq!(resp.status(), 403);
-    s.upstream.assert_nothing_received();
-    assert!(s
-        .metrics()
-        .contains("verdict=\"client_cert_required\",status=\"403\"} 1"));
+    assert_refused(&s, &resp, "client_cert_required", 1);
 }
 
 #[tokio::test]
@@ -128,45 +143,14 @@ async fn untrusted_peer_gets_its_own_xfcc_and_xff_whatever_it_sends() {
 
 #[tokio::test]
 async fn trusted_proxy_forwarded_for_is_extended_with_the_proxy_address() {
-    let s = proxied("127.0.0.1/32", "alb").start().await;
-    let http = s.client(None);
-    let resp = post_with_headers(
-        &http,
-        &s,
-        &[
-            (ALB_SUBJECT, META_SUBJECT),
-            ("x-forwarded-for", "31.13.1.1"),
-        ],
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        s.upstream.only().header("x-forwarded-for").as_deref(),
-        Some("31.13.1.1, 127.0.0.1")
-    );
+    assert_forwarded_for(&["31.13.1.1"], "31.13.1.1, 127.0.0.1").await;
 }
 
 #[tokio::test]
 async fn trusted_proxy_forwarded_for_keeps_every_header_line() {
     // Two X-Forwarded-For lines are one comma-joined list (RFC 9110 5.3); the client address is
     // taken from all of them, so the list passed on must hold all of them too.
-    let s = proxied("127.0.0.1/32", "alb").start().await;
-    let http = s.client(None);
-    let resp = post_with_headers(
-        &http,
-        &s,
-        &[
-            (ALB_SUBJECT, META_SUBJECT),
-            ("x-forwarded-for", "6.6.6.6"),
-            ("x-forwarded-for", "31.13.1.1"),
-        ],
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        s.upstream.only().header("x-forwarded-for").as_deref(),
-        Some("6.6.6.6, 31.13.1.1, 127.0.0.1")
-    );
+    assert_forwarded_for(&["6.6.6.6", "31.13.1.1"], "6.6.6.6, 31.13.1.1, 127.0.0.1").await;
 }
 
 #[tokio::test]
@@ -267,9 +251,5 @@ async fn repeated_identity_header_from_a_trusted_proxy_is_refused() {
         &[(ALB_SUBJECT, META_SUBJECT), (ALB_SUBJECT, "CN=evil")],
     )
     .await;
-    assert_eq!(r.status(), 403);
-    s.upstream.assert_nothing_received();
-    assert!(s
-        .metrics()
-        .contains("verdict=\"bad_identity_header\",status=\"403\"} 1"));
+    assert_refused(&s, &r, "bad_identity_header", 1);
 }

@@ -130,6 +130,14 @@ impl Hubgate {
         assert!(status.success(), "kill -{sig} failed");
     }
 
+    /// Sends SIGHUP and waits (bounded) for a log line after it containing `needle`
+    /// (`configuration reloaded`, `reload failed`).
+    pub async fn sighup(&self, needle: &str) {
+        let mark = self.log_count();
+        self.signal("HUP");
+        self.wait_log(mark, needle, Duration::from_secs(10)).await;
+    }
+
     /// SIGKILL, reap, and the whole log (read to its end).
     pub fn kill9(mut self) -> Vec<String> {
         {

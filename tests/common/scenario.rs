@@ -244,6 +244,24 @@ impl Started {
             .unwrap_or_else(|e| panic!("POST {path_and_query}: {}", error_chain(&e)))
     }
 
+    /// A POST of `body` (JSON) to `/webhook` with Meta's certificate over HTTP/1.1 and each
+    /// `(name, value)` header, e.g. a signature of the test's making.
+    pub async fn post_with_headers(
+        &self,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = self
+            .http()
+            .post(self.url("/webhook"))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("request")
+    }
+
     /// A signed POST of a [`unique_body`] on a fresh client presenting `identity` (connections
     /// from before a reload are not reused): the status, or the error.
     pub async fn post_fresh(&self, identity: Option<&ClientCert>) -> reqwest::Result<u16> {
