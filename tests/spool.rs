@@ -103,6 +103,16 @@ async fn post_two_events_and_a_poisoned_one(s: &Started, tag: &str) -> [Vec<u8>;
     events
 }
 
+/// Waits (bounded) until `backend` got every one of `bodies` and the spool is empty.
+async fn wait_all_delivered(s: &Started, backend: &Upstream, bodies: &[Vec<u8>], what: &str) {
+    eventually(
+        WITHIN,
+        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
+        || format!("{what}; store: {:?}", s.events()),
+    )
+    .await;
+}
+
 fn store_events(db: &Path) -> Vec<EventInfo> {
     SpoolOps::open(db)
         .expect("open the spool")
@@ -203,12 +213,7 @@ async fn backend_down_events_are_acknowledged_then_delivered_byte_identical() {
     assert_eq!(s.requests_metric("spooled", 200), 3);
 
     let backend = Upstream::listen_on(socket);
-    eventually(
-        WITHIN,
-        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
-        || format!("all delivered; store: {:?}", s.events()),
-    )
-    .await;
+    wait_all_delivered(&s, &backend, &bodies, "all delivered").await;
     let sig_count = |r: &Recorded| r.headers.get_all(SIG).iter().count();
     for (i, b) in bodies.iter().enumerate() {
         let got = backend.the_delivery(b);
@@ -247,12 +252,7 @@ async fn flapping_backend_gets_every_event_exactly_once() {
     for b in &bodies {
         s.post_acked(b).await;
     }
-    eventually(
-        WITHIN,
-        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
-        || format!("all delivered; store: {:?}", s.events()),
-    )
-    .await;
+    wait_all_delivered(&s, &backend, &bodies, "all delivered").await;
     // A little longer: no late second delivery.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let deliveries = backend.deliveries();
@@ -706,12 +706,7 @@ async fn restart_resumes_pending_events() {
 
     let backend = Upstream::listen_on(socket);
     let gate = s.config.start(&s.pki).await;
-    eventually(
-        WITHIN,
-        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
-        || format!("delivered after restart; store: {:?}", s.events()),
-    )
-    .await;
+    wait_all_delivered(&s, &backend, &bodies, "delivered after restart").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for b in &bodies {
         assert_eq!(backend.delivered(b), 1);

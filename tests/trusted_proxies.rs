@@ -55,6 +55,18 @@ fn assert_refused(s: &Started, resp: &reqwest::Response, verdict: &str, count: u
     assert!(s.metrics().contains(&line), "missing {line:?}");
 }
 
+/// The upstream was told the identity of Meta's certificate, verified by the gate.
+fn assert_meta_identity(s: &Started, got: &Recorded) {
+    let xfcc = got.header("x-forwarded-client-cert").unwrap();
+    assert!(
+        xfcc.starts_with(&format!(
+            "Hash={};Subject=\"CN={META_CN},",
+            s.cert.leaf_sha256()
+        )),
+        "{xfcc}"
+    );
+}
+
 fn no_amzn_headers(r: &Recorded) {
     let amzn: Vec<_> = r
         .headers
@@ -129,14 +141,7 @@ async fn untrusted_peer_gets_its_own_xfcc_and_xff_whatever_it_sends() {
     .await;
     assert_eq!(resp.status(), 200);
     let got = s.upstream.only();
-    let xfcc = got.header("x-forwarded-client-cert").unwrap();
-    assert!(
-        xfcc.starts_with(&format!(
-            "Hash={};Subject=\"CN={META_CN},",
-            s.cert.leaf_sha256()
-        )),
-        "{xfcc}"
-    );
+    assert_meta_identity(&s, &got);
     assert_eq!(got.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     no_amzn_headers(&got);
 }
@@ -160,14 +165,7 @@ async fn alb_passthrough_chain_is_verified_and_hashed() {
     let resp = post_with_headers(&s.client(None), &s, &[(ALB_CERT, &encoded)]).await;
     assert_eq!(resp.status(), 200);
     let got = s.upstream.only();
-    let xfcc = got.header("x-forwarded-client-cert").unwrap();
-    assert!(
-        xfcc.starts_with(&format!(
-            "Hash={};Subject=\"CN={META_CN},",
-            s.cert.leaf_sha256()
-        )),
-        "{xfcc}"
-    );
+    assert_meta_identity(&s, &got);
     no_amzn_headers(&got);
 }
 
