@@ -3,45 +3,33 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::*;
 
-/// Runs the binary with `args` and `stdin`, without any `HUBGATE_*` variable from outside.
-fn hubgate(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(hubgate_bin());
-    cmd.args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HUBGATE_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("the hubgate binary runs");
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
-}
-
 fn check(config: &Path, env: &[(&str, &str)]) -> Output {
-    hubgate(&["check", "--config", config.to_str().unwrap()], b"", env)
+    hubgate_output(&["check", "--config", config.to_str().unwrap()], b"", env)
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A configuration that is valid apart from what `f` changes in its TOML text.
-fn write_config(pki: &Pki, f: impl FnOnce(String) -> String) -> std::path::PathBuf {
+/// A configuration that is valid apart from what `f` changes, written as `hubgate.toml`.
+fn write_config(pki: &Pki, f: impl FnOnce(&mut GateConfig)) -> PathBuf {
+    let mut cfg = GateConfig::new("http://127.0.0.1:9/hook");
+    f(&mut cfg);
+    cfg.write(pki, "hubgate.toml")
+}
+
+/// A valid configuration with `f` applied to its TOML text (for text that is malformed on
+/// purpose), written as `hubgate.toml`.
+fn write_config_text(pki: &Pki, f: impl FnOnce(String) -> String) -> PathBuf {
     let toml = GateConfig::new("http://127.0.0.1:9/hook").to_toml();
-    pki.write("hubgate.toml", &f(toml))
+    let edited = f(toml.clone());
+    assert_ne!(edited, toml, "the text was edited");
+    pki.write("hubgate.toml", &edited)
 }
 
 /// Exit status 2 and a stderr that contains every one of `needles`.
@@ -61,7 +49,7 @@ fn assert_config_error(out: &Output, needles: &[&str]) {
 #[test]
 fn check_accepts_a_valid_config_and_prints_a_summary() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| t);
+    let path = write_config(&pki, |_| {});
     let out = check(&path, &[]);
     let stdout = text(&out.stdout);
     assert!(
@@ -79,7 +67,7 @@ fn check_accepts_a_valid_config_and_prints_a_summary() {
 #[test]
 fn check_rejects_an_unknown_key() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| {
+    let path = write_config_text(&pki, |t| {
         t.replace("[upstream]\n", "[upstream]\ntimeuot = \"1s\"\n")
     });
     let out = check(&path, &[]);
@@ -89,7 +77,7 @@ fn check_rejects_an_unknown_key() {
 #[test]
 fn check_rejects_an_unknown_section() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| format!("{t}\n[routes]\npath = \"/x\"\n"));
+    let path = write_config_text(&pki, |t| format!("{t}\n[routes]\npath = \"/x\"\n"));
     let out = check(&path, &[]);
     assert_config_error(&out, &[path.to_str().unwrap(), "routes"]);
 }
@@ -97,12 +85,7 @@ fn check_rejects_an_unknown_section() {
 #[test]
 fn check_names_a_missing_cert_file() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| {
-        t.replace(
-            "cert = \"server-chain.pem\"",
-            "cert = \"missing-chain.pem\"",
-        )
-    });
+    let path = write_config(&pki, |c| c.server.cert = "missing-chain.pem".into());
     let out = check(&path, &[]);
     let missing = pki.path("missing-chain.pem");
     assert_config_error(
@@ -118,8 +101,8 @@ fn check_names_a_missing_cert_file() {
 #[test]
 fn check_names_a_missing_roots_file() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| {
-        t.replace("roots = \"root.pem\"", "roots = \"meta-ca.pem\"")
+    let path = write_config(&pki, |c| {
+        c.client_auth.roots = Some(Paths::One("meta-ca.pem".into()))
     });
     let out = check(&path, &[]);
     let missing = pki.path("meta-ca.pem");
@@ -136,9 +119,7 @@ fn check_names_a_missing_roots_file() {
 #[test]
 fn check_names_a_bad_upstream_url() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| {
-        t.replace("\"http://127.0.0.1:9/hook\"", "\"not a url\"")
-    });
+    let path = write_config(&pki, |c| c.route().upstream = "not a url".into());
     let out = check(&path, &[]);
     assert_config_error(&out, &[path.to_str().unwrap(), "route[0].upstream"]);
 }
@@ -146,9 +127,7 @@ fn check_names_a_bad_upstream_url() {
 #[test]
 fn check_names_a_non_http_upstream() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| {
-        t.replace("\"http://127.0.0.1:9/hook\"", "\"ftp://127.0.0.1/hook\"")
-    });
+    let path = write_config(&pki, |c| c.route().upstream = "ftp://127.0.0.1/hook".into());
     let out = check(&path, &[]);
     assert_config_error(&out, &[path.to_str().unwrap(), "route[0].upstream"]);
 }
@@ -157,12 +136,7 @@ fn check_names_a_non_http_upstream() {
 fn check_names_an_unset_env_secret() {
     let pki = Pki::new();
     let var = "HG_TEST_UNSET_APP_SECRET";
-    let path = write_config(&pki, |t| {
-        t.replace(
-            "app_secrets = [\"s3cret\"]",
-            &format!("app_secrets = [\"s3cret\", {{ env = \"{var}\" }}]"),
-        )
-    });
+    let path = write_config(&pki, |c| c.route().app_secrets.push(Secret::env(var)));
     // `hubgate` passes no HUBGATE_* variable from this process to the child.
     let out = check(&path, &[]);
     assert_config_error(
@@ -175,12 +149,7 @@ fn check_names_an_unset_env_secret() {
 fn check_accepts_an_env_secret_that_is_set() {
     let pki = Pki::new();
     let var = "HG_TEST_SET_APP_SECRET";
-    let path = write_config(&pki, |t| {
-        t.replace(
-            "app_secrets = [\"s3cret\"]",
-            &format!("app_secrets = [\"s3cret\", {{ env = \"{var}\" }}]"),
-        )
-    });
+    let path = write_config(&pki, |c| c.route().app_secrets.push(Secret::env(var)));
     let out = check(&path, &[(var, "from-the-environment")]);
     assert!(
         out.status.success(),
@@ -201,9 +170,7 @@ fn check_names_a_key_that_does_not_match_the_cert() {
         "other.key",
         &std::fs::read_to_string(other.path("server.key")).unwrap(),
     );
-    let path = write_config(&pki, |t| {
-        t.replace("key = \"server.key\"", "key = \"other.key\"")
-    });
+    let path = write_config(&pki, |c| c.server.key = "other.key".into());
     let out = check(&path, &[]);
     assert_config_error(&out, &[path.to_str().unwrap(), "server.key"]);
 }
@@ -211,11 +178,9 @@ fn check_names_a_key_that_does_not_match_the_cert() {
 #[test]
 fn check_rejects_required_route_cert_with_client_auth_off() {
     let pki = Pki::new();
-    let path = write_config(&pki, |t| {
-        format!(
-            "{}client_cert = \"required\"\n",
-            t.replace("mode = \"require\"", "mode = \"off\"")
-        )
+    let path = write_config(&pki, |c| {
+        c.client_auth = ClientAuth::off();
+        c.route().client_cert = Some(RouteCert::Required);
     });
     let out = check(&path, &[]);
     assert_config_error(&out, &[path.to_str().unwrap(), "route[0].client_cert"]);
@@ -232,7 +197,7 @@ fn check_reports_a_missing_config_file() {
 #[test]
 fn sign_prints_the_github_test_vector() {
     // HMAC-SHA256("It's a Secret to Everybody", "Hello, World!") from GitHub's webhook docs.
-    let out = hubgate(
+    let out = hubgate_output(
         &["sign", "--secret", "It's a Secret to Everybody"],
         b"Hello, World!",
         &[],
@@ -247,7 +212,7 @@ fn sign_prints_the_github_test_vector() {
 #[test]
 fn sign_uses_the_exact_stdin_bytes() {
     let body = "{\"text\":\"äöå \\u00e4\\/\"}\n".as_bytes();
-    let out = hubgate(&["sign", "--secret", SECRET], body, &[]);
+    let out = hubgate_output(&["sign", "--secret", SECRET], body, &[]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     // Including the trailing newline: nothing trimmed or re-encoded.
     assert_eq!(text(&out.stdout).trim_end(), sign(SECRET, body));
@@ -259,34 +224,21 @@ fn sign_uses_the_exact_stdin_bytes() {
 
 #[tokio::test]
 async fn sign_output_is_accepted_by_the_gate() {
-    let pki = Pki::new();
-    let up = Upstream::start().await;
-    let gate = pki.start(&GateConfig::new(&up.url("/hook"))).await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
-    let out = {
-        let body = body.clone();
-        tokio::task::spawn_blocking(move || hubgate(&["sign", "--secret", SECRET], &body, &[]))
-            .await
-            .unwrap()
-    };
+    let out = hubgate_output_async(&["sign", "--secret", SECRET], &body).await;
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let signature = text(&out.stdout).trim_end().to_owned();
-    let resp = client(&pki, Some(&pki.meta_client()))
-        .post(gate.url("/webhook"))
-        .header(SIG, &signature)
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = s.post_with_headers(&body, &[(SIG, &signature)]).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(up.only().body, body);
+    assert_eq!(s.upstream.only().body, body);
 }
 
 #[test]
 fn demo_plays_meta_against_itself_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     let tmpdir = tmp.path().to_str().unwrap();
-    let out = hubgate(
+    let out = hubgate_output(
         &["demo", "--listen", "127.0.0.1:0", "--exit-after-selftest"],
         b"",
         &[("TMPDIR", tmpdir)],
@@ -306,7 +258,7 @@ fn demo_plays_meta_against_itself_and_cleans_up() {
 
 #[test]
 fn demo_refuses_a_non_loopback_address() {
-    let out = hubgate(
+    let out = hubgate_output(
         &["demo", "--listen", "0.0.0.0:0", "--exit-after-selftest"],
         b"",
         &[],

@@ -1,17 +1,28 @@
-//! Configuration validation through the library (`Config::load`/`from_toml`): errors name the
-//! file and the key; relative paths resolve against the file's folder.
+//! Configuration validation through the library (`Config::load`, `from_toml`, and
+//! `from_toml_with_env` with the test's own environment map): errors name the file and the key;
+//! relative paths resolve against the file's folder.
 
 mod common;
 
 use common::*;
 
-fn load_err(pki: &Pki, toml: &str) -> hubgate::ConfigError {
-    match pki.config(toml) {
-        Ok(_) => panic!("config must be rejected:\n{toml}"),
-        Err(e) => e,
+/// `cfg` changed by `f`, written next to a fresh PKI and loaded: the error it must produce.
+fn load_err(f: impl FnOnce(&mut GateConfig)) -> (Pki, hubgate::ConfigError) {
+    let pki = Pki::new();
+    let mut cfg = base();
+    f(&mut cfg);
+    match cfg.load(&pki) {
+        Ok(_) => panic!("config must be rejected:\n{}", cfg.to_toml()),
+        Err(e) => (pki, e),
     }
 }
 
+/// The key [`load_err`] names.
+fn rejected_key(f: impl FnOnce(&mut GateConfig)) -> String {
+    load_err(f).1.key
+}
+
+/// A valid configuration whose upstream is never contacted.
 fn base() -> GateConfig {
     GateConfig::new("http://127.0.0.1:9/hook")
 }
@@ -21,7 +32,7 @@ fn relative_paths_resolve_against_the_config_folder() {
     let pki = Pki::new();
     // The process's working directory is the package root, not the temp dir.
     assert_ne!(std::env::current_dir().unwrap(), pki.dir.path());
-    let config = pki.config(&base().to_toml()).expect("valid config");
+    let config = hubgate::Config::load(&base().write(&pki, "hubgate.toml")).expect("valid config");
     assert_eq!(config.server.cert_path, pki.path("server-chain.pem"));
     assert_eq!(config.client_auth.anchors.len(), 1);
     assert_eq!(config.client_auth.anchors[0].der, pki.root_der());
@@ -38,13 +49,11 @@ fn from_toml_resolves_against_the_given_base_dir() {
 #[test]
 fn error_names_the_file_and_the_key() {
     let pki = Pki::new();
-    let err = hubgate::Config::from_toml(
-        &base().to_toml().replace("http://127.0.0.1:9/hook", "nope"),
-        "label.toml",
-        pki.dir.path(),
-    )
-    .err()
-    .expect("rejected");
+    let mut cfg = base();
+    cfg.route().upstream = "nope".into();
+    let err = hubgate::Config::from_toml(&cfg.to_toml(), "label.toml", pki.dir.path())
+        .err()
+        .expect("rejected");
     assert_eq!(err.file, "label.toml");
     assert_eq!(err.key, "route[0].upstream");
     assert!(err
@@ -54,90 +63,79 @@ fn error_names_the_file_and_the_key() {
 
 #[test]
 fn require_mode_without_roots_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.roots = None;
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "client_auth.roots");
+    assert_eq!(
+        rejected_key(|c| c.client_auth.roots = None),
+        "client_auth.roots"
+    );
 }
 
 #[test]
 fn optional_mode_without_roots_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base().mode("optional");
-    cfg.roots = None;
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "client_auth.roots");
+    let key = rejected_key(|c| {
+        c.client_auth = ClientAuth {
+            roots: None,
+            ..ClientAuth::optional()
+        }
+    });
+    assert_eq!(key, "client_auth.roots");
 }
 
 #[test]
 fn off_mode_needs_no_roots() {
     let pki = Pki::new();
-    let mut cfg = base().mode("off");
-    cfg.roots = None;
-    pki.config(&cfg.to_toml()).expect("valid config");
+    let mut cfg = base();
+    cfg.client_auth = ClientAuth::off();
+    cfg.load(&pki).expect("valid config");
 }
 
 #[test]
 fn required_route_cert_with_mode_off_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base().mode("off");
-    cfg.roots = None;
-    cfg.route().client_cert = Some("required");
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "route[0].client_cert");
+    let key = rejected_key(|c| {
+        c.client_auth = ClientAuth::off();
+        c.route().client_cert = Some(RouteCert::Required);
+    });
+    assert_eq!(key, "route[0].client_cert");
 }
 
 #[test]
 fn duplicate_route_path_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    let again = cfg.routes[0].clone();
-    cfg.routes.push(again);
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "route[1].path");
+    let key = rejected_key(|c| {
+        let again = c.routes[0].clone();
+        c.routes.push(again);
+    });
+    assert_eq!(key, "route[1].path");
 }
 
 #[test]
 fn route_path_with_query_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.route().path = "/webhook?x=1".into();
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "route[0].path");
+    let key = rejected_key(|c| c.route().path = "/webhook?x=1".into());
+    assert_eq!(key, "route[0].path");
 }
 
 #[test]
 fn empty_app_secrets_are_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.route().app_secrets = "[]".into();
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "route[0].app_secrets");
+    let key = rejected_key(|c| c.route().app_secrets.clear());
+    assert_eq!(key, "route[0].app_secrets");
 }
 
 #[test]
 fn empty_inline_secret_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.route().app_secrets = format!("[{}, \"\"]", q(SECRET));
-    assert_eq!(
-        load_err(&pki, &cfg.to_toml()).key,
-        "route[0].app_secrets[1]"
-    );
+    let key = rejected_key(|c| c.route().app_secrets.push(Secret::inline("")));
+    assert_eq!(key, "route[0].app_secrets[1]");
 }
 
 #[test]
 fn unset_env_secret_names_the_variable() {
-    let pki = Pki::new();
     let var = "HG_TEST_LIB_NEVER_SET";
-    let mut cfg = base();
-    cfg.route().app_secrets = format!("[{}, {{ env = {} }}]", q(SECRET), q(var));
-    let err = load_err(&pki, &cfg.to_toml());
+    // The configuration's environment is empty: the variable is not set there.
+    let (_, err) = load_err(|c| c.route().app_secrets.push(Secret::env(var)));
     assert_eq!(err.key, "route[0].app_secrets[1]");
     assert!(err.message.contains(var), "{err}");
 }
 
 #[test]
 fn missing_secret_file_names_the_path() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.route().verify_token = format!("{{ file = {} }}", q("no-such-token"));
-    let err = load_err(&pki, &cfg.to_toml());
+    let (pki, err) = load_err(|c| c.route().verify_token = Secret::file("no-such-token"));
     assert_eq!(err.key, "route[0].verify_token");
     assert!(
         err.message
@@ -148,55 +146,42 @@ fn missing_secret_file_names_the_path() {
 
 #[test]
 fn zero_body_limit_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.max_body_bytes = Some(0);
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "server.max_body_bytes");
+    let key = rejected_key(|c| c.server.max_body_bytes = Some(0));
+    assert_eq!(key, "server.max_body_bytes");
 }
 
 #[test]
 fn bad_duration_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.upstream_timeout = "soon";
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "upstream.timeout");
+    let key = rejected_key(|c| c.upstream.timeout = Some("soon".into()));
+    assert_eq!(key, "upstream.timeout");
 }
 
 #[test]
 fn empty_allowed_cn_entry_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.allowed_cn = Some(format!("[{}, \"\"]", q(META_CN)));
-    assert_eq!(
-        load_err(&pki, &cfg.to_toml()).key,
-        "client_auth.allowed_cn[1]"
-    );
+    let key = rejected_key(|c| c.client_auth.allowed_cn = Some(vec![META_CN.into(), "".into()]));
+    assert_eq!(key, "client_auth.allowed_cn[1]");
 }
 
 #[test]
 fn no_routes_is_rejected() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.routes.clear();
-    assert_eq!(load_err(&pki, &cfg.to_toml()).key, "route");
+    assert_eq!(rejected_key(|c| c.routes.clear()), "route");
 }
 
 #[test]
 fn unknown_key_is_rejected_and_named() {
+    // A misspelt key is malformed text, not a typed configuration: edited as text.
     let pki = Pki::new();
     let toml = base()
         .to_toml()
         .replace("[upstream]\n", "[upstream]\ntimeuot = \"1s\"\n");
-    let err = load_err(&pki, &toml);
+    assert_ne!(toml, base().to_toml(), "the key was inserted");
+    let err = pki.load_toml(&toml).err().expect("rejected");
     assert!(err.to_string().contains("timeuot"), "{err}");
 }
 
 #[test]
 fn a_secret_given_as_a_number_is_refused_without_echoing_it() {
-    let pki = Pki::new();
-    let mut cfg = base();
-    cfg.route().verify_token = "918273645".into();
-    let err = load_err(&pki, &cfg.to_toml());
+    let (_, err) = load_err(|c| c.route().verify_token = Secret::Number(918273645));
     assert_eq!(err.key, "route[0].verify_token");
     assert!(!err.to_string().contains("918273645"), "{err}");
     assert!(err.message.contains("quoted string"), "{err}");

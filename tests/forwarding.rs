@@ -6,115 +6,97 @@ mod common;
 use bytes::Bytes;
 use common::*;
 
-struct Setup {
-    pki: Pki,
-    up: Upstream,
-    gate: Gate,
-    cert: ClientCert,
+/// A complete signed HTTP/1.1 POST to `/webhook` with `extra` header lines and
+/// `Connection: close{connection_tokens}`.
+fn raw_post(s: &Started, body: &[u8], extra: &str, connection_tokens: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{SIG}: {}\r\nConnection: close{connection_tokens}\r\n{extra}\r\n",
+        s.gate.authority(),
+        body.len(),
+        sign(SECRET, body),
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
 }
 
-async fn setup_with(reply: Reply, f: impl FnOnce(&mut GateConfig)) -> Setup {
-    let pki = Pki::new();
-    let up = Upstream::with_reply(reply).await;
-    let mut cfg = GateConfig::new(&up.url("/hook"));
-    f(&mut cfg);
-    let gate = pki.start(&cfg).await;
-    let cert = pki.meta_client();
-    Setup {
-        pki,
-        up,
-        gate,
-        cert,
-    }
-}
-
-async fn setup() -> Setup {
-    setup_with(Reply::default(), |_| {}).await
-}
-
-impl Setup {
-    fn client(&self, proto: Proto) -> reqwest::Client {
-        client_proto(&self.pki, Some(&self.cert), proto)
-    }
-
-    /// The XFCC value hubgate must set for `self.cert`.
-    fn expected_xfcc(&self) -> String {
-        format!(
-            "Hash={};Subject=\"CN={META_CN},O=Meta Platforms\\\\, Inc.,L=Menlo Park,ST=California,C=US\"",
-            self.cert.leaf_sha256()
-        )
-    }
-
-    /// A complete HTTP/1.1 request with a valid signature, `extra` header lines and
-    /// `Connection: close` (plus `connection_tokens`).
-    fn raw_post(&self, path: &str, body: &[u8], extra: &str, connection_tokens: &str) -> Vec<u8> {
-        let mut r = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{SIG}: {}\r\nConnection: close{connection_tokens}\r\n{extra}\r\n",
-            self.gate.authority(),
-            body.len(),
-            sign(SECRET, body),
-        )
-        .into_bytes();
-        r.extend_from_slice(body);
-        r
-    }
-}
-
-#[tokio::test]
-async fn http1_request_is_forwarded_end_to_end() {
-    let s = setup().await;
-    let body = sample_body();
-    let resp = post_signed(&s.client(Proto::H1), &s.gate.url("/webhook"), &body)
+/// Sends [`raw_post`] of `body` on a fresh TLS connection with Meta's certificate: it must be
+/// answered 200, and the one request the upstream received is returned.
+async fn forward_raw(s: &Started, body: &[u8], extra: &str, connection_tokens: &str) -> Recorded {
+    let resp = s
+        .raw(&raw_post(s, body, extra, connection_tokens))
         .await
         .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_11);
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.bytes().await.unwrap(), "ok");
-    let got = s.up.only();
+    assert_eq!(resp.status, 200);
+    s.upstream.only()
+}
+
+/// The upstream's one request is the signed POST of `body` with Meta's identity, to `/hook`.
+fn assert_forwarded_as_sent(s: &Started, body: &[u8]) -> Recorded {
+    let got = s.upstream.only();
     assert_eq!(got.method, "POST");
     assert_eq!(got.uri, "/hook");
     assert_eq!(got.body, body);
-    assert_eq!(got.header(SIG), Some(sign(SECRET, &body)));
+    assert_eq!(got.header(SIG), Some(sign(SECRET, body)));
     assert_eq!(
         got.header("x-forwarded-client-cert"),
         Some(s.expected_xfcc())
     );
+    got
+}
+
+/// Whatever the client claimed, the upstream is told Meta's verified identity and the real
+/// peer address.
+fn assert_identity_replaced(s: &Started, got: &Recorded) {
+    assert_eq!(
+        got.header("x-forwarded-client-cert"),
+        Some(s.expected_xfcc())
+    );
+    assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1".into()));
+}
+
+/// The default scenario, its upstream answering `reply`.
+async fn replying(reply: Reply) -> Started {
+    Scenario::new().reply(reply).start().await
+}
+
+#[tokio::test]
+async fn http1_request_is_forwarded_end_to_end() {
+    let s = Scenario::new().start().await;
+    let body = sample_body();
+    let resp = s.post_signed(&body).await;
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap(), "ok");
+    assert_forwarded_as_sent(&s, &body);
 }
 
 #[tokio::test]
 async fn http2_request_is_forwarded_end_to_end() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
-    let resp = post_signed(&s.client(Proto::H2), &s.gate.url("/webhook"), &body)
+    let resp = post_signed(&s.http_proto(Proto::H2), &s.url("/webhook"), &body)
         .await
         .unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap(), "ok");
-    let got = s.up.only();
-    assert_eq!(got.method, "POST");
-    assert_eq!(got.uri, "/hook");
-    assert_eq!(got.body, body);
-    assert_eq!(got.header(SIG), Some(sign(SECRET, &body)));
-    assert_eq!(
-        got.header("x-forwarded-client-cert"),
-        Some(s.expected_xfcc())
-    );
+    let got = assert_forwarded_as_sent(&s, &body);
     // :authority stands in for Host.
     assert_eq!(got.header("x-forwarded-host"), Some(s.gate.authority()));
 }
 
 #[tokio::test]
 async fn http2_streams_on_one_connection_are_each_forwarded() {
-    let s = setup().await;
-    let http = s.client(Proto::H2);
+    let s = Scenario::new().start().await;
+    let http = s.http_proto(Proto::H2);
     let bodies: Vec<Vec<u8>> = (0..5)
         .map(|i| format!("{{\"n\":{i}}}").into_bytes())
         .collect();
     let tasks: Vec<_> = bodies
         .iter()
         .map(|b| {
-            let (http, url, b) = (http.clone(), s.gate.url("/webhook"), b.clone());
+            let (http, url, b) = (http.clone(), s.url("/webhook"), b.clone());
             tokio::spawn(async move { post_signed(&http, &url, &b).await })
         })
         .collect();
@@ -123,7 +105,7 @@ async fn http2_streams_on_one_connection_are_each_forwarded() {
         assert_eq!(resp.version(), http::Version::HTTP_2);
         assert_eq!(resp.status(), 200);
     }
-    let mut got: Vec<Bytes> = s.up.requests().into_iter().map(|r| r.body).collect();
+    let mut got: Vec<Bytes> = s.upstream.requests().into_iter().map(|r| r.body).collect();
     got.sort();
     let mut want: Vec<Bytes> = bodies.into_iter().map(Bytes::from).collect();
     want.sort();
@@ -132,20 +114,15 @@ async fn http2_streams_on_one_connection_are_each_forwarded() {
 
 #[tokio::test]
 async fn upstream_receives_exact_body_and_headers() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
-    let req = s.raw_post("/webhook", &body, "User-Agent: facebookexternalua\r\n", "");
-    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, &req)
-        .await
-        .unwrap();
-    assert_eq!(resp.status, 200);
-    let got = s.up.only();
+    let got = forward_raw(&s, &body, "User-Agent: facebookexternalua\r\n", "").await;
     assert_eq!(got.method, "POST");
     assert_eq!(got.uri, "/hook");
     assert_eq!(got.version, http::Version::HTTP_11);
     assert_eq!(got.body, body);
     let expected = [
-        ("host", s.up.addr.to_string()),
+        ("host", s.upstream.addr.to_string()),
         ("content-type", "application/json".to_owned()),
         ("content-length", body.len().to_string()),
         (SIG, sign(SECRET, &body)),
@@ -170,16 +147,12 @@ async fn upstream_receives_exact_body_and_headers() {
 
 #[tokio::test]
 async fn no_header_is_added_that_the_client_did_not_send() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
     // No Accept header on the way in.
-    let req = s.raw_post("/webhook", &body, "", "");
-    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, &req)
-        .await
-        .unwrap();
-    assert_eq!(resp.status, 200);
+    let got = forward_raw(&s, &body, "", "").await;
     assert_eq!(
-        s.up.only().header("accept"),
+        got.header("accept"),
         None,
         "hubgate's upstream client added an Accept header"
     );
@@ -187,29 +160,23 @@ async fn no_header_is_added_that_the_client_did_not_send() {
 
 #[tokio::test]
 async fn inbound_query_is_appended_to_the_upstream_url() {
-    let s = setup_with(Reply::default(), |c| {
-        c.route().upstream = c.route().upstream.replace("/hook", "/hook?src=meta");
-    })
-    .await;
+    let s = Scenario::new()
+        .route(|r| r.upstream.push_str("?src=meta"))
+        .start()
+        .await;
     let body = sample_body();
-    let resp = post_signed(
-        &s.client(Proto::H1),
-        &s.gate.url("/webhook?attempt=2"),
-        &body,
-    )
-    .await
-    .unwrap();
+    let resp = s.post_signed_to("/webhook?attempt=2", &body).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(s.up.only().uri, "/hook?src=meta&attempt=2");
+    assert_eq!(s.upstream.only().uri, "/hook?src=meta&attempt=2");
 }
 
 #[tokio::test]
 async fn spoofed_xfcc_and_xff_are_replaced() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
     let resp = s
-        .client(Proto::H1)
-        .post(s.gate.url("/webhook"))
+        .http()
+        .post(s.url("/webhook"))
         .header(SIG, sign(SECRET, &body))
         .header("x-forwarded-client-cert", "Hash=evil")
         .header("x-forwarded-for", "6.6.6.6")
@@ -221,7 +188,7 @@ async fn spoofed_xfcc_and_xff_are_replaced() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let got = s.up.only();
+    let got = s.upstream.only();
     // `header` also asserts that each appears exactly once.
     assert_eq!(
         got.header("x-forwarded-client-cert"),
@@ -236,11 +203,11 @@ async fn spoofed_xfcc_and_xff_are_replaced() {
 
 #[tokio::test]
 async fn spoofed_xfcc_is_replaced_over_http2() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
     let resp = s
-        .client(Proto::H2)
-        .post(s.gate.url("/webhook"))
+        .http_proto(Proto::H2)
+        .post(s.url("/webhook"))
         .header(SIG, sign(SECRET, &body))
         .header("x-forwarded-client-cert", "Hash=evil")
         .header("x-forwarded-for", "6.6.6.6")
@@ -250,24 +217,17 @@ async fn spoofed_xfcc_is_replaced_over_http2() {
         .unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
-    let got = s.up.only();
-    assert_eq!(
-        got.header("x-forwarded-client-cert"),
-        Some(s.expected_xfcc())
-    );
-    assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1".into()));
+    let got = s.upstream.only();
+    assert_identity_replaced(&s, &got);
 }
 
 #[tokio::test]
 async fn spoofed_xfcc_is_removed_without_a_client_cert() {
-    let s = setup_with(Reply::default(), |c| {
-        c.mode = "off";
-        c.roots = None;
-    })
-    .await;
+    let s = Scenario::new().client_auth(ClientAuth::off()).start().await;
     let body = sample_body();
-    let resp = client(&s.pki, None)
-        .post(s.gate.url("/webhook"))
+    let resp = s
+        .client(None)
+        .post(s.url("/webhook"))
         .header(SIG, sign(SECRET, &body))
         .header(
             "x-forwarded-client-cert",
@@ -278,48 +238,36 @@ async fn spoofed_xfcc_is_removed_without_a_client_cert() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let got = s.up.only();
+    let got = s.upstream.only();
     assert_eq!(got.header("x-forwarded-client-cert"), None);
     assert_eq!(got.body, body);
 }
 
 #[tokio::test]
 async fn several_spoofed_xfcc_headers_are_all_removed() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
-    let req = s.raw_post(
-        "/webhook",
+    let got = forward_raw(
+        &s,
         &body,
         "X-Forwarded-Client-Cert: Hash=evil1\r\nx-forwarded-client-cert: Hash=evil2\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n",
         "",
-    );
-    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, &req)
-        .await
-        .unwrap();
-    assert_eq!(resp.status, 200);
-    let got = s.up.only();
-    assert_eq!(
-        got.header("x-forwarded-client-cert"),
-        Some(s.expected_xfcc())
-    );
-    assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1".into()));
+    )
+    .await;
+    assert_identity_replaced(&s, &got);
 }
 
 #[tokio::test]
 async fn hop_by_hop_request_headers_are_dropped() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let body = sample_body();
-    let req = s.raw_post(
-        "/webhook",
+    let got = forward_raw(
+        &s,
         &body,
         "X-Hop-Custom: per-connection\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nTE: trailers\r\nTrailer: X-Checksum\r\nX-End-To-End: kept\r\n",
         ", X-Hop-Custom",
-    );
-    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, &req)
-        .await
-        .unwrap();
-    assert_eq!(resp.status, 200);
-    let got = s.up.only();
+    )
+    .await;
     for name in [
         "connection",
         "x-hop-custom",
@@ -347,14 +295,8 @@ async fn upstream_status_body_and_headers_are_relayed() {
         ],
         ..Reply::default()
     };
-    let s = setup_with(reply, |_| {}).await;
-    let resp = post_signed(
-        &s.client(Proto::H1),
-        &s.gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let s = replying(reply).await;
+    let resp = s.post_signed(&sample_body()).await;
     assert_eq!(resp.status(), 202);
     assert_eq!(resp.headers()["x-request-id"], "abc-123");
     assert_eq!(resp.headers()["content-type"], "application/json");
@@ -368,17 +310,17 @@ async fn upstream_error_status_is_relayed() {
         body: Bytes::from_static(b"backend broke"),
         ..Reply::default()
     };
-    let s = setup_with(reply, |_| {}).await;
-    let resp = post_signed(
-        &s.client(Proto::H2),
-        &s.gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let s = replying(reply).await;
+    let resp = post_signed(&s.http_proto(Proto::H2), &s.url("/webhook"), &sample_body())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 500);
     assert_eq!(resp.bytes().await.unwrap(), "backend broke");
-    assert_eq!(s.up.requests().len(), 1, "forwarded exactly once, no retry");
+    assert_eq!(
+        s.upstream.requests().len(),
+        1,
+        "forwarded exactly once, no retry"
+    );
 }
 
 #[tokio::test]
@@ -392,14 +334,8 @@ async fn upstream_hop_by_hop_response_headers_are_dropped() {
         ],
         ..Reply::default()
     };
-    let s = setup_with(reply, |_| {}).await;
-    let resp = post_signed(
-        &s.client(Proto::H1),
-        &s.gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let s = replying(reply).await;
+    let resp = s.post_signed(&sample_body()).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("x-up-hop").is_none());
     assert!(resp.headers().get("keep-alive").is_none());
@@ -408,19 +344,19 @@ async fn upstream_hop_by_hop_response_headers_are_dropped() {
 
 #[tokio::test]
 async fn routes_forward_to_their_own_upstreams_with_their_own_secrets() {
-    let pki = Pki::new();
-    let up_a = Upstream::start().await;
     let up_b = Upstream::start().await;
-    let mut cfg = GateConfig::new(&up_a.url("/a"));
-    let mut b = RouteConfig::new("/webhook-b", &up_b.url("/b"));
-    b.app_secrets = format!("[{}]", q("secret-b"));
-    cfg.routes.push(b);
-    let gate = pki.start(&cfg).await;
-    let http = client(&pki, Some(&pki.meta_client()));
+    let s = Scenario::new()
+        .add_route(Route {
+            app_secrets: vec![Secret::inline("secret-b")],
+            ..Route::new("/webhook-b", &up_b.url("/b"))
+        })
+        .start()
+        .await;
+    let http = s.http();
     let body = sample_body();
 
     let resp = http
-        .post(gate.url("/webhook-b"))
+        .post(s.url("/webhook-b"))
         .header(SIG, sign("secret-b", &body))
         .body(body.clone())
         .send()
@@ -429,7 +365,7 @@ async fn routes_forward_to_their_own_upstreams_with_their_own_secrets() {
     assert_eq!(resp.status(), 200);
     // Route A's secret does not open route B.
     let resp = http
-        .post(gate.url("/webhook-b"))
+        .post(s.url("/webhook-b"))
         .header(SIG, sign(SECRET, &body))
         .body(body.clone())
         .send()
@@ -439,22 +375,20 @@ async fn routes_forward_to_their_own_upstreams_with_their_own_secrets() {
 
     assert_eq!(up_b.only().uri, "/b");
     assert_eq!(up_b.only().body, body);
-    up_a.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn keep_alive_connection_carries_several_requests() {
-    let s = setup().await;
-    let http = s.client(Proto::H1);
+    let s = Scenario::new().start().await;
+    let http = s.http();
     for i in 0..3 {
         let body = format!("{{\"n\":{i}}}").into_bytes();
-        let resp = post_signed(&http, &s.gate.url("/webhook"), &body)
-            .await
-            .unwrap();
+        let resp = post_signed(&http, &s.url("/webhook"), &body).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.bytes().await.unwrap(), "ok");
     }
-    let got: Vec<_> = s.up.requests().into_iter().map(|r| r.body).collect();
+    let got: Vec<_> = s.upstream.requests().into_iter().map(|r| r.body).collect();
     assert_eq!(got, vec!["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]);
 }
 
@@ -462,16 +396,16 @@ async fn keep_alive_connection_carries_several_requests() {
 /// verbatim in an HTTP header: the client was verified, so the upstream must still be told.
 #[tokio::test]
 async fn xfcc_is_set_for_a_subject_with_control_characters() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let mut spec = LeafSpec::cn(META_CN);
     spec.subject_extra = vec![(rcgen::DnType::OrganizationName, "Line\r\nBreak".to_owned())];
     let cert = s.pki.client(&spec);
     let body = sample_body();
-    let resp = post_signed(&client(&s.pki, Some(&cert)), &s.gate.url("/webhook"), &body)
+    let resp = post_signed(&s.client(Some(&cert)), &s.url("/webhook"), &body)
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let got = s.up.only();
+    let got = s.upstream.only();
     let xfcc = got
         .header("x-forwarded-client-cert")
         .expect("a verified client must be identified to the upstream");
@@ -484,22 +418,19 @@ async fn xfcc_is_set_for_a_subject_with_control_characters() {
 
 #[tokio::test]
 async fn xfcc_carries_a_non_ascii_subject() {
-    let s = setup().await;
+    let s = Scenario::new().start().await;
     let mut spec = LeafSpec::cn(META_CN);
     spec.subject_extra = vec![(rcgen::DnType::OrganizationName, "Bäckerei".to_owned())];
     let cert = s.pki.client(&spec);
-    let resp = post_signed(
-        &client(&s.pki, Some(&cert)),
-        &s.gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let resp = post_signed(&s.client(Some(&cert)), &s.url("/webhook"), &sample_body())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let xfcc =
-        s.up.only()
-            .header("x-forwarded-client-cert")
-            .expect("a verified client must be identified to the upstream");
+    let xfcc = s
+        .upstream
+        .only()
+        .header("x-forwarded-client-cert")
+        .expect("a verified client must be identified to the upstream");
     assert!(
         xfcc.starts_with(&format!("Hash={};", cert.leaf_sha256())),
         "{xfcc}"
@@ -508,43 +439,28 @@ async fn xfcc_carries_a_non_ascii_subject() {
 
 #[tokio::test]
 async fn https_upstream_is_verified_against_the_configured_ca() {
-    let pki = Pki::new();
-    let up = Upstream::start_tls(&pki).await;
-    let mut cfg = GateConfig::new(&format!("https://127.0.0.1:{}/hook", up.addr.port()));
-    cfg.upstream_extra = "ca = \"root.pem\"\n".into();
-    let gate = pki.start(&cfg).await;
+    let s = Scenario::new()
+        .tls_upstream()
+        .upstream_client(|u| u.ca = Some("root.pem".into()))
+        .start()
+        .await;
     let body = sample_body();
-    let resp = post_signed(
-        &client(&pki, Some(&pki.meta_client())),
-        &gate.url("/webhook"),
-        &body,
-    )
-    .await
-    .unwrap();
+    let resp = s.post_signed(&body).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(up.only().body, body);
+    assert_eq!(s.upstream.only().body, body);
 }
 
 #[tokio::test]
 async fn https_upstream_with_an_untrusted_certificate_is_502() {
-    let pki = Pki::new();
-    let up = Upstream::start_tls(&pki).await;
     // The configured CA is some other root.
     let other = Pki::new();
-    pki.write(
-        "other-root.pem",
-        &std::fs::read_to_string(other.path("root.pem")).unwrap(),
-    );
-    let mut cfg = GateConfig::new(&format!("https://127.0.0.1:{}/hook", up.addr.port()));
-    cfg.upstream_extra = "ca = \"other-root.pem\"\n".into();
-    let gate = pki.start(&cfg).await;
-    let resp = post_signed(
-        &client(&pki, Some(&pki.meta_client())),
-        &gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let s = Scenario::new()
+        .tls_upstream()
+        .file("other-root.pem", &other.root_pem())
+        .upstream_client(|u| u.ca = Some("other-root.pem".into()))
+        .start()
+        .await;
+    let resp = s.post_signed(&sample_body()).await;
     assert_eq!(resp.status(), 502);
-    up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use std::pin::Pin;
-use std::sync::Arc;
+
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -14,31 +14,13 @@ use hyper::body::Frame;
 
 const LIMIT: usize = 1024;
 
-struct Setup {
-    pki: Pki,
-    up: Upstream,
-    gate: Gate,
-    cert: ClientCert,
+/// A scenario whose body limit is [`LIMIT`].
+fn limited<'a>() -> Scenario<'a> {
+    Scenario::new().server(|s| s.max_body_bytes = Some(LIMIT as u64))
 }
 
-async fn setup_with(reply: Reply, f: impl FnOnce(&mut GateConfig)) -> Setup {
-    let pki = Pki::new();
-    let up = Upstream::with_reply(reply).await;
-    let mut cfg = GateConfig::new(&up.url("/hook"));
-    cfg.max_body_bytes = Some(LIMIT);
-    f(&mut cfg);
-    let gate = pki.start(&cfg).await;
-    let cert = pki.meta_client();
-    Setup {
-        pki,
-        up,
-        gate,
-        cert,
-    }
-}
-
-async fn setup() -> Setup {
-    setup_with(Reply::default(), |_| {}).await
+async fn setup() -> Started {
+    limited().start().await
 }
 
 /// A request body of several chunks with no known length: HTTP/1.1 sends it chunked, HTTP/2
@@ -67,16 +49,15 @@ fn chunks_of(body: &[u8], size: usize) -> reqwest::Body {
     ))
 }
 
-impl Setup {
-    async fn post_streamed(&self, proto: Proto, body: &[u8]) -> reqwest::Response {
-        client_proto(&self.pki, Some(&self.cert), proto)
-            .post(self.gate.url("/webhook"))
-            .header(SIG, sign(SECRET, body))
-            .body(chunks_of(body, 300))
-            .send()
-            .await
-            .expect("request")
-    }
+/// POSTs `body` signed, in 300-byte chunks of unknown total length.
+async fn post_streamed(s: &Started, proto: Proto, body: &[u8]) -> reqwest::Response {
+    s.http_proto(proto)
+        .post(s.url("/webhook"))
+        .header(SIG, sign(SECRET, body))
+        .body(chunks_of(body, 300))
+        .send()
+        .await
+        .expect("request")
 }
 
 fn json_of_len(n: usize) -> Vec<u8> {
@@ -91,46 +72,30 @@ fn json_of_len(n: usize) -> Vec<u8> {
 async fn body_exactly_at_the_limit_is_forwarded() {
     let s = setup().await;
     let body = json_of_len(LIMIT);
-    let resp = post_signed(
-        &client(&s.pki, Some(&s.cert)),
-        &s.gate.url("/webhook"),
-        &body,
-    )
-    .await
-    .unwrap();
+    let resp = s.post_signed(&body).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(s.up.only().body, body);
+    assert_eq!(s.upstream.only().body, body);
 }
 
 #[tokio::test]
 async fn declared_length_one_over_the_limit_is_413() {
     let s = setup().await;
     let body = json_of_len(LIMIT + 1);
-    let resp = post_signed(
-        &client(&s.pki, Some(&s.cert)),
-        &s.gate.url("/webhook"),
-        &body,
-    )
-    .await
-    .unwrap();
+    let resp = s.post_signed(&body).await;
     assert_eq!(resp.status(), 413);
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn declared_length_over_the_limit_is_413_over_http2() {
     let s = setup().await;
     let body = json_of_len(LIMIT + 1);
-    let resp = post_signed(
-        &client_proto(&s.pki, Some(&s.cert), Proto::H2),
-        &s.gate.url("/webhook"),
-        &body,
-    )
-    .await
-    .unwrap();
+    let resp = post_signed(&s.http_proto(Proto::H2), &s.url("/webhook"), &body)
+        .await
+        .unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 413);
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
@@ -142,30 +107,28 @@ async fn declared_length_over_the_limit_is_refused_before_the_body_is_sent() {
         s.gate.authority(),
         sign(SECRET, b"")
     );
-    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, head.as_bytes())
-        .await
-        .unwrap();
+    let resp = s.raw(head.as_bytes()).await.unwrap();
     assert_eq!(resp.status, 413);
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn chunked_body_over_the_limit_is_413() {
     let s = setup().await;
     let body = json_of_len(2 * LIMIT);
-    let resp = s.post_streamed(Proto::H1, &body).await;
+    let resp = post_streamed(&s, Proto::H1, &body).await;
     assert_eq!(resp.version(), http::Version::HTTP_11);
     assert_eq!(resp.status(), 413);
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn chunked_body_within_the_limit_is_forwarded_with_a_length() {
     let s = setup().await;
     let body = json_of_len(LIMIT);
-    let resp = s.post_streamed(Proto::H1, &body).await;
+    let resp = post_streamed(&s, Proto::H1, &body).await;
     assert_eq!(resp.status(), 200);
-    let got = s.up.only();
+    let got = s.upstream.only();
     assert_eq!(got.body, body);
     assert_eq!(got.header("transfer-encoding"), None);
     assert_eq!(got.header("content-length"), Some(LIMIT.to_string()));
@@ -190,38 +153,36 @@ async fn raw_chunked_body_over_the_limit_is_413() {
     )
     .into_bytes();
     req.extend_from_slice(&encoded);
-    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, &req)
-        .await
-        .unwrap();
+    let resp = s.raw(&req).await.unwrap();
     assert_eq!(resp.status, 413);
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn http2_body_without_length_over_the_limit_is_413() {
     let s = setup().await;
     let body = json_of_len(2 * LIMIT);
-    let resp = s.post_streamed(Proto::H2, &body).await;
+    let resp = post_streamed(&s, Proto::H2, &body).await;
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 413);
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn http2_body_without_length_within_the_limit_is_forwarded() {
     let s = setup().await;
     let body = json_of_len(LIMIT);
-    let resp = s.post_streamed(Proto::H2, &body).await;
+    let resp = post_streamed(&s, Proto::H2, &body).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(s.up.only().body, body);
+    assert_eq!(s.upstream.only().body, body);
 }
 
 #[tokio::test]
 async fn body_that_stalls_is_408() {
-    let s = setup_with(Reply::default(), |c| {
-        c.server_extra = "body_timeout = \"300ms\"\n".into();
-    })
-    .await;
+    let s = limited()
+        .server(|s| s.body_timeout = Some("300ms".into()))
+        .start()
+        .await;
     // Declares 100 bytes, sends 10, then waits.
     let req = format!(
         "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Length: 100\r\n{SIG}: {}\r\nConnection: close\r\n\r\n0123456789",
@@ -229,55 +190,41 @@ async fn body_that_stalls_is_408() {
         sign(SECRET, b"x")
     );
     let started = Instant::now();
-    let resp = raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, req.as_bytes())
-        .await
-        .unwrap();
+    let resp = s.raw(req.as_bytes()).await.unwrap();
     assert_eq!(resp.status, 408);
     assert!(started.elapsed() < Duration::from_secs(5));
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn unreachable_upstream_is_502() {
-    let pki = Pki::new();
     let (_reserved, dead) = closed_port();
-    let cfg = GateConfig::new(&format!("http://{dead}/hook"));
-    let gate = pki.start(&cfg).await;
-    let resp = post_signed(
-        &client(&pki, Some(&pki.meta_client())),
-        &gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let s = Scenario::new()
+        .upstream_url(&format!("http://{dead}/hook"))
+        .start()
+        .await;
+    let resp = s.post_signed(&sample_body()).await;
     assert_eq!(resp.status(), 502);
 }
 
 #[tokio::test]
 async fn slow_upstream_is_504_within_the_timeout() {
-    let reply = Reply {
-        delay: Duration::from_secs(10),
-        ..Reply::default()
-    };
-    let s = setup_with(reply, |c| c.upstream_timeout = "500ms").await;
+    let s = limited()
+        .reply(Reply::delayed(Duration::from_secs(10)))
+        .upstream_client(|u| u.timeout = Some("500ms".into()))
+        .start()
+        .await;
     let started = Instant::now();
-    let resp = post_signed(
-        &client(&s.pki, Some(&s.cert)),
-        &s.gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let resp = s.post_signed(&sample_body()).await;
     let elapsed = started.elapsed();
     assert_eq!(resp.status(), 504);
     assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
     // It was sent; the answer just came too late.
-    assert_eq!(s.up.requests().len(), 1);
+    assert_eq!(s.upstream.requests().len(), 1);
 }
 
 #[tokio::test]
 async fn upstream_closing_without_an_answer_is_502() {
-    let pki = Pki::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -288,16 +235,11 @@ async fn upstream_closing_without_an_answer_is_502() {
             drop(stream);
         }
     });
-    let gate = pki
-        .start(&GateConfig::new(&format!("http://{addr}/hook")))
+    let s = Scenario::new()
+        .upstream_url(&format!("http://{addr}/hook"))
+        .start()
         .await;
-    let resp = post_signed(
-        &client(&pki, Some(&pki.meta_client())),
-        &gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let resp = s.post_signed(&sample_body()).await;
     assert_eq!(resp.status(), 502);
 }
 
@@ -307,14 +249,12 @@ async fn oversized_upstream_answer_is_502() {
         body: Bytes::from(vec![b'x'; 2000]),
         ..Reply::default()
     };
-    let s = setup_with(reply, |c| c.max_response_bytes = Some(1000)).await;
-    let resp = post_signed(
-        &client(&s.pki, Some(&s.cert)),
-        &s.gate.url("/webhook"),
-        &sample_body(),
-    )
-    .await
-    .unwrap();
+    let s = limited()
+        .reply(reply)
+        .upstream_client(|u| u.max_response_bytes = Some(1000))
+        .start()
+        .await;
+    let resp = s.post_signed(&sample_body()).await;
     assert_eq!(resp.status(), 502);
     assert!(!resp.text().await.unwrap().contains("xxxx"));
 }
@@ -340,30 +280,24 @@ async fn time_until_closed<S: tokio::io::AsyncRead + Unpin>(mut stream: S) -> Du
 
 #[tokio::test]
 async fn silent_connection_is_closed_after_the_handshake_timeout() {
-    let s = setup_with(Reply::default(), |c| {
-        c.server_extra = "handshake_timeout = \"300ms\"\n".into();
-    })
-    .await;
+    let s = limited()
+        .server(|s| s.handshake_timeout = Some("300ms".into()))
+        .start()
+        .await;
     // TCP only: no ClientHello is ever sent.
     let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
     let took = time_until_closed(tcp).await;
     assert!(took < Duration::from_secs(3), "took {took:?}");
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn incomplete_request_head_is_cut_off_after_the_header_timeout() {
-    let s = setup_with(Reply::default(), |c| {
-        c.server_extra = "header_timeout = \"300ms\"\n".into();
-    })
-    .await;
-    let cfg = tls_client_config(&s.pki, Some(&s.cert), Proto::H1, false);
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-    let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1")
-        .unwrap()
-        .to_owned();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let s = limited()
+        .server(|s| s.header_timeout = Some("300ms".into()))
+        .start()
+        .await;
+    let mut tls = s.connect().await;
     use tokio::io::AsyncWriteExt;
     // A request line and one header, never the blank line.
     tls.write_all(b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -372,23 +306,19 @@ async fn incomplete_request_head_is_cut_off_after_the_header_timeout() {
     tls.flush().await.unwrap();
     let took = time_until_closed(tls).await;
     assert!(took < Duration::from_secs(3), "took {took:?}");
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 }
 
 #[tokio::test]
 async fn three_megabyte_body_is_forwarded_over_http2_with_the_default_limit() {
-    let s = setup_with(Reply::default(), |c| c.max_body_bytes = None).await;
+    let s = Scenario::new().start().await;
     let body = json_of_len(3 * 1024 * 1024);
-    let resp = post_signed(
-        &client_proto(&s.pki, Some(&s.cert), Proto::H2),
-        &s.gate.url("/webhook"),
-        &body,
-    )
-    .await
-    .unwrap();
+    let resp = post_signed(&s.http_proto(Proto::H2), &s.url("/webhook"), &body)
+        .await
+        .unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
-    let got = s.up.only();
+    let got = s.upstream.only();
     assert!(got.body == body, "upstream body differs");
 }
 
@@ -397,13 +327,7 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = setup().await;
     let body = json_of_len(LIMIT);
-    let cfg = tls_client_config(&s.pki, Some(&s.cert), Proto::H1, false);
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-    let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1")
-        .unwrap()
-        .to_owned();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut tls = s.connect().await;
     let head = format!(
         "POST /webhook HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n{SIG}: {}\r\nConnection: close\r\n\r\n",
         s.gate.authority(),
@@ -432,7 +356,7 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
     let text = String::from_utf8_lossy(&rest);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert_eq!(s.up.only().body, body);
+    assert_eq!(s.upstream.only().body, body);
 }
 
 /// A body still arriving holds its share of `server.max_buffered_bytes`: with the whole budget
@@ -441,15 +365,12 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
 #[tokio::test]
 async fn buffered_body_budget_answers_503_when_exhausted() {
     use tokio::io::AsyncWriteExt;
-    let s = setup_with(Reply::default(), |c| {
-        c.server_extra = format!("max_buffered_bytes = {LIMIT}\n");
-    })
-    .await;
-    let cfg = Arc::new(tls_client_config(&s.pki, Some(&s.cert), Proto::H1, false));
+    let s = limited()
+        .server(|s| s.max_buffered_bytes = Some(LIMIT as u64))
+        .start()
+        .await;
     let tcp = tokio::net::TcpStream::connect(s.gate.addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
+    let mut tls = tls_connect_on(s.tls_config(Some(&s.cert), false), tcp, "localhost")
         .await
         .unwrap();
     let head = format!(
@@ -460,11 +381,11 @@ async fn buffered_body_budget_answers_503_when_exhausted() {
     tls.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let client = client(&s.pki, Some(&s.cert));
-    let url = s.gate.url("/webhook");
+    let client = s.http();
+    let url = s.url("/webhook");
     let refused = post_signed(&client, &url, b"{\"n\":1}").await.unwrap();
     assert_eq!(refused.status(), 503);
-    s.up.assert_nothing_received();
+    s.upstream.assert_nothing_received();
 
     drop(tls);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -480,5 +401,5 @@ async fn buffered_body_budget_answers_503_when_exhausted() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(s.up.only().body, Bytes::from_static(b"{\"n\":2}"));
+    assert_eq!(s.upstream.only().body, Bytes::from_static(b"{\"n\":2}"));
 }

@@ -5,249 +5,63 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
 use hubgate::spool::{EventInfo, EventState, ListFilter, SpoolOps};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::TcpListener;
 
 // ---------------------------------------------------------------------------------------------
-// A scripted backend: records every request with the status it was answered
+// Scenarios, the store and the CLI
 // ---------------------------------------------------------------------------------------------
 
-/// Decides the status for the `n`-th request (0-based, over all requests) the backend receives.
-type Responder = Arc<dyn Fn(usize, &Recorded) -> u16 + Send + Sync>;
-
-struct BackendState {
-    /// Every request, with the status it was (or is being) answered with.
-    log: Mutex<Vec<(Recorded, u16)>>,
-    respond: Mutex<Responder>,
-    /// Time between receiving a request (it is recorded then) and answering it.
-    delay: Mutex<Duration>,
-}
-
-/// A plain-HTTP/1.1 backend on 127.0.0.1 whose answers a test can script and change. A request
-/// counts as *delivered* when it arrived and was given a 2xx status (recorded on arrival, before
-/// the answer is written: a request the gate sent is one the application got).
-#[derive(Clone)]
-struct Backend {
-    addr: SocketAddr,
-    state: Arc<BackendState>,
-}
-
-impl Backend {
-    /// On a fresh port, answering 200.
-    async fn start() -> Backend {
-        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
-    }
-
-    /// Starts listening on a socket reserved earlier with [`closed_port`]: until now the port
-    /// refused connections (the backend was "down").
-    fn listen_on(socket: tokio::net::TcpSocket) -> Backend {
-        Self::serve(socket.listen(1024).expect("listen on the reserved port"))
-    }
-
-    fn serve(listener: TcpListener) -> Backend {
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(BackendState {
-            log: Mutex::new(Vec::new()),
-            respond: Mutex::new(Arc::new(|_, _| 200)),
-            delay: Mutex::new(Duration::ZERO),
-        });
-        let shared = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| answer(shared.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Backend { addr, state }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn respond(&self, f: impl Fn(usize, &Recorded) -> u16 + Send + Sync + 'static) {
-        *self.state.respond.lock().unwrap() = Arc::new(f);
-    }
-
-    fn set_status(&self, status: u16) {
-        self.respond(move |_, _| status);
-    }
-
-    fn set_delay(&self, delay: Duration) {
-        *self.state.delay.lock().unwrap() = delay;
-    }
-
-    fn log(&self) -> Vec<(Recorded, u16)> {
-        self.state.log.lock().unwrap().clone()
-    }
-
-    /// How many requests carried `body` (whatever they were answered).
-    fn received(&self, body: &[u8]) -> usize {
-        let log = self.state.log.lock().unwrap();
-        log.iter().filter(|(r, _)| r.body == body).count()
-    }
-
-    /// How many requests carrying `body` were answered 2xx.
-    fn delivered(&self, body: &[u8]) -> usize {
-        let log = self.state.log.lock().unwrap();
-        log.iter()
-            .filter(|(r, s)| r.body == body && (200..300).contains(s))
-            .count()
-    }
-
-    /// The requests answered 2xx, per body.
-    fn deliveries(&self) -> HashMap<Bytes, usize> {
-        let mut m = HashMap::new();
-        for (r, s) in self.state.log.lock().unwrap().iter() {
-            if (200..300).contains(s) {
-                *m.entry(r.body.clone()).or_default() += 1;
-            }
-        }
-        m
-    }
-
-    /// The one 2xx-answered request carrying `body`; panics unless there is exactly one.
-    fn the_delivery(&self, body: &[u8]) -> Recorded {
-        let log = self.log();
-        let got: Vec<&Recorded> = log
-            .iter()
-            .filter(|(r, s)| r.body == body && (200..300).contains(s))
-            .map(|(r, _)| r)
-            .collect();
-        assert_eq!(
-            got.len(),
-            1,
-            "deliveries of {:?}",
-            String::from_utf8_lossy(body)
-        );
-        got[0].clone()
-    }
-}
-
-async fn answer(
-    state: Arc<BackendState>,
-    req: http::Request<Incoming>,
-) -> Result<http::Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
+/// A gate whose `/webhook` route spools to `backend` (see [`GateConfig::with_spool`]), giving up
+/// retries after `retry_horizon`.
+async fn spooling_to(backend: &Upstream, retry_horizon: &str) -> Started {
+    Scenario::new()
+        .upstream(backend)
+        .spool(|sp| sp.retry_horizon = Some(retry_horizon.into()))
+        .start()
         .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let recorded = Recorded {
-        method: parts.method.to_string(),
-        uri: parts.uri.to_string(),
-        version: parts.version,
-        headers: parts.headers,
-        body,
-    };
-    let status = {
-        let mut log = state.log.lock().unwrap();
-        let respond = state.respond.lock().unwrap().clone();
-        let status = respond(log.len(), &recorded);
-        log.push((recorded, status));
-        status
-    };
-    let delay = *state.delay.lock().unwrap();
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let text = if (200..300).contains(&status) {
-        "ok"
-    } else {
-        "no"
-    };
-    let mut resp = http::Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
-    Ok(resp)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Gate set-up, store and CLI helpers
-// ---------------------------------------------------------------------------------------------
-
-const SPOOL_DB: &str = "spool.db";
-
-/// `cfg`'s TOML with its (single, last) route switched to `delivery = "spool"`, plus `[spool]`
-/// (short back-off, 4 deliveries at a time, `extra` lines such as `retry_horizon`) and
-/// `[dedupe] window = "36h"`.
-fn spool_toml(cfg: &GateConfig, extra: &str) -> String {
-    let mut t = cfg.to_toml();
-    t.push_str("delivery = \"spool\"\n");
-    t.push_str(&format!(
-        "\n[spool]\npath = {}\nbackoff_base = \"50ms\"\nbackoff_max = \"200ms\"\nmax_concurrency = 4\ndead_letter_4xx = true\n{extra}",
-        q(SPOOL_DB)
-    ));
-    t.push_str("\n[dedupe]\nwindow = \"36h\"\n");
-    t
+/// A gate whose `/webhook` route spools to `addr`, which refuses connections for now.
+fn spooling_to_down_backend<'a>(addr: std::net::SocketAddr) -> Scenario<'a> {
+    Scenario::new()
+        .upstream_url(&format!("http://{addr}/hook"))
+        .spool(|sp| sp.retry_horizon = Some("60s".into()))
 }
 
-struct Setup {
-    pki: Pki,
-    gate: Gate,
-    cert: ClientCert,
-    http: reqwest::Client,
+/// A gate whose `/webhook` route forwards synchronously to `backend` (the default delivery).
+async fn forwarding_to(backend: &Upstream) -> Started {
+    Scenario::new().upstream(backend).start().await
 }
 
-impl Setup {
-    /// A gate whose `/webhook` route spools to `upstream`, with `[spool]` lines `extra`.
-    async fn spool(upstream: &str, extra: &str) -> Setup {
-        Self::with_toml(|_| spool_toml(&GateConfig::new(upstream), extra)).await
-    }
-
-    /// A gate whose `/webhook` route forwards synchronously (the default delivery).
-    async fn sync(upstream: &str) -> Setup {
-        Self::with_toml(|_| GateConfig::new(upstream).to_toml()).await
-    }
-
-    async fn with_toml(toml: impl FnOnce(&Pki) -> String) -> Setup {
-        let pki = Pki::new();
-        let toml = toml(&pki);
-        let gate = pki.start_toml(&toml).await;
-        let cert = pki.meta_client();
-        let http = client(&pki, Some(&cert));
-        Setup {
-            pki,
-            gate,
-            cert,
-            http,
-        }
-    }
-
+/// What the spool tests do with a started gate.
+trait SpoolScenario {
     /// POSTs `body` signed to `path`: the status and the answer's text.
+    async fn post(&self, path: &str, body: &[u8]) -> (u16, String);
+    /// POSTs `body` and requires the spool's acknowledgement.
+    async fn post_acked(&self, body: &[u8]);
+    fn db(&self) -> PathBuf;
+    /// Every event in the store (a separate connection, as `hubgate spool` uses).
+    fn events(&self) -> Vec<EventInfo>;
+    /// `hubgate_requests_total` for `/webhook` with this verdict and status.
+    fn requests_metric(&self, verdict: &str, status: u16) -> u64;
+}
+
+impl SpoolScenario for Started {
     async fn post(&self, path: &str, body: &[u8]) -> (u16, String) {
-        let r = post_signed(&self.http, &self.gate.url(path), body)
-            .await
-            .unwrap_or_else(|e| panic!("POST {path}: {}", error_chain(&e)));
+        let r = self.post_signed_to(path, body).await;
         let status = r.status().as_u16();
         (status, r.text().await.unwrap())
     }
 
-    /// POSTs `body` and requires the spool's acknowledgement.
     async fn post_acked(&self, body: &[u8]) {
         assert_eq!(
             self.post("/webhook", body).await,
@@ -261,37 +75,42 @@ impl Setup {
         self.pki.path(SPOOL_DB)
     }
 
-    /// Every event in the store (a separate connection, as `hubgate spool` uses).
     fn events(&self) -> Vec<EventInfo> {
         store_events(&self.db())
     }
 
-    /// `hubgate_requests_total` for `/webhook` with this verdict and status.
     fn requests_metric(&self, verdict: &str, status: u16) -> u64 {
-        let running = self.gate.running.as_ref().expect("gate is running");
-        let text = running.metrics().encode(unix_now());
         let prefix = format!(
             "hubgate_requests_total{{route=\"/webhook\",verdict=\"{verdict}\",status=\"{status}\"}} "
         );
-        text.lines()
+        self.metrics()
+            .lines()
             .find_map(|l| l.strip_prefix(prefix.as_str()))
             .map_or(0, |v| v.trim().parse::<f64>().expect("a number") as u64)
     }
-
-    /// What hubgate must set as `X-Forwarded-Client-Cert` for `self.cert`.
-    fn expected_xfcc(&self) -> String {
-        format!(
-            "Hash={};Subject=\"CN={META_CN},O=Meta Platforms\\\\, Inc.,L=Menlo Park,ST=California,C=US\"",
-            self.cert.leaf_sha256()
-        )
-    }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+/// Two ordinary events tagged `tag` and a poisoned one, each posted and acknowledged.
+async fn post_two_events_and_a_poisoned_one(s: &Started, tag: &str) -> [Vec<u8>; 3] {
+    let events = [
+        event_body(tag, 1),
+        event_body(tag, 2),
+        event_body("poison", 3),
+    ];
+    for body in &events {
+        s.post_acked(body).await;
+    }
+    events
+}
+
+/// Waits (bounded) until `backend` got every one of `bodies` and the spool is empty.
+async fn wait_all_delivered(s: &Started, backend: &Upstream, bodies: &[Vec<u8>], what: &str) {
+    eventually(
+        WITHIN,
+        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
+        || format!("{what}; store: {:?}", s.events()),
+    )
+    .await;
 }
 
 fn store_events(db: &Path) -> Vec<EventInfo> {
@@ -330,24 +149,9 @@ const WITHIN: Duration = Duration::from_secs(15);
 
 /// `hubgate spool --path DB ARGS…` (the binary, without any outside `HUBGATE_*` variable).
 async fn spool_cli(db: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["--path", db.to_str().unwrap()];
+    let mut all = vec!["spool", "--path", db.to_str().unwrap()];
     all.extend_from_slice(args);
-    hubgate_spool(&all).await
-}
-
-/// `hubgate spool ARGS…`.
-async fn hubgate_spool(args: &[&str]) -> Output {
-    let mut cmd = Command::new(hubgate_bin());
-    cmd.arg("spool").args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HUBGATE_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
-    tokio::task::spawn_blocking(move || cmd.output().expect("run hubgate spool"))
-        .await
-        .unwrap()
+    hubgate_output_async(&all, b"").await
 }
 
 /// Runs `hubgate spool …`, requires exit 0, returns stdout.
@@ -382,7 +186,7 @@ fn by_id(events: &[EventInfo], id: i64) -> Option<&EventInfo> {
 #[tokio::test]
 async fn backend_down_events_are_acknowledged_then_delivered_byte_identical() {
     let (socket, addr) = closed_port();
-    let s = Setup::spool(&format!("http://{addr}/hook"), "retry_horizon = \"60s\"\n").await;
+    let s = spooling_to_down_backend(addr).start().await;
     let bodies: Vec<Vec<u8>> = (0..3).map(|i| event_body("down", i)).collect();
     // The first one with a query string: it is stored and appended on delivery.
     assert_eq!(
@@ -408,13 +212,8 @@ async fn backend_down_events_are_acknowledged_then_delivered_byte_identical() {
     .await;
     assert_eq!(s.requests_metric("spooled", 200), 3);
 
-    let backend = Backend::listen_on(socket);
-    eventually(
-        WITHIN,
-        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
-        || format!("all delivered; store: {:?}", s.events()),
-    )
-    .await;
+    let backend = Upstream::listen_on(socket);
+    wait_all_delivered(&s, &backend, &bodies, "all delivered").await;
     let sig_count = |r: &Recorded| r.headers.get_all(SIG).iter().count();
     for (i, b) in bodies.iter().enumerate() {
         let got = backend.the_delivery(b);
@@ -439,7 +238,7 @@ async fn backend_down_events_are_acknowledged_then_delivered_byte_identical() {
 
 #[tokio::test]
 async fn flapping_backend_gets_every_event_exactly_once() {
-    let backend = Backend::start().await;
+    let backend = Upstream::start().await;
     // The first 8 requests fail with each retryable status, then the backend recovers.
     backend.respond(|n, _| {
         if n < 8 {
@@ -448,17 +247,12 @@ async fn flapping_backend_gets_every_event_exactly_once() {
             200
         }
     });
-    let s = Setup::spool(&backend.url("/hook"), "retry_horizon = \"60s\"\n").await;
+    let s = spooling_to(&backend, "60s").await;
     let bodies: Vec<Vec<u8>> = (0..10).map(|i| event_body("flap", i)).collect();
     for b in &bodies {
         s.post_acked(b).await;
     }
-    eventually(
-        WITHIN,
-        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
-        || format!("all delivered; store: {:?}", s.events()),
-    )
-    .await;
+    wait_all_delivered(&s, &backend, &bodies, "all delivered").await;
     // A little longer: no late second delivery.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let deliveries = backend.deliveries();
@@ -482,9 +276,9 @@ async fn flapping_backend_gets_every_event_exactly_once() {
 
 #[tokio::test]
 async fn permanent_4xx_dead_letters_after_one_attempt() {
-    let backend = Backend::start().await;
+    let backend = Upstream::start().await;
     backend.set_status(400);
-    let s = Setup::spool(&backend.url("/hook"), "retry_horizon = \"60s\"\n").await;
+    let s = spooling_to(&backend, "60s").await;
     let body = event_body("bad", 1);
     s.post_acked(&body).await;
     eventually(
@@ -512,9 +306,9 @@ async fn permanent_4xx_dead_letters_after_one_attempt() {
 
 #[tokio::test]
 async fn retries_stop_at_the_horizon_and_the_event_is_dead() {
-    let backend = Backend::start().await;
+    let backend = Upstream::start().await;
     backend.set_status(503);
-    let s = Setup::spool(&backend.url("/hook"), "retry_horizon = \"1500ms\"\n").await;
+    let s = spooling_to(&backend, "1500ms").await;
     let body = event_body("horizon", 1);
     let accepted = Instant::now();
     s.post_acked(&body).await;
@@ -548,8 +342,8 @@ async fn retries_stop_at_the_horizon_and_the_event_is_dead() {
 
 #[tokio::test]
 async fn spool_duplicates_are_answered_200_and_delivered_once() {
-    let backend = Backend::start().await;
-    let s = Setup::spool(&backend.url("/hook"), "retry_horizon = \"60s\"\n").await;
+    let backend = Upstream::start().await;
+    let s = spooling_to(&backend, "60s").await;
     let body = event_body("dup", 1);
     // Three copies at once (caught in the same transaction as the original's insert).
     let (a, b, c) = tokio::join!(
@@ -583,8 +377,8 @@ async fn spool_duplicates_are_answered_200_and_delivered_once() {
 
 #[tokio::test]
 async fn sync_route_duplicate_is_answered_200_without_forwarding() {
-    let backend = Backend::start().await;
-    let s = Setup::sync(&backend.url("/hook")).await;
+    let backend = Upstream::start().await;
+    let s = forwarding_to(&backend).await;
     let body = event_body("sync-dup", 1);
     assert_eq!(s.post("/webhook", &body).await, (200, "ok".to_owned()));
     assert_eq!(
@@ -607,9 +401,9 @@ async fn sync_route_duplicate_is_answered_200_without_forwarding() {
 
 #[tokio::test]
 async fn sync_route_retry_after_a_failed_forward_is_forwarded() {
-    let backend = Backend::start().await;
+    let backend = Upstream::start().await;
     backend.respond(|n, _| if n == 0 { 500 } else { 200 });
-    let s = Setup::sync(&backend.url("/hook")).await;
+    let s = forwarding_to(&backend).await;
     let body = event_body("sync-retry", 1);
     assert_eq!(
         s.post("/webhook", &body).await.0,
@@ -649,7 +443,7 @@ fn summary_row(text: &str, route: &str) -> (u64, u64, u64) {
 
 #[tokio::test]
 async fn spool_cli_summary_list_and_show_read_the_running_gates_store() {
-    let backend = Backend::start().await;
+    let backend = Upstream::start().await;
     // Poisoned bodies are refused for good (dead); the rest fail for now (pending).
     backend.respond(|_, r| {
         if r.body.windows(6).any(|w| w == b"poison") {
@@ -658,15 +452,8 @@ async fn spool_cli_summary_list_and_show_read_the_running_gates_store() {
             503
         }
     });
-    let s = Setup::spool(&backend.url("/hook"), "retry_horizon = \"60s\"\n").await;
-    let (a, b, p) = (
-        event_body("cli", 1),
-        event_body("cli", 2),
-        event_body("poison", 3),
-    );
-    for body in [&a, &b, &p] {
-        s.post_acked(body).await;
-    }
+    let s = spooling_to(&backend, "60s").await;
+    let [a, b, p] = post_two_events_and_a_poisoned_one(&s, "cli").await;
     eventually(
         WITHIN,
         || {
@@ -705,12 +492,18 @@ async fn spool_cli_summary_list_and_show_read_the_running_gates_store() {
     assert!(r["oldest_dead_age_seconds"].as_f64().unwrap() >= 0.0);
     assert_eq!(json["dedupe_keys"], 3);
     // The same spool found through the configuration file instead of --path.
-    let config = s.pki.write(
-        "cli.toml",
-        &spool_toml(&GateConfig::new(&backend.url("/hook")), ""),
-    );
-    let via_config =
-        hubgate_spool(&["--config", config.to_str().unwrap(), "summary", "--json"]).await;
+    let config = s.config.write(&s.pki, "cli.toml");
+    let via_config = hubgate_output_async(
+        &[
+            "spool",
+            "--config",
+            config.to_str().unwrap(),
+            "summary",
+            "--json",
+        ],
+        b"",
+    )
+    .await;
     assert!(via_config.status.success(), "{via_config:?}");
     let via_config: Value = serde_json::from_slice(&via_config.stdout).unwrap();
     assert_eq!(via_config["routes"][0]["dead"], 1, "{via_config}");
@@ -806,17 +599,10 @@ async fn spool_cli_summary_list_and_show_read_the_running_gates_store() {
 
 #[tokio::test]
 async fn spool_cli_replay_and_purge_while_the_gate_runs() {
-    let backend = Backend::start().await;
+    let backend = Upstream::start().await;
     backend.set_status(400);
-    let s = Setup::spool(&backend.url("/hook"), "retry_horizon = \"60s\"\n").await;
-    let (a, b, p) = (
-        event_body("replay", 1),
-        event_body("replay", 2),
-        event_body("poison", 3),
-    );
-    for body in [&a, &b, &p] {
-        s.post_acked(body).await;
-    }
+    let s = spooling_to(&backend, "60s").await;
+    let [a, b, p] = post_two_events_and_a_poisoned_one(&s, "replay").await;
     eventually(
         WITHIN,
         || {
@@ -899,9 +685,7 @@ async fn spool_cli_replay_and_purge_while_the_gate_runs() {
 #[tokio::test]
 async fn restart_resumes_pending_events() {
     let (socket, addr) = closed_port();
-    let upstream = format!("http://{addr}/hook");
-    let toml = spool_toml(&GateConfig::new(&upstream), "retry_horizon = \"60s\"\n");
-    let mut s = Setup::with_toml(|_| toml.clone()).await;
+    let mut s = spooling_to_down_backend(addr).start().await;
     let bodies: Vec<Vec<u8>> = (0..5).map(|i| event_body("restart", i)).collect();
     for b in &bodies {
         s.post_acked(b).await;
@@ -920,14 +704,9 @@ async fn restart_resumes_pending_events() {
         "{left:?}"
     );
 
-    let backend = Backend::listen_on(socket);
-    let gate = s.pki.start_toml(&toml).await;
-    eventually(
-        WITHIN,
-        || bodies.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
-        || format!("delivered after restart; store: {:?}", s.events()),
-    )
-    .await;
+    let backend = Upstream::listen_on(socket);
+    let gate = s.config.start(&s.pki).await;
+    wait_all_delivered(&s, &backend, &bodies, "delivered after restart").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for b in &bodies {
         assert_eq!(backend.delivered(b), 1);
@@ -938,9 +717,12 @@ async fn restart_resumes_pending_events() {
 
 #[tokio::test]
 async fn duplicate_after_restart_is_still_suppressed() {
-    let backend = Backend::start().await;
-    let toml = spool_toml(&GateConfig::new(&backend.url("/hook")), "");
-    let mut s = Setup::with_toml(|_| toml.clone()).await;
+    let backend = Upstream::start().await;
+    let mut s = Scenario::new()
+        .upstream(&backend)
+        .spool(|_| {})
+        .start()
+        .await;
     let body = event_body("persist", 1);
     s.post_acked(&body).await;
     eventually(
@@ -951,7 +733,7 @@ async fn duplicate_after_restart_is_still_suppressed() {
     .await;
     s.gate.shutdown().await;
 
-    s.gate = s.pki.start_toml(&toml).await;
+    s.gate = s.config.start(&s.pki).await;
     s.post_acked(&body).await;
     let other = event_body("persist", 2);
     s.post_acked(&other).await;
@@ -972,11 +754,10 @@ async fn duplicate_after_restart_is_still_suppressed() {
 #[tokio::test]
 async fn full_spool_answers_503_and_keeps_what_it_acknowledged() {
     let (socket, addr) = closed_port();
-    let s = Setup::spool(
-        &format!("http://{addr}/hook"),
-        "retry_horizon = \"60s\"\nmax_size_bytes = 65536\n",
-    )
-    .await;
+    let s = spooling_to_down_backend(addr)
+        .spool(|sp| sp.max_size_bytes = Some(65536))
+        .start()
+        .await;
     let big = |i: usize| -> Vec<u8> {
         format!(
             r#"{{"object":"page","entry":[{{"id":"full-{i}","pad":"{}"}}]}}"#,
@@ -1008,7 +789,7 @@ async fn full_spool_answers_503_and_keeps_what_it_acknowledged() {
     );
 
     // The backend comes back: a full spool must still drain (delivering frees the space).
-    let backend = Backend::listen_on(socket);
+    let backend = Upstream::listen_on(socket);
     eventually(
         WITHIN,
         || acked.iter().all(|b| backend.delivered(b) >= 1) && s.events().is_empty(),
@@ -1046,70 +827,6 @@ async fn full_spool_answers_503_and_keeps_what_it_acknowledged() {
 // ---------------------------------------------------------------------------------------------
 // kill -9: the issue's proof
 // ---------------------------------------------------------------------------------------------
-
-/// `hubgate run --config FILE` as a child process, its log in a file; killed when dropped.
-struct GateProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl GateProcess {
-    fn spawn(config: &Path, dir: &Path, n: usize) -> GateProcess {
-        let log = dir.join(format!("gate-{n}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(hubgate_bin());
-        cmd.arg("run").arg("--config").arg(config).current_dir(dir);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("HUBGATE_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn hubgate run");
-        GateProcess { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if self.log_text().contains("hubgate listening") {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("hubgate exited ({status}):\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hubgate not listening:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGKILL, and reap.
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reap");
-    }
-}
-
-impl Drop for GateProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// SplitMix64: a seeded, reproducible source of kill moments.
 struct SplitMix(u64);
@@ -1155,12 +872,7 @@ async fn crash_client(
     stop: Arc<AtomicBool>,
     traffic: Arc<Traffic>,
 ) {
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = reqwest_client(tls, Duration::from_secs(5));
     let mut seq = 0;
     'next: while !stop.load(Ordering::SeqCst) {
         let body = event_body(&format!("crash{c}"), seq);
@@ -1206,13 +918,11 @@ fn event_id(body: &[u8]) -> String {
 }
 
 /// `resumed_in_flight=N` from the "spool opened" line of a gate's log.
-fn resumed_in_flight(log: &Path) -> u64 {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let line = text
-        .lines()
-        .map(strip_ansi)
+fn resumed_in_flight(log: &[String]) -> u64 {
+    let line = log
+        .iter()
         .find(|l| l.contains("spool opened"))
-        .unwrap_or_else(|| panic!("no \"spool opened\" in {}:\n{text}", log.display()));
+        .unwrap_or_else(|| panic!("no \"spool opened\" in:\n{}", log.join("\n")));
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("resumed_in_flight="))
         .and_then(|n| n.parse().ok())
@@ -1239,33 +949,30 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         .unwrap_or(CRASH_SEED);
     let mut rng = SplitMix(seed);
 
-    let backend = Backend::start().await;
+    let backend = Upstream::start().await;
     // Deliveries take a moment, so kills catch some in flight.
     backend.set_delay(Duration::from_millis(5));
-    let pki = Pki::new();
+    // One port for every restart.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let toml = spool_toml(
-        &GateConfig::new(&backend.url("/hook")),
-        "retry_horizon = \"10m\"\n",
-    )
-    .replace(
-        "max_concurrency = 4",
-        &format!("max_concurrency = {CRASH_CONCURRENCY}"),
-    );
-    let fixed = toml.replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = {}", q(&port.to_string())),
-        1,
-    );
-    assert_ne!(fixed, toml, "listen address replaced");
-    let config = pki.write("crash.toml", &fixed);
+    let (pki, _, cfg) = Scenario::new()
+        .upstream(&backend)
+        .server(|s| s.listen = port.to_string())
+        .spool(|sp| {
+            sp.retry_horizon = Some("10m".into());
+            sp.max_concurrency = Some(CRASH_CONCURRENCY);
+        })
+        .prepare()
+        .await;
+    let config = cfg.write(&pki, "crash.toml");
     let db = pki.path(SPOOL_DB);
 
-    let mut gate = GateProcess::spawn(&config, pki.dir.path(), 0);
-    gate.wait_listening().await;
+    // The log of every gate process, in start order.
+    let mut logs: Vec<Vec<String>> = Vec::new();
+    let (mut gate, addr) = Hubgate::run_config(&config).await;
+    assert_eq!(addr, port, "the gate listens on the fixed port");
 
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = Arc::new(Traffic::default());
@@ -1289,11 +996,12 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         let down = rng.millis(0, 250);
         tokio::time::sleep(up).await;
         let acked_before = traffic.acked.lock().unwrap().len();
-        gate.kill9();
+        logs.push(gate.kill9());
         schedule.push((up, down, acked_before));
         tokio::time::sleep(down).await;
-        gate = GateProcess::spawn(&config, pki.dir.path(), k);
-        gate.wait_listening().await;
+        let addr;
+        (gate, addr) = Hubgate::run_config(&config).await;
+        assert_eq!(addr, port, "restart {k} listens on the same port");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
@@ -1327,7 +1035,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
             "seed {seed}: {missing} acknowledged event(s) never delivered; store: {} event(s) {:?}\nlast gate log:\n{}",
             ev.len(),
             ev.iter().take(5).collect::<Vec<_>>(),
-            gate.log_text()
+            gate.logs().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1350,22 +1058,18 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         .iter()
         .filter(|(b, n)| **n > 1 && resent.contains(b.as_ref()))
         .count();
+    logs.push(gate.logs());
+    assert_eq!(logs.len(), CRASH_KILLS + 1);
     // What each restart found in flight: the events a kill interrupted mid-delivery.
-    let resumed: Vec<u64> = (1..=CRASH_KILLS)
-        .map(|n| resumed_in_flight(&pki.path(&format!("gate-{n}.log"))))
-        .collect();
+    let resumed: Vec<u64> = logs[1..].iter().map(|l| resumed_in_flight(l)).collect();
     let resumed_total: u64 = resumed.iter().sum();
     // Re-sent bodies that a killed gate had committed before it could answer: the restarted
     // gate answers them `duplicate`.
-    let duplicate_answers: usize = (0..=CRASH_KILLS)
-        .map(|n| {
-            std::fs::read_to_string(pki.path(&format!("gate-{n}.log")))
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| strip_ansi(l).contains("verdict=\"duplicate\""))
-                .count()
-        })
-        .sum();
+    let duplicate_answers: usize = logs
+        .iter()
+        .flatten()
+        .filter(|l| l.contains("verdict=\"duplicate\""))
+        .count();
     let unacked_delivered = deliveries
         .keys()
         .filter(|b| !unique.contains(b.as_ref()))
