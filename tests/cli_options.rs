@@ -2,30 +2,22 @@
 //! before it (`hubgate spool summary --config F` = `hubgate spool --config F summary`), and logs
 //! written to a pipe carry no ANSI colour codes.
 //!
-//! Keys and certificates are generated per test (rcgen) into a temporary folder.
+//! Keys and certificates are generated per test by the shared harness (`common::Pki`).
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::SystemTime;
 
+use common::*;
 use hubgate::spool::{NewEvent, Spool, SpoolSettings};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 
 /// Runs the binary with `args`, stdout and stderr piped, without any `HUBGATE_*` or `NO_COLOR`
 /// variable from outside.
 fn hubgate(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubgate"));
-    cmd.args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HUBGATE_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = hubgate_command(args, "info", &[]);
     cmd.env_remove("NO_COLOR")
-        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -45,53 +37,12 @@ fn hubgate_ok(args: &[&str]) -> String {
     stdout
 }
 
-/// A throwaway CA and a server certificate under it in `dir`, and a configuration with one
-/// spooled route and `[spool] path = "spool.db"` (next to the configuration).
-fn write_config(dir: &Path) -> PathBuf {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name
-        .push(DnType::CommonName, "hubgate cli_options test CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-    let path = dir.join("hubgate.toml");
-    std::fs::write(
-        &path,
-        r#"[server]
-listen = "127.0.0.1:0"
-cert = "server.pem"
-key = "server.key"
-
-[client_auth]
-mode = "require"
-roots = "ca.pem"
-
-[[route]]
-path = "/webhook"
-verify_token = "token"
-app_secrets = ["secret"]
-upstream = "http://127.0.0.1:9/hook"
-delivery = "spool"
-
-[spool]
-path = "spool.db"
-"#,
-    )
-    .unwrap();
-    path
+/// The test PKI and a configuration with one spooled route and `[spool] path = "spool.db"`,
+/// written next to the PKI's files.
+fn write_config(pki: &Pki) -> PathBuf {
+    let mut config = GateConfig::new("http://127.0.0.1:9/hook");
+    config.with_spool();
+    config.write(pki, "hubgate.toml")
 }
 
 /// Stores `bodies` as pending events of `/webhook` in the spool at `db` (nothing delivers them).
@@ -125,10 +76,10 @@ fn fields(stdout: &str, n: usize) -> Vec<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn spool_options_are_accepted_before_and_after_the_subcommand() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
+    let pki = Pki::new();
+    let config = write_config(&pki);
     let config = config.to_str().unwrap();
-    let db = dir.path().join("spool.db");
+    let db = pki.path(SPOOL_DB);
     fill_spool(&db, &[r#"{"n":1}"#, r#"{"n":2}"#]).await;
     let db = db.to_str().unwrap();
 
@@ -173,8 +124,8 @@ async fn spool_options_are_accepted_before_and_after_the_subcommand() {
 
 #[test]
 fn check_takes_the_log_format_before_or_after_the_subcommand() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
+    let pki = Pki::new();
+    let config = write_config(&pki);
     let config = config.to_str().unwrap();
     let before = hubgate_ok(&["--log-format", "json", "check", "--config", config]);
     let after = hubgate_ok(&["check", "--config", config, "--log-format", "json"]);
