@@ -295,16 +295,3 @@ impl Config {
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_debug_is_redacted() {
-        assert_eq!(
-            format!("{:?}", Secret::new("hunter2")),
-            "Secret(<redacted>)"
-        );
-    }
-}

@@ -95,17 +95,7 @@ pub async fn post_signed(
         .await
 }
 
-/// An error and all its sources, `: `-joined.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use hubgate::deliver::upstream::error_chain;
 
 /// A signed HTTP/1.1 `POST path` of `body` (JSON, `Content-Length`), `extra_headers` lines
 /// (each ending in `\r\n`), and `Connection: close`.
