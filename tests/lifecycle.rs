@@ -91,3 +91,55 @@ async fn reload_applies_to_new_connections_and_voids_old_sessions() {
     );
     assert_eq!(s.upstream.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn readyz_answers_draining_while_an_in_flight_request_finishes() {
+    let mut s = Scenario::new()
+        .reply(Reply::delayed(Duration::from_millis(1500)))
+        .admin()
+        .start()
+        .await;
+    let admin = s.gate.admin_addr();
+    assert_eq!(
+        http_get(admin, "/readyz").await.unwrap(),
+        (200, "ready\n".into())
+    );
+    let in_flight = {
+        let (http, url) = (s.http(), s.url("/webhook"));
+        tokio::spawn(async move { post_signed(&http, &url, &sample_body()).await })
+    };
+    s.upstream.wait_for_requests(1).await;
+
+    // The drain runs in its own task; the admin listener answers while it lasts.
+    let addr = s.gate.addr;
+    let mut gate = std::mem::replace(&mut s.gate, Gate::at(addr));
+    let drain = tokio::spawn(async move { gate.shutdown().await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let readyz = loop {
+        let answer = http_get(admin, "/readyz").await.unwrap();
+        if answer.0 != 200 || tokio::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(readyz, (503, "not ready: draining\n".into()));
+    assert!(
+        !drain.is_finished(),
+        "the drain waits for the request in flight"
+    );
+
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .expect("the drain ends once the request is done")
+        .unwrap();
+    assert!(
+        http_get(admin, "/readyz").await.is_err(),
+        "the admin listener stops after the drain"
+    );
+}

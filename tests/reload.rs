@@ -143,3 +143,43 @@ async fn failed_reload_keeps_the_old_configuration_and_is_counted() {
     );
     assert!(!metrics.contains("result=\"success\"} 1"), "{metrics}");
 }
+
+#[tokio::test]
+async fn reload_from_source_rereads_the_file_and_keeps_the_last_good_one() {
+    let s = Scenario::new().start().await;
+    let path = s.config.write(&s.pki, "live.toml");
+    let env = s.config.env.clone();
+    let source = hubgate::ConfigSource::with_env(Some(&path), move |name| env.get(name).cloned());
+
+    // The file now names a reissued certificate: reload_from reads it again.
+    s.pki
+        .reissue_server_cert(&REISSUED_SERIAL, "server2-chain.pem", "server2.key");
+    let mut next = s.config.clone();
+    use_server2(&mut next);
+    next.write(&s.pki, "live.toml");
+    s.gate
+        .running()
+        .reload_from(&source)
+        .expect("reload succeeds");
+    let serial = server_serial(&s.pki, Some(&s.cert), s.gate.addr).await;
+    assert_eq!(serial.unwrap(), REISSUED_SERIAL);
+
+    // A file that no longer parses: the reload fails, naming the file, and changes nothing.
+    s.pki.write("live.toml", "[server\n");
+    let err = s
+        .gate
+        .running()
+        .reload_from(&source)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("live.toml"), "{err}");
+    let serial = server_serial(&s.pki, Some(&s.cert), s.gate.addr).await;
+    assert_eq!(serial.unwrap(), REISSUED_SERIAL);
+    assert_eq!(s.post_fresh(Some(&s.cert)).await.unwrap(), 200);
+    let metrics = s.metrics();
+    assert!(
+        metrics.contains("hubgate_config_reloads_total{result=\"success\"} 1\n")
+            && metrics.contains("hubgate_config_reloads_total{result=\"failure\"} 1\n"),
+        "{metrics}"
+    );
+}
