@@ -1,6 +1,6 @@
 //! What a running gate holds: the [`Generation`] that one configuration builds (new
 //! connections get the current one; open connections keep theirs), and the process-wide
-//! [`Shared`] parts that outlive reloads (metrics, the spool, recent sync deliveries, the body
+//! `Shared` parts that outlive reloads (metrics, the spool, recent sync deliveries, the body
 //! budget, the drain flag).
 
 use std::collections::HashMap;

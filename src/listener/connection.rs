@@ -119,7 +119,10 @@ pub(super) async fn serve(
     tokio::pin!(connection);
 
     // Close the connection once it has been idle (no request in flight) for idle_timeout, and
-    // on shutdown let in-flight requests finish: hyper's graceful_shutdown does both.
+    // on shutdown let in-flight requests finish: hyper's graceful_shutdown does both. (hyper-util's
+    // `GracefulShutdown` watcher would take the connection out of our hands, and the idle
+    // timeout and the per-connection closing deadline need it; the listener's semaphore counts
+    // what is still open.)
     let idle = settings.idle_timeout;
     let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

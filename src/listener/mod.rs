@@ -1,5 +1,5 @@
 //! The listener: accepts TCP connections up to `server.max_connections`, hands each to
-//! [`connection`] (PROXY header, source allow-list, TLS handshake, HTTP/1.1 and HTTP/2, idle
+//! `connection` (PROXY header, source allow-list, TLS handshake, HTTP/1.1 and HTTP/2, idle
 //! timeout) and, on shutdown, stops accepting and drains: open connections finish their
 //! in-flight requests within `server.drain_timeout`.
 

@@ -1,12 +1,12 @@
 //! One request, top to bottom, in named stages:
 //!
-//! 1. [`handle`]: who the client is (address after trusted proxies) and which route;
-//! 2. [`admit`]: the client policy for that route (allow-list behind a proxy, identity header,
+//! 1. `handle`: who the client is (address after trusted proxies) and which route;
+//! 2. `admit`: the client policy for that route (allow-list behind a proxy, identity header,
 //!    the route's certificate requirement);
-//! 3. [`challenge`] for a `GET`, or for a `POST` [`read_body`] (limits, budget, deadline) then
-//!    [`verify`] (the signature over the raw bytes);
-//! 4. [`deliver`]: forward now ([`forward`]) or store in the spool ([`spool`]);
-//! 5. back in [`handle`]: the response, one access-log line and the metrics of its [`Outcome`].
+//! 3. `challenge` for a `GET`, or for a `POST` `read_body` (limits, budget, deadline) then
+//!    `verify` (the signature over the raw bytes);
+//! 4. `deliver`: forward now (`forward`) or store in the spool (`spool`);
+//! 5. back in `handle`: the response, one access-log line and the metrics of its `Outcome`.
 //!
 //! A stage that refuses returns `Err(Outcome)`; the refusal's response comes from the outcome.
 
