@@ -98,7 +98,7 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
         spool
             .summary()
             .await
-            .map_err(|e| format!("spool {}: {e}", spool.path().display()))?;
+            .map_err(|e| format!("spool {}: {e}", spool.location()))?;
     }
     let current = shared.current();
     let config = current.config();

@@ -203,9 +203,13 @@ impl Running {
     fn prepare(&self, config: Config) -> Result<Generation, Error> {
         let generation = Generation::new(config)?;
         let config = generation.config();
-        let open = self.shared.spool.as_ref().map(Spool::path);
-        let wanted = config.spool.as_ref().map(|s| s.path.as_path());
-        if open != wanted {
+        let open = self.shared.spool.as_ref().map(Spool::settings);
+        let same = match (open, config.spool.as_ref()) {
+            (None, None) => true,
+            (Some(open), Some(wanted)) => open.same_store(wanted),
+            _ => false,
+        };
+        if !same {
             return Err(ReloadError::SpoolChanged.into());
         }
         let budget = self.shared.started_with.server.max_buffered_bytes;

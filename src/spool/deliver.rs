@@ -34,8 +34,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::store;
-use super::writer;
+use super::store::{self, Disposition};
 use super::{Spool, SpoolError, StoredEvent};
 
 /// The result of one delivery attempt.
@@ -82,118 +81,6 @@ pub trait Deliver: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = DeliveryOutcome> + Send + 'a>>;
 }
 
-/// Due events claimed by the scheduler, and when to look again.
-pub(crate) struct Claimed {
-    pub events: Vec<StoredEvent>,
-    /// The earliest due time (Unix ms) of pending events on routes that had room.
-    pub next_due: Option<i64>,
-}
-
-/// What recording an outcome did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Disposition {
-    Delivered,
-    RetryAt(i64),
-    Dead(String),
-    /// The event was not in flight any more (nothing recorded).
-    Stale,
-}
-
-impl Spool {
-    /// Claims due events of every route that has room under its concurrency limit.
-    pub(crate) async fn claim(&self, busy: HashMap<String, usize>) -> Result<Claimed, SpoolError> {
-        writer::call(&self.inner.tx, 0, false, move |ctx, conn| {
-            let max = ctx.settings.max_concurrency_per_route.max(1);
-            let mut events = Vec::new();
-            let mut next_due: Option<i64> = None;
-            for route in &ctx.routes {
-                let running = busy.get(route).copied().unwrap_or(0);
-                if running >= max {
-                    continue;
-                }
-                let room = max - running;
-                let got = store::claim(conn, route, room, ctx.now)?;
-                if got.len() < room {
-                    if let Some(due) = store::next_due(conn, route)? {
-                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
-                    }
-                }
-                events.extend(got);
-            }
-            Ok(Claimed { events, next_due })
-        })
-        .await
-    }
-
-    /// Records an attempt's outcome for an in-flight event.
-    pub(crate) async fn complete(
-        &self,
-        id: i64,
-        outcome: DeliveryOutcome,
-    ) -> Result<Disposition, SpoolError> {
-        writer::call(&self.inner.tx, 0, false, move |ctx, conn| {
-            let now = ctx.now;
-            match outcome {
-                // The common case, in one statement.
-                DeliveryOutcome::Done => {
-                    if !store::delete_in_flight(conn, id)? {
-                        return Ok(Disposition::Stale);
-                    }
-                    ctx.delta.delivered += 1;
-                    Ok(Disposition::Delivered)
-                }
-                DeliveryOutcome::Permanent(msg) => {
-                    if store::in_flight(conn, id)?.is_none() {
-                        return Ok(Disposition::Stale);
-                    }
-                    store::mark_dead(conn, id, &msg, now)?;
-                    ctx.delta.dead_lettered += 1;
-                    Ok(Disposition::Dead(msg))
-                }
-                DeliveryOutcome::Retry(msg) => {
-                    let Some((attempts, since)) = store::in_flight(conn, id)? else {
-                        return Ok(Disposition::Stale);
-                    };
-                    let horizon = ctx.settings.retry_horizon;
-                    let deadline = since.saturating_add(store::duration_ms(horizon));
-                    if now >= deadline {
-                        let why = format!(
-                            "retry horizon ({}) passed; last error: {msg}",
-                            humantime::format_duration(horizon)
-                        );
-                        store::mark_dead(conn, id, &why, now)?;
-                        ctx.delta.dead_lettered += 1;
-                        Ok(Disposition::Dead(why))
-                    } else {
-                        let s = &ctx.settings;
-                        let (base, max) = (s.backoff_base, s.backoff_max);
-                        let delay = writer::backoff(attempts, base, max, ctx.random());
-                        let at = now.saturating_add(store::duration_ms(delay)).min(deadline);
-                        store::reschedule(conn, id, at, &msg, now)?;
-                        ctx.delta.retried += 1;
-                        Ok(Disposition::RetryAt(at))
-                    }
-                }
-            }
-        })
-        .await
-    }
-
-    /// Puts interrupted in-flight events back to pending, due now.
-    pub(crate) async fn release(&self, ids: Vec<i64>) -> Result<usize, SpoolError> {
-        writer::call(&self.inner.tx, 0, false, move |ctx, conn| {
-            let mut n = 0;
-            for id in ids {
-                if store::release(conn, id, ctx.now)? {
-                    n += 1;
-                }
-            }
-            Ok(n)
-        })
-        .await
-    }
-}
-
 /// Runs one attempt and records its outcome. Recording is retried a few times (a busy or full
 /// disk); if it still fails, the event stays `in_flight` until the next start, which makes it
 /// pending again (delivered again: at least once).
@@ -202,7 +89,7 @@ async fn attempt(spool: Spool, deliver: Arc<dyn Deliver>, event: StoredEvent) {
     let (id, route, attempt) = (event.id, event.route.as_str(), event.attempt);
     let mut wait = Duration::from_millis(200);
     for _ in 0..6 {
-        match spool.complete(id, outcome.clone()).await {
+        match spool.inner.store.complete(id, outcome.clone()).await {
             Ok(Disposition::Delivered) => {
                 debug!(id, route, attempt, "spool: delivered");
                 return;
@@ -256,6 +143,9 @@ pub(crate) async fn run(
     let mut busy: HashMap<String, usize> = HashMap::new();
     let mut running: HashMap<tokio::task::Id, (i64, String)> = HashMap::new();
     let mut tasks: JoinSet<()> = JoinSet::new();
+    // Claims on a shared store carry a lease: renew those still running well before it ends.
+    let renew_every = (settings.lease / 3).max(Duration::from_millis(100));
+    let mut next_renew = Instant::now() + renew_every;
 
     let finished = |id: tokio::task::Id,
                     busy: &mut HashMap<String, usize>,
@@ -277,7 +167,7 @@ pub(crate) async fn run(
             break;
         }
         let mut wake_at = Instant::now() + settings.poll_interval;
-        match spool.claim(busy.clone()).await {
+        match spool.inner.store.claim(busy.clone()).await {
             Ok(claimed) => {
                 for event in claimed.events {
                     let (id, route) = (event.id, event.route.clone());
@@ -314,7 +204,7 @@ pub(crate) async fn run(
                         if panicked {
                             error!(id = event, "spool: delivery panicked");
                             let outcome = DeliveryOutcome::Retry("delivery panicked".to_owned());
-                            let _ = spool.complete(event, outcome).await;
+                            let _ = spool.inner.store.complete(event, outcome).await;
                         }
                     }
                     next = tasks.try_join_next_with_id();
@@ -322,6 +212,15 @@ pub(crate) async fn run(
             }
             _ = notify.notified() => {}
             _ = tokio::time::sleep_until(wake_at) => {}
+            _ = tokio::time::sleep_until(next_renew) => {
+                next_renew = Instant::now() + renew_every;
+                let ids: Vec<i64> = running.values().map(|(id, _)| *id).collect();
+                if !ids.is_empty() {
+                    if let Err(e) = spool.inner.store.renew(ids).await {
+                        warn!(error = %e, "spool: renewing the leases of running deliveries failed");
+                    }
+                }
+            }
         }
     }
 
@@ -349,7 +248,7 @@ pub(crate) async fn run(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         let ids: Vec<i64> = running.values().map(|(id, _)| *id).collect();
-        match spool.release(ids).await {
+        match spool.inner.store.release(ids).await {
             Ok(n) => warn!(
                 released = n,
                 "spool: deliveries cut short by shutdown are pending again"

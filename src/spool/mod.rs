@@ -4,24 +4,11 @@
 //!
 //! This module owns the public API ([`Spool`], [`SpoolSettings`], [`NewEvent`], …); the parts:
 //!
-//! - [`store`]: the SQLite schema and statements, and [`SpoolOps`], the operations API behind
-//!   `hubgate spool …`;
-//! - `writer`: the writer thread and its group commit;
+//! - [`store`]: the [`store::Store`] contract both engines fulfil, the retry plan, the shared
+//!   types;
+//! - `sqlite`: the embedded default, one file per gate ([`SpoolOps`] is its blocking
+//!   operations API);
 //! - [`deliver`]: the [`Deliver`] trait, the status rules, and the delivery scheduler.
-//!
-//! # Why SQLite (rusqlite, `bundled`)
-//!
-//! - **Crash consistency** is SQLite's, which is tested to the point of simulated power loss:
-//!   in WAL mode with `synchronous=FULL` a commit returns only after the WAL is fsynced, and
-//!   recovery after a crash replays exactly the committed transactions. A hand-rolled log would
-//!   have to get torn writes, checksums and directory fsyncs right itself.
-//! - **Tooling**: the spool is one file that the stock `sqlite3` CLI can read and query, also
-//!   while the gate runs (WAL lets a second process in), and `hubgate spool …` is just another
-//!   connection.
-//! - **Build cost**: `bundled` compiles SQLite's C amalgamation once (about 30 s in a debug
-//!   build here) and needs no system library; no server to run. The alternatives (sled, redb,
-//!   fjall) are pure Rust but not inspectable with standard tools, and sled's crash behaviour is
-//!   not settled.
 //!
 //! # Durability and crash consistency
 //!
@@ -52,26 +39,25 @@
 //! replayed or purged.
 
 pub mod deliver;
+pub(crate) mod sqlite;
 pub mod store;
-mod writer;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::info;
 
 pub use deliver::{outcome_for_status, Deliver, DeliveryOutcome};
+pub use sqlite::SpoolOps;
 pub use store::{
-    EventDetail, EventInfo, EventState, ListFilter, ReplayTarget, RouteSummary, SpoolOps, Summary,
+    EventDetail, EventInfo, EventState, ListFilter, Operations, ReplayTarget, RouteSummary, Summary,
 };
 
-use writer::Msg;
+use store::Store;
 
 /// Everything the spool can be told. [`SpoolSettings::new`] gives the defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +91,12 @@ pub struct SpoolSettings {
     pub shutdown_grace: Duration,
     /// The most jobs (events, outcomes) in one commit. Default 1024.
     pub max_batch_events: usize,
+    /// How long an accept may take before it is answered as failed (503, Meta retries): a
+    /// stuck disk or database must not hold Meta's request past its own deadline. Default 3 s.
+    pub accept_timeout: Duration,
+    /// How long a claim holds on a shared store before another gate may take the event over;
+    /// renewed while the delivery runs. Default 30 s (unused by SQLite: one gate per file).
+    pub lease: Duration,
 }
 
 impl SpoolSettings {
@@ -122,6 +114,8 @@ impl SpoolSettings {
             poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
             max_batch_events: 1024,
+            accept_timeout: Duration::from_secs(3),
+            lease: Duration::from_secs(30),
         }
     }
 
@@ -129,7 +123,12 @@ impl SpoolSettings {
     /// lock): the settings, that the folder exists, and that the path is not a folder.
     pub fn check(&self) -> Result<(), SpoolError> {
         self.validate()?;
-        store::check_folder(&self.path)
+        sqlite::sql::check_folder(&self.path)
+    }
+
+    /// Whether `other` names the same store (what a reload may not change).
+    pub fn same_store(&self, other: &SpoolSettings) -> bool {
+        self.path == other.path
     }
 
     fn validate(&self) -> Result<(), SpoolError> {
@@ -147,6 +146,9 @@ impl SpoolSettings {
         }
         if self.poll_interval.is_zero() {
             return bad("poll_interval must not be zero");
+        }
+        if self.accept_timeout.is_zero() {
+            return bad("accept_timeout must not be zero");
         }
         Ok(())
     }
@@ -215,8 +217,16 @@ pub enum SpoolError {
     #[error("spool {} is in use by another hubgate process", path.display())]
     InUse { path: PathBuf },
     /// A database from an unknown version of hubgate.
-    #[error("spool {}: schema version {found} is not supported (this hubgate reads version {})", path.display(), store::SCHEMA_VERSION)]
-    Schema { path: PathBuf, found: i64 },
+    #[error("spool {}: schema version {found} is not supported (this hubgate reads version {supported})", path.display())]
+    Schema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// The accept did not finish within `accept_timeout`: not acknowledged (it may still be
+    /// stored; Meta's retry is then a duplicate).
+    #[error("spool: the accept took longer than {0:?}")]
+    Timeout(Duration),
     /// Invalid settings.
     #[error("spool {}: {message}", path.display())]
     Settings { path: PathBuf, message: String },
@@ -300,12 +310,12 @@ pub(crate) struct Shared {
 
 struct Inner {
     settings: Arc<SpoolSettings>,
-    tx: Sender<Msg>,
+    store: Box<dyn Store>,
     shared: Arc<Shared>,
 }
 
-/// The spool: cheap to clone (an `Arc` inside); all clones share one writer thread. Dropping
-/// the last clone (or [`close`](Spool::close)) stops the writer and releases the lock.
+/// The spool: cheap to clone (an `Arc` inside); all clones share one store. Dropping the last
+/// clone (or [`close`](Spool::close)) closes the store.
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
@@ -314,7 +324,7 @@ pub struct Spool {
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Spool")
-            .field("path", &self.inner.settings.path)
+            .field("location", &self.inner.store.location())
             .finish_non_exhaustive()
     }
 }
@@ -326,29 +336,16 @@ impl Spool {
     /// pending again. Blocking (file I/O): call it at start-up.
     pub fn open(settings: SpoolSettings) -> Result<Spool, SpoolError> {
         settings.validate()?;
-        let opened = store::open_gate(&settings)?;
-        info!(
-            path = %settings.path.display(),
-            pending = opened.pending,
-            resumed_in_flight = opened.resumed,
-            "spool opened"
-        );
         let settings = Arc::new(settings);
         let shared = Arc::new(Shared {
             stats: Stats::default(),
             notify: Arc::new(Notify::new()),
         });
-        let (tx, rx) = std::sync::mpsc::channel();
-        writer::spawn(opened, settings.clone(), shared.clone(), rx).map_err(|e| {
-            SpoolError::Open {
-                path: settings.path.clone(),
-                message: format!("cannot start the writer thread: {e}"),
-            }
-        })?;
+        let store = sqlite::SqliteStore::open(settings.clone(), shared.clone())?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 settings,
-                tx,
+                store: Box::new(store),
                 shared,
             }),
         })
@@ -359,61 +356,21 @@ impl Spool {
         &self.inner.settings
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.settings.path
+    /// Where the events are kept, for messages.
+    pub fn location(&self) -> String {
+        self.inner.store.location()
     }
 
     /// Stores an authenticated event — or recognises it as a duplicate — and returns once the
-    /// commit holding it is on disk (fsynced). Only then may the gate answer 200. Any error
-    /// means it was not stored: answer 503 ([`SpoolError::is_full`] tells a full disk apart).
-    /// Dropping the future does not cancel the write.
+    /// commit holding it is durable. Only then may the gate answer 200. Any error means it was
+    /// not acknowledged: answer 503 ([`SpoolError::is_full`] tells a full disk apart). Bounded
+    /// by `accept_timeout`. Dropping the future does not cancel a write already queued.
     pub async fn accept(&self, event: NewEvent) -> Result<Accepted, SpoolError> {
-        if event.route.is_empty() {
-            return Err(SpoolError::InvalidEvent("empty route".to_owned()));
-        }
-        let headers = store::encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?;
-        let key = store::dedupe_key(&event.route, &event.body);
-        let prepared = store::Prepared {
-            route: event.route,
-            body: event.body,
-            headers,
-            query: event.query,
-            client_identity: event.client_identity,
-            received_ms: store::unix_ms(event.received_at),
-            key,
+        let limit = self.inner.settings.accept_timeout;
+        let result = match tokio::time::timeout(limit, self.inner.store.accept(event)).await {
+            Ok(r) => r,
+            Err(_) => Err(SpoolError::Timeout(limit)),
         };
-        let weight = prepared.body.len();
-        let size = (prepared.body.len() + prepared.headers.len()) as u64;
-        let result = writer::call(&self.inner.tx, weight, true, move |ctx, conn| {
-            let window = store::duration_ms(ctx.settings.dedupe_window);
-            let dedupe = window > 0;
-            if dedupe {
-                if let Some(at) = store::dedupe_lookup(conn, &prepared.key)? {
-                    if ctx.now.saturating_sub(at) < window {
-                        ctx.delta.duplicates += 1;
-                        return Ok(Ok(Accepted::Duplicate));
-                    }
-                }
-            }
-            // The size cap refuses this event only; the rest of the batch commits.
-            if let Some(max) = ctx.settings.max_size_bytes {
-                if store::used_bytes(conn)? + size > max {
-                    return Ok(Err(SpoolError::Full {
-                        path: ctx.settings.path.clone(),
-                    }));
-                }
-            }
-            let id = store::insert_event(conn, &prepared, ctx.now, dedupe)?;
-            if !ctx.routes.contains(&prepared.route) {
-                ctx.routes.insert(prepared.route.clone());
-            }
-            ctx.stored = true;
-            ctx.delta.accepted += 1;
-            Ok(Ok(Accepted::Stored(id)))
-        })
-        .await
-        .and_then(|accepted| accepted);
         let stats = &self.inner.shared.stats;
         match &result {
             Err(SpoolError::Full { .. }) => {
@@ -439,13 +396,10 @@ impl Spool {
         tokio::spawn(deliver::run(self.clone(), deliver, shutdown))
     }
 
-    /// Finishes the current commit, closes the database and releases the lock. Later calls on
+    /// Finishes the current commit and closes the store (and the SQLite lock). Later calls on
     /// any clone fail with [`SpoolError::Closed`]. Idempotent.
     pub async fn close(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.inner.tx.send(Msg::Close(tx)).is_ok() {
-            let _ = rx.await;
-        }
+        self.inner.store.close().await;
     }
 
     /// The counters.
@@ -467,49 +421,37 @@ impl Spool {
         }
     }
 
-    async fn with_ops<T, F>(&self, f: F) -> Result<T, SpoolError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&SpoolOps) -> Result<T, SpoolError> + Send + 'static,
-    {
-        let path = self.inner.settings.path.clone();
-        tokio::task::spawn_blocking(move || f(&SpoolOps::open(&path)?))
-            .await
-            .map_err(|_| SpoolError::Closed)?
-    }
-
-    /// [`SpoolOps::summary`] on this spool, from async code.
+    /// [`Operations::summary`] on this spool.
     pub async fn summary(&self) -> Result<Summary, SpoolError> {
-        self.with_ops(|o| o.summary()).await
+        self.inner.store.summary().await
     }
 
-    /// [`SpoolOps::list`] on this spool, from async code.
+    /// [`Operations::list`] on this spool.
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<EventInfo>, SpoolError> {
-        self.with_ops(move |o| o.list(&filter)).await
+        self.inner.store.list(filter).await
     }
 
-    /// [`SpoolOps::show`] on this spool, from async code.
+    /// [`Operations::show`] on this spool.
     pub async fn show(&self, id: i64) -> Result<EventDetail, SpoolError> {
-        self.with_ops(move |o| o.show(id)).await
+        self.inner.store.show(id).await
     }
 
-    /// [`SpoolOps::replay`] on this spool, from async code; wakes the scheduler.
+    /// [`Operations::replay`] on this spool; wakes the scheduler.
     pub async fn replay(&self, target: ReplayTarget) -> Result<u64, SpoolError> {
-        let n = self.with_ops(move |o| o.replay(&target)).await?;
+        let n = self.inner.store.replay(target).await?;
         if n > 0 {
             self.inner.shared.notify.notify_one();
         }
         Ok(n)
     }
 
-    /// [`SpoolOps::purge_dead`] on this spool, from async code.
+    /// [`Operations::purge_dead`] on this spool.
     pub async fn purge_dead(
         &self,
         older_than: Duration,
         route: Option<String>,
     ) -> Result<u64, SpoolError> {
-        self.with_ops(move |o| o.purge_dead(older_than, route.as_deref()))
-            .await
+        self.inner.store.purge_dead(older_than, route).await
     }
 }
 

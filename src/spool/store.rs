@@ -1,84 +1,171 @@
-//! The on-disk format and every SQL statement: the schema, how connections are opened and
-//! configured (WAL, `synchronous=FULL`, the single-gate lock), the header codec, the
-//! de-duplication key, and [`SpoolOps`], the operations API behind `hubgate spool …`.
+//! What a spool keeps its events in, whatever the engine: the [`Store`] contract that the SQLite
+//! store (`sqlite`) and the PostgreSQL store (`postgres`) fulfil, the retry plan both apply
+//! ([`plan`]), and the types and encodings they share (event states, summaries, the header
+//! codec, the de-duplication key, Unix-millisecond times).
 //!
-//! # Schema (`PRAGMA user_version = 1`)
-//!
-//! ```sql
-//! CREATE TABLE events (
-//!     id              INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused, also after purges
-//!     route           TEXT    NOT NULL,                  -- the route's path
-//!     state           TEXT    NOT NULL,                  -- 'pending' | 'in_flight' | 'dead'
-//!     received_ms     INTEGER NOT NULL,                  -- when the gate received it (Unix ms)
-//!     stored_ms       INTEGER NOT NULL,                  -- when it was committed
-//!     retry_since_ms  INTEGER NOT NULL,                  -- the retry horizon counts from here
-//!     next_attempt_ms INTEGER NOT NULL,                  -- due time while pending
-//!     attempts        INTEGER NOT NULL,                  -- delivery attempts started
-//!     updated_ms      INTEGER NOT NULL,                  -- last state change
-//!     last_error      TEXT,                              -- why the last attempt failed
-//!     client_identity TEXT,                              -- the verified client, if any
-//!     query           TEXT,                              -- the request's query string, if any
-//!     headers         BLOB    NOT NULL,                  -- "name: value\n" lines, to forward
-//!     body            BLOB    NOT NULL                   -- the raw, verified body
-//! );
-//! CREATE INDEX events_queue ON events (state, route, next_attempt_ms, id);
-//! CREATE TABLE dedupe (
-//!     key         BLOB PRIMARY KEY,                      -- SHA-256 of (route, body)
-//!     accepted_ms INTEGER NOT NULL,
-//!     event_id    INTEGER NOT NULL
-//! ) WITHOUT ROWID;
-//! CREATE INDEX dedupe_age ON dedupe (accepted_ms);
-//! CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-//! ```
-//!
-//! A delivered event's row is deleted (its `dedupe` row stays for the window). Everything is
-//! readable with the `sqlite3` command-line tool, also while the gate runs, e.g.
-//! `sqlite3 spool.db "SELECT route, state, count(*) FROM events GROUP BY 1, 2"`.
+//! # The contract
+//! - [`Store::accept`] returns only after the transaction that holds the event — or proves it
+//!   a duplicate within the window — has committed durably. Any error means "not stored".
+//! - [`Store::claim`] marks due events in flight (attempt counted) and returns them, at most
+//!   `max_concurrency_per_route` in flight per route (fleet-wide on a shared store); an event
+//!   claimed by a process that died becomes due again (SQLite: at the next start; PostgreSQL:
+//!   when its lease expires).
+//! - [`Store::complete`] records an attempt's outcome only while the event is still this
+//!   process's to record (else [`Disposition::Stale`]); [`Store::release`] puts interrupted
+//!   attempts back; [`Store::renew`] extends the claims of attempts still running.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use sha2::{Digest, Sha256};
 
-use super::{SpoolError, SpoolSettings, StoredEvent};
+use super::{Accepted, DeliveryOutcome, NewEvent, SpoolError, SpoolSettings, StoredEvent};
 
-/// The schema version this code reads and writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// A boxed future: the stores are used behind `dyn Store`.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    route           TEXT    NOT NULL,
-    state           TEXT    NOT NULL CHECK (state IN ('pending', 'in_flight', 'dead')),
-    received_ms     INTEGER NOT NULL,
-    stored_ms       INTEGER NOT NULL,
-    retry_since_ms  INTEGER NOT NULL,
-    next_attempt_ms INTEGER NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    updated_ms      INTEGER NOT NULL,
-    last_error      TEXT,
-    client_identity TEXT,
-    query           TEXT,
-    headers         BLOB    NOT NULL,
-    body            BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_queue ON events (state, route, next_attempt_ms, id);
-CREATE TABLE IF NOT EXISTS dedupe (
-    key         BLOB PRIMARY KEY,
-    accepted_ms INTEGER NOT NULL,
-    event_id    INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedupe_age ON dedupe (accepted_ms);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-";
+/// A spool's storage engine; see the module docs for the contract.
+pub(crate) trait Store: Operations {
+    /// Stores an event, or recognises it as a duplicate, durably.
+    fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>>;
+    /// Claims due events of every route with room, given what this process already runs.
+    fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>>;
+    /// Records an attempt's outcome.
+    fn complete(
+        &self,
+        id: i64,
+        outcome: DeliveryOutcome,
+    ) -> BoxFuture<'_, Result<Disposition, SpoolError>>;
+    /// Puts interrupted attempts back to pending, due now.
+    fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>>;
+    /// Extends the claims of attempts still running (a no-op where claims do not expire).
+    fn renew(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), SpoolError>>;
+    /// Finishes what is under way and closes the store.
+    fn close(&self) -> BoxFuture<'_, ()>;
+    /// Where the store is, for messages (a path, or a database without its password).
+    fn location(&self) -> String;
+}
 
-/// How long a connection waits for another one's write lock (the CLI's, or the gate's).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The operations API behind `hubgate spool …`, `/readyz` and `/metrics`: safe while gates run.
+pub trait Operations: Send + Sync + 'static {
+    /// Counts per route and state, and the age of the oldest events.
+    fn summary(&self) -> BoxFuture<'_, Result<Summary, SpoolError>>;
+    /// Events matching the filter, by ascending id, without headers and bodies.
+    fn list(&self, filter: ListFilter) -> BoxFuture<'_, Result<Vec<EventInfo>, SpoolError>>;
+    /// One event with its headers and body.
+    fn show(&self, id: i64) -> BoxFuture<'_, Result<EventDetail, SpoolError>>;
+    /// Puts dead events back in the queue, due now, with a fresh retry horizon.
+    fn replay(&self, target: ReplayTarget) -> BoxFuture<'_, Result<u64, SpoolError>>;
+    /// Deletes dead events that died more than `older_than` ago.
+    fn purge_dead(
+        &self,
+        older_than: Duration,
+        route: Option<String>,
+    ) -> BoxFuture<'_, Result<u64, SpoolError>>;
+}
 
-/// Rows deleted per transaction by purges and the dedupe pruning, so a writer never waits long.
-pub(crate) const DELETE_CHUNK: i64 = 2000;
+/// Due events claimed, and when to look again.
+pub(crate) struct Claimed {
+    pub events: Vec<StoredEvent>,
+    /// The earliest due time (Unix ms) of pending events on routes that had room.
+    pub next_due: Option<i64>,
+}
+
+/// What recording an outcome did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    Delivered,
+    RetryAt(i64),
+    Dead(String),
+    /// The event was not this process's to record any more (nothing recorded).
+    Stale,
+}
+
+/// What becomes of an in-flight event after an attempt that did not deliver it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// Dead-letter it with this reason.
+    Dead(String),
+    /// Pending again, due at this time (Unix ms), with this error recorded.
+    Retry { at: i64, error: String },
+}
+
+/// The retry rules, the same on every store: a permanent failure dead-letters at once; a
+/// transient one is retried after `backoff_base · 2^(attempts−1)` (capped at `backoff_max`, with
+/// equal jitter from `random`) until the retry horizon, counted from `retry_since`; the last
+/// attempt is made at the horizon, and if it fails the event is dead.
+pub(crate) fn plan(
+    settings: &SpoolSettings,
+    outcome: DeliveryOutcome,
+    attempts: u32,
+    retry_since: i64,
+    now: i64,
+    random: u64,
+) -> Plan {
+    match outcome {
+        DeliveryOutcome::Done => unreachable!("a delivered event is deleted, not planned"),
+        DeliveryOutcome::Permanent(msg) => Plan::Dead(msg),
+        DeliveryOutcome::Retry(msg) => {
+            let horizon = settings.retry_horizon;
+            let deadline = retry_since.saturating_add(duration_ms(horizon));
+            if now >= deadline {
+                Plan::Dead(format!(
+                    "retry horizon ({}) passed; last error: {msg}",
+                    humantime::format_duration(horizon)
+                ))
+            } else {
+                let (base, max) = (settings.backoff_base, settings.backoff_max);
+                let delay = backoff(attempts, base, max, random);
+                let at = now.saturating_add(duration_ms(delay)).min(deadline);
+                Plan::Retry { at, error: msg }
+            }
+        }
+    }
+}
+
+/// The wait before retry number `attempts` (1 = after the first failure): `base · 2^(attempts−1)`
+/// capped at `max`, then "equal jitter": half of it fixed, the other half uniformly random, so
+/// retries of many events spread out but never come sooner than half the nominal delay.
+pub(crate) fn backoff(attempts: u32, base: Duration, max: Duration, random: u64) -> Duration {
+    let exp = attempts.saturating_sub(1);
+    let nominal = if exp >= 32 {
+        max
+    } else {
+        base.checked_mul(1u32 << exp).map_or(max, |d| d.min(max))
+    };
+    let ms = u64::try_from(nominal.as_millis()).unwrap_or(u64::MAX);
+    let half = ms / 2;
+    let jitter = if ms - half == 0 {
+        0
+    } else {
+        random % (ms - half + 1)
+    };
+    Duration::from_millis(half + jitter)
+}
+
+/// splitmix64, seeded from std's per-process random hasher keys: jitter needs no crypto and no
+/// extra dependency.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn seeded() -> Rng {
+        use std::hash::BuildHasher;
+        let seed =
+            std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+        Rng(seed)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Time
@@ -100,41 +187,6 @@ pub(crate) fn from_unix_ms(ms: i64) -> SystemTime {
 
 pub(crate) fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Errors
-
-/// SQLITE_FULL: the disk (or `max_size_bytes`) is full. SQLite reports ENOSPC on a write as
-/// SQLITE_FULL.
-pub(crate) fn is_full(e: &rusqlite::Error) -> bool {
-    e.sqlite_error_code() == Some(ErrorCode::DiskFull)
-}
-
-/// A storage error, with SQLITE_FULL as its own variant.
-pub(crate) fn storage_error(path: &Path, e: &rusqlite::Error) -> SpoolError {
-    if is_full(e) {
-        SpoolError::Full {
-            path: path.to_owned(),
-        }
-    } else {
-        SpoolError::Storage {
-            path: path.to_owned(),
-            message: e.to_string(),
-        }
-    }
-}
-
-fn open_error(path: &Path, e: &rusqlite::Error) -> SpoolError {
-    if is_full(e) {
-        return SpoolError::Full {
-            path: path.to_owned(),
-        };
-    }
-    SpoolError::Open {
-        path: path.to_owned(),
-        message: e.to_string(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -185,388 +237,6 @@ pub(crate) fn dedupe_key(route: &str, body: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Opening
-
-/// The lock file next to the database: `<path>.lock`.
-pub(crate) fn lock_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
-}
-
-/// The folder must exist and be a folder; the path must not be one.
-pub(crate) fn check_folder(path: &Path) -> Result<(), SpoolError> {
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let err = |message: String| SpoolError::Folder {
-        path: path.to_owned(),
-        message,
-    };
-    match std::fs::metadata(folder) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(err(format!("{} is not a folder", folder.display()))),
-        Err(e) => return Err(err(format!("folder {}: {e}", folder.display()))),
-    }
-    if path.is_dir() {
-        return Err(err("is a folder, not a file".to_owned()));
-    }
-    Ok(())
-}
-
-/// Creates `path` empty (a valid empty SQLite database) readable by its owner only, unless it
-/// exists: bodies are people's messages. SQLite gives the `-wal` and `-shm` files the database
-/// file's permissions.
-fn create_private(path: &Path) -> Result<(), SpoolError> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    match options.open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(SpoolError::Open {
-            path: path.to_owned(),
-            message: format!("cannot create the file: {e}"),
-        }),
-    }
-}
-
-/// Runs a statement that may return rows (most PRAGMAs do) and discards them.
-fn pragma(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare(sql)?;
-    let mut rows = stmt.query([])?;
-    while rows.next()?.is_some() {}
-    Ok(())
-}
-
-/// Takes the single-gate lock: a tiny SQLite database in `locking_mode=EXCLUSIVE` whose first
-/// write takes an exclusive lock held until the connection closes (or the process dies: the
-/// kernel drops POSIX locks). A second gate on the same spool would deliver everything twice.
-fn take_lock(path: &Path) -> Result<Connection, SpoolError> {
-    let lock = lock_path(path);
-    create_private(&lock)?;
-    let conn = Connection::open(&lock).map_err(|e| open_error(&lock, &e))?;
-    let in_use = |e: &rusqlite::Error| match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => SpoolError::InUse {
-            path: path.to_owned(),
-        },
-        _ => open_error(&lock, e),
-    };
-    conn.busy_timeout(Duration::ZERO).map_err(|e| in_use(&e))?;
-    pragma(&conn, "PRAGMA locking_mode = EXCLUSIVE").map_err(|e| in_use(&e))?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS holder (pid INTEGER NOT NULL, since_ms INTEGER NOT NULL);
-         BEGIN EXCLUSIVE;
-         DELETE FROM holder;",
-    )
-    .map_err(|e| in_use(&e))?;
-    conn.execute(
-        "INSERT INTO holder (pid, since_ms) VALUES (?1, ?2)",
-        params![i64::from(std::process::id()), now_ms()],
-    )
-    .and_then(|_| conn.execute_batch("COMMIT"))
-    .map_err(|e| in_use(&e))?;
-    Ok(conn)
-}
-
-/// Sets up a connection to the spool database: WAL, `synchronous=FULL` (every commit fsyncs the
-/// WAL before it returns), a busy timeout.
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    pragma(conn, "PRAGMA synchronous = FULL")?;
-    pragma(conn, "PRAGMA foreign_keys = OFF")?;
-    Ok(())
-}
-
-/// What [`open_gate`] hands the writer thread.
-pub(crate) struct Opened {
-    pub conn: Connection,
-    pub lock: Connection,
-    /// Every route that has events, for the delivery scheduler.
-    pub routes: Vec<String>,
-    /// Events that were in flight when the last process stopped, now pending again.
-    pub resumed: usize,
-    pub pending: i64,
-}
-
-/// Opens (creating if need be) the gate's spool: checks the folder, takes the lock, switches to
-/// WAL, creates or checks the schema, proves the file writable with a committed write, and
-/// turns `in_flight` rows left by a previous process back into `pending`.
-pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> {
-    let path = settings.path.as_path();
-    check_folder(path)?;
-    let lock = take_lock(path)?;
-    create_private(path)?;
-    let oe = |e: rusqlite::Error| open_error(path, &e);
-    let mut conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(oe)?;
-    configure(&conn).map_err(oe)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(oe)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(SpoolError::Open {
-            path: path.to_owned(),
-            message: format!("could not switch to WAL journal mode (got {mode})"),
-        });
-    }
-    // Keep the WAL file from staying huge after a burst of large bodies.
-    pragma(&conn, "PRAGMA journal_size_limit = 67108864").map_err(oe)?;
-    // Checkpoint when the WAL holds 4,096 pages (16 MiB) rather than SQLite's 1,000: an event's
-    // insert, claim and delete touch the same pages within moments, and a checkpoint copies a
-    // page into the database once however often it changed. Measured (bench/profile.sh spool1k
-    // io, 2 runs each): 1,000 pages 22 KiB written per 1 KiB event, 71-74 us CPU; 4,096: 20 KiB,
-    // 64-65 us; 16,384: 19 KiB but 70-76 us and checkpoint copies up to 64 MiB long. The WAL
-    // lives outside `max_size_bytes`.
-    pragma(&conn, "PRAGMA wal_autocheckpoint = 4096").map_err(oe)?;
-    // `max_size_bytes` is enforced by the accept job alone (see `used_bytes`), not with
-    // `max_page_count`: a cap on every write would also stop the delivery bookkeeping that
-    // frees space, and a full spool could never drain.
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(oe)?;
-    if version != 0 && version != SCHEMA_VERSION {
-        return Err(SpoolError::Schema {
-            path: path.to_owned(),
-            found: version,
-        });
-    }
-    let now = now_ms();
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(oe)?;
-    tx.execute_batch(SCHEMA).map_err(oe)?;
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(oe)?;
-    // The write that proves the file, its folder (for the WAL) and the disk writable.
-    tx.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_ms', ?1)",
-        params![now],
-    )
-    .map_err(oe)?;
-    let resumed = tx
-        .execute(
-            "UPDATE events SET state = 'pending', updated_ms = ?1 WHERE state = 'in_flight'",
-            params![now],
-        )
-        .map_err(oe)?;
-    let routes = {
-        let mut stmt = tx
-            .prepare("SELECT DISTINCT route FROM events ORDER BY route")
-            .map_err(oe)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(oe)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(oe)?
-    };
-    let pending: i64 = tx
-        .query_row(
-            "SELECT count(*) FROM events WHERE state = 'pending'",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(oe)?;
-    tx.commit().map_err(oe)?;
-    Ok(Opened {
-        conn,
-        lock,
-        routes,
-        resumed,
-        pending,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// The writer's statements
-
-/// An event ready to be written: validated, headers encoded, key computed.
-pub(crate) struct Prepared {
-    pub route: String,
-    pub body: Bytes,
-    pub headers: Vec<u8>,
-    pub query: Option<String>,
-    pub client_identity: Option<String>,
-    pub received_ms: i64,
-    pub key: [u8; 32],
-}
-
-/// When `key` was last accepted, if it was.
-pub(crate) fn dedupe_lookup(conn: &Connection, key: &[u8; 32]) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached("SELECT accepted_ms FROM dedupe WHERE key = ?1")?
-        .query_row(params![&key[..]], |r| r.get(0))
-        .optional()
-}
-
-/// Inserts a pending event due now and records its key; returns its id.
-/// Bytes the database holds in live pages (its size less the free list).
-pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
-    let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
-    let live = pragma("page_count")? - pragma("freelist_count")?;
-    Ok(u64::try_from(live.max(0) * pragma("page_size")?).unwrap_or(0))
-}
-
-pub(crate) fn insert_event(
-    conn: &Connection,
-    e: &Prepared,
-    now: i64,
-    remember_key: bool,
-) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "INSERT INTO events (route, state, received_ms, stored_ms, retry_since_ms,
-             next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
-         VALUES (?1, 'pending', ?2, ?3, ?3, ?3, 0, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        e.route,
-        e.received_ms,
-        now,
-        e.client_identity,
-        e.query,
-        e.headers,
-        &e.body[..]
-    ])?;
-    let id = conn.last_insert_rowid();
-    if remember_key {
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO dedupe (key, accepted_ms, event_id) VALUES (?1, ?2, ?3)",
-        )?
-        .execute(params![&e.key[..], now, id])?;
-    }
-    Ok(id)
-}
-
-/// Deletes up to one chunk of dedupe keys accepted before `cutoff`; returns how many.
-pub(crate) fn prune_dedupe(conn: &Connection, cutoff: i64) -> rusqlite::Result<usize> {
-    conn.prepare_cached(
-        "DELETE FROM dedupe WHERE key IN
-             (SELECT key FROM dedupe WHERE accepted_ms < ?1 LIMIT ?2)",
-    )?
-    .execute(params![cutoff, DELETE_CHUNK])
-}
-
-fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
-    let headers: Vec<u8> = r.get(6)?;
-    let body: Vec<u8> = r.get(7)?;
-    Ok(StoredEvent {
-        id: r.get(0)?,
-        route: r.get(1)?,
-        received_at: from_unix_ms(r.get(2)?),
-        attempt: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(u32::MAX),
-        client_identity: r.get(4)?,
-        query: r.get(5)?,
-        headers: decode_headers(&headers),
-        body: Bytes::from(body),
-    })
-}
-
-/// Marks up to `limit` due pending events of `route` in flight, oldest due first (then by id),
-/// and returns them in that order with `attempt` already counting this attempt. One statement:
-/// the rows are updated and read back together.
-pub(crate) fn claim(
-    conn: &Connection,
-    route: &str,
-    limit: usize,
-    now: i64,
-) -> rusqlite::Result<Vec<StoredEvent>> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    // The columns of `stored_event`, then the due time to order by (RETURNING keeps no order).
-    let mut claimed: Vec<(i64, StoredEvent)> = conn
-        .prepare_cached(
-            "UPDATE events SET state = 'in_flight', attempts = attempts + 1, updated_ms = ?2
-             WHERE id IN (SELECT id FROM events
-                          WHERE state = 'pending' AND route = ?1 AND next_attempt_ms <= ?2
-                          ORDER BY next_attempt_ms, id LIMIT ?3)
-             RETURNING id, route, received_ms, attempts, client_identity, query, headers, body,
-                       next_attempt_ms",
-        )?
-        .query_map(params![route, now, limit], |r| {
-            Ok((r.get(8)?, stored_event(r)?))
-        })?
-        .collect::<Result<_, _>>()?;
-    claimed.sort_by_key(|(due, e)| (*due, e.id));
-    Ok(claimed.into_iter().map(|(_, e)| e).collect())
-}
-
-/// The earliest due time of `route`'s pending events.
-pub(crate) fn next_due(conn: &Connection, route: &str) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached(
-        "SELECT min(next_attempt_ms) FROM events WHERE state = 'pending' AND route = ?1",
-    )?
-    .query_row(params![route], |r| r.get(0))
-}
-
-/// An in-flight event's attempts and retry start; `None` if it is not in flight any more.
-pub(crate) fn in_flight(conn: &Connection, id: i64) -> rusqlite::Result<Option<(u32, i64)>> {
-    conn.prepare_cached(
-        "SELECT attempts, retry_since_ms FROM events WHERE id = ?1 AND state = 'in_flight'",
-    )?
-    .query_row(params![id], |r| {
-        Ok((
-            u32::try_from(r.get::<_, i64>(0)?).unwrap_or(u32::MAX),
-            r.get(1)?,
-        ))
-    })
-    .optional()
-}
-
-/// Delivered: the row goes (its dedupe key stays). `false` if it was not in flight any more.
-pub(crate) fn delete_in_flight(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
-    let n = conn
-        .prepare_cached("DELETE FROM events WHERE id = ?1 AND state = 'in_flight'")?
-        .execute(params![id])?;
-    Ok(n > 0)
-}
-
-/// Back to pending, due at `next`, with the failure recorded.
-pub(crate) fn reschedule(
-    conn: &Connection,
-    id: i64,
-    next: i64,
-    error: &str,
-    now: i64,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "UPDATE events SET state = 'pending', next_attempt_ms = ?2, last_error = ?3,
-             updated_ms = ?4
-         WHERE id = ?1",
-    )?
-    .execute(params![id, next, error, now])?;
-    Ok(())
-}
-
-/// Dead-lettered, with the reason.
-pub(crate) fn mark_dead(conn: &Connection, id: i64, error: &str, now: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "UPDATE events SET state = 'dead', last_error = ?2, updated_ms = ?3 WHERE id = ?1",
-    )?
-    .execute(params![id, error, now])?;
-    Ok(())
-}
-
-/// An interrupted attempt: back to pending as it was, due now. Only touches rows still in
-/// flight, so an outcome recorded in the meantime wins.
-pub(crate) fn release(conn: &Connection, id: i64, now: i64) -> rusqlite::Result<bool> {
-    let n = conn
-        .prepare_cached(
-            "UPDATE events SET state = 'pending', next_attempt_ms = ?2, updated_ms = ?2
-             WHERE id = ?1 AND state = 'in_flight'",
-        )?
-        .execute(params![id, now])?;
-    Ok(n > 0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Operations API
-
 /// An event's state in the spool. A delivered event is no longer in the spool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventState {
@@ -608,16 +278,6 @@ impl std::str::FromStr for EventState {
             )),
         }
     }
-}
-
-fn state_of(s: &str) -> rusqlite::Result<EventState> {
-    s.parse().map_err(|e: String| {
-        rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            Box::<dyn std::error::Error + Send + Sync>::from(e),
-        )
-    })
 }
 
 /// One route's counts.
@@ -705,327 +365,38 @@ pub enum ReplayTarget {
     AllDead { route: Option<String> },
 }
 
-/// The operations API: a separate connection to an existing spool, safe to use while a gate
-/// runs on it (WAL lets readers and one writer at a time work side by side; writes wait up to
-/// 5 s for the gate's current commit). It never resets in-flight events and takes no lock, so
-/// it does not disturb the running gate. Blocking: from async code, use it in
-/// `spawn_blocking` (the [`Spool`](super::Spool) methods of the same names do).
-#[derive(Debug)]
-pub struct SpoolOps {
-    conn: Connection,
-    path: PathBuf,
-}
-
-const INFO_COLUMNS: &str = "id, route, state, attempts, received_ms, next_attempt_ms, \
-     updated_ms, last_error, client_identity, length(body)";
-
-fn event_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventInfo> {
-    Ok(EventInfo {
-        id: r.get(0)?,
-        route: r.get(1)?,
-        state: state_of(&r.get::<_, String>(2)?)?,
-        attempts: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(u32::MAX),
-        received_at: from_unix_ms(r.get(4)?),
-        next_attempt_at: from_unix_ms(r.get(5)?),
-        updated_at: from_unix_ms(r.get(6)?),
-        last_error: r.get(7)?,
-        client_identity: r.get(8)?,
-        body_len: u64::try_from(r.get::<_, i64>(9)?).unwrap_or(0),
-    })
-}
-
-impl SpoolOps {
-    /// Opens an existing spool. A missing file is an error (naming the path): the gate creates
-    /// the spool, the operations API never does.
-    pub fn open(path: &Path) -> Result<SpoolOps, SpoolError> {
-        if !path.is_file() {
-            return Err(SpoolError::Open {
-                path: path.to_owned(),
-                message: "no spool there (the gate creates it on start)".to_owned(),
-            });
-        }
-        let oe = |e: rusqlite::Error| open_error(path, &e);
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(oe)?;
-        configure(&conn).map_err(oe)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(oe)?;
-        if version != SCHEMA_VERSION {
-            return Err(SpoolError::Schema {
-                path: path.to_owned(),
-                found: version,
-            });
-        }
-        Ok(SpoolOps {
-            conn,
-            path: path.to_owned(),
-        })
-    }
-
-    fn err(&self, e: rusqlite::Error) -> SpoolError {
-        storage_error(&self.path, &e)
-    }
-
-    /// Counts per route and state, and the age of the oldest events.
-    pub fn summary(&self) -> Result<Summary, SpoolError> {
-        let mut routes: Vec<RouteSummary> = Vec::new();
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT route, state, count(*), min(received_ms) FROM events
-                 GROUP BY route, state ORDER BY route",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    state_of(&r.get::<_, String>(1)?)?,
-                    u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                    r.get::<_, i64>(3)?,
-                ))
-            })
-            .map_err(|e| self.err(e))?;
-        for row in rows {
-            let (route, state, count, oldest) = row.map_err(|e| self.err(e))?;
-            if routes.last().is_none_or(|r| r.route != route) {
-                routes.push(RouteSummary {
-                    route: route.clone(),
-                    pending: 0,
-                    in_flight: 0,
-                    dead: 0,
-                    oldest_undelivered: None,
-                    oldest_dead: None,
-                });
-            }
-            let entry = routes.last_mut().expect("pushed above");
-            let oldest = from_unix_ms(oldest);
-            let earliest = |cur: Option<SystemTime>| Some(cur.map_or(oldest, |c| c.min(oldest)));
-            match state {
-                EventState::Pending => {
-                    entry.pending = count;
-                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
-                }
-                EventState::InFlight => {
-                    entry.in_flight = count;
-                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
-                }
-                EventState::Dead => {
-                    entry.dead = count;
-                    entry.oldest_dead = Some(oldest);
-                }
-            }
-        }
-        let dedupe_keys: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM dedupe", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        Ok(Summary {
-            routes,
-            dedupe_keys: u64::try_from(dedupe_keys).unwrap_or(0),
-        })
-    }
-
-    /// Events matching the filter, by ascending id, without headers and bodies.
-    pub fn list(&self, filter: &ListFilter) -> Result<Vec<EventInfo>, SpoolError> {
-        let sql = format!(
-            "SELECT {INFO_COLUMNS} FROM events
-             WHERE (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR state = ?2) AND id > ?3
-             ORDER BY id LIMIT ?4"
-        );
-        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(
-                params![
-                    filter.route,
-                    filter.state.map(EventState::as_str),
-                    filter.after_id.unwrap_or(0),
-                    i64::try_from(filter.limit).unwrap_or(i64::MAX)
-                ],
-                event_info,
-            )
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
-    }
-
-    /// One event with its headers and body.
-    pub fn show(&self, id: i64) -> Result<EventDetail, SpoolError> {
-        let sql = format!("SELECT {INFO_COLUMNS}, query, headers, body FROM events WHERE id = ?1");
-        self.conn
-            .query_row(&sql, params![id], |r| {
-                let headers: Vec<u8> = r.get(11)?;
-                let body: Vec<u8> = r.get(12)?;
-                Ok(EventDetail {
-                    info: event_info(r)?,
-                    query: r.get(10)?,
-                    headers: decode_headers(&headers),
-                    body: Bytes::from(body),
-                })
-            })
-            .optional()
-            .map_err(|e| self.err(e))?
-            .ok_or(SpoolError::NotFound(id))
-    }
-
-    /// Puts dead events back in the queue, due now, with a fresh retry horizon and attempt
-    /// count. Returns how many. A running gate picks them up within its poll interval.
-    pub fn replay(&self, target: &ReplayTarget) -> Result<u64, SpoolError> {
-        let now = now_ms();
-        // IMMEDIATE: take the write lock first (waiting for the gate's commit if need be), so
-        // the read below cannot go stale before the write.
-        let tx = rusqlite::Transaction::new_unchecked(
-            &self.conn,
-            rusqlite::TransactionBehavior::Immediate,
-        )
-        .map_err(|e| self.err(e))?;
-        let n = match target {
-            ReplayTarget::One(id) => {
-                let state: Option<String> = tx
-                    .query_row("SELECT state FROM events WHERE id = ?1", params![id], |r| {
-                        r.get(0)
-                    })
-                    .optional()
-                    .map_err(|e| self.err(e))?;
-                match state.as_deref().map(state_of) {
-                    None => return Err(SpoolError::NotFound(*id)),
-                    Some(Ok(EventState::Dead)) => {}
-                    Some(Ok(state)) => return Err(SpoolError::NotDead { id: *id, state }),
-                    Some(Err(e)) => return Err(self.err(e)),
-                }
-                tx.execute(
-                    "UPDATE events SET state = 'pending', attempts = 0, next_attempt_ms = ?2,
-                         retry_since_ms = ?2, updated_ms = ?2
-                     WHERE id = ?1 AND state = 'dead'",
-                    params![id, now],
-                )
-                .map_err(|e| self.err(e))?
-            }
-            ReplayTarget::AllDead { route } => tx
-                .execute(
-                    "UPDATE events SET state = 'pending', attempts = 0, next_attempt_ms = ?2,
-                         retry_since_ms = ?2, updated_ms = ?2
-                     WHERE state = 'dead' AND (?1 IS NULL OR route = ?1)",
-                    params![route, now],
-                )
-                .map_err(|e| self.err(e))?,
-        };
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(n as u64)
-    }
-
-    /// Deletes dead events that died more than `older_than` ago (of one route, or all), in
-    /// short transactions. Returns how many.
-    pub fn purge_dead(&self, older_than: Duration, route: Option<&str>) -> Result<u64, SpoolError> {
-        let cutoff = now_ms().saturating_sub(duration_ms(older_than));
-        let mut total = 0u64;
-        loop {
-            let n = self
-                .conn
-                .execute(
-                    "DELETE FROM events WHERE id IN
-                         (SELECT id FROM events
-                          WHERE state = 'dead' AND updated_ms <= ?1 AND (?2 IS NULL OR route = ?2)
-                          LIMIT ?3)",
-                    params![cutoff, route, DELETE_CHUNK],
-                )
-                .map_err(|e| self.err(e))?;
-            total += n as u64;
-            if (n as i64) < DELETE_CHUNK {
-                return Ok(total);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn claim_takes_due_events_oldest_due_first_and_counts_the_attempt() {
-        let dir = tempfile::tempdir().unwrap();
-        let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
-        let conn = &opened.conn;
-        let mut ids = Vec::new();
-        for n in 0..4u8 {
-            let e = Prepared {
-                route: "/w".to_owned(),
-                body: Bytes::from(vec![n]),
-                headers: Vec::new(),
-                query: None,
-                client_identity: None,
-                received_ms: 1,
-                key: [n; 32],
+    fn backoff_grows_caps_and_jitters_within_bounds() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(300);
+        let mut rng = Rng::seeded();
+        for attempts in 1..80u32 {
+            let nominal = if attempts > 12 {
+                max
+            } else {
+                (base * 2u32.pow(attempts - 1)).min(max)
             };
-            ids.push(insert_event(conn, &e, 100, true).unwrap());
+            for _ in 0..50 {
+                let d = backoff(attempts, base, max, rng.next());
+                assert!(
+                    d >= nominal / 2,
+                    "attempt {attempts}: {d:?} < {nominal:?}/2"
+                );
+                assert!(d <= nominal, "attempt {attempts}: {d:?} > {nominal:?}");
+            }
         }
-        // Due times: the last event first, then the first; the third is not due yet.
-        for (id, due) in [(ids[0], 50), (ids[1], 60), (ids[2], 500), (ids[3], 10)] {
-            conn.execute(
-                "UPDATE events SET next_attempt_ms = ?2 WHERE id = ?1",
-                params![id, due],
-            )
-            .unwrap();
-        }
-        let claimed = claim(conn, "/w", 10, 100).unwrap();
-        let got: Vec<(i64, u32)> = claimed.iter().map(|e| (e.id, e.attempt)).collect();
-        assert_eq!(got, vec![(ids[3], 1), (ids[0], 1), (ids[1], 1)]);
-        assert_eq!(&claimed[0].body[..], &[3]);
-        assert!(
-            claim(conn, "/w", 10, 100).unwrap().is_empty(),
-            "in flight now"
-        );
-        assert!(delete_in_flight(conn, ids[0]).unwrap());
-        assert!(!delete_in_flight(conn, ids[0]).unwrap(), "already gone");
-        assert!(
-            !delete_in_flight(conn, ids[2]).unwrap(),
-            "pending, not in flight"
-        );
+        assert_eq!(backoff(1, Duration::ZERO, max, 7), Duration::ZERO);
     }
 
     #[test]
-    fn headers_round_trip() {
-        let h = vec![
-            ("content-type".to_owned(), b"application/json".to_vec()),
-            ("x-hub-signature-256".to_owned(), b"sha256=abcd".to_vec()),
-            ("x-empty".to_owned(), Vec::new()),
-            (
-                "x-spaced".to_owned(),
-                b"  two leading: and a colon".to_vec(),
-            ),
-            ("x-latin1".to_owned(), vec![0xe9, b'a', 0xff]),
-        ];
-        let enc = encode_headers(&h).unwrap();
-        assert_eq!(decode_headers(&enc), h);
-    }
-
-    #[test]
-    fn headers_that_cannot_be_stored() {
-        let bad = |n: &str, v: &[u8]| encode_headers(&[(n.to_owned(), v.to_vec())]).is_err();
-        assert!(bad("", b"x"));
-        assert!(bad("a:b", b"x"));
-        assert!(bad("a b", b"x"));
-        assert!(bad("a", b"x\r\ny: z"));
-        assert!(bad("a", b"x\0"));
-        assert!(!bad("a", b"x\ty"));
-    }
-
-    #[test]
-    fn dedupe_key_separates_route_and_body() {
-        assert_ne!(dedupe_key("/a", b"bc"), dedupe_key("/ab", b"c"));
-        assert_eq!(dedupe_key("/a", b"x"), dedupe_key("/a", b"x"));
-        assert_ne!(dedupe_key("/a", b"x"), dedupe_key("/b", b"x"));
-    }
-
-    #[test]
-    fn states_parse() {
-        for s in [EventState::Pending, EventState::InFlight, EventState::Dead] {
-            assert_eq!(s.as_str().parse::<EventState>().unwrap(), s);
-        }
-        assert!("done".parse::<EventState>().is_err());
+    fn rng_varies() {
+        let mut r = Rng::seeded();
+        let a = r.next();
+        let b = r.next();
+        assert_ne!(a, b);
     }
 }

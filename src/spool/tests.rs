@@ -153,7 +153,7 @@ async fn accept_stores_and_dedupes_per_route() {
     assert_eq!((stats.accepted, stats.duplicates), (3, 1));
 
     // What is on disk, read by a second connection as `hubgate spool` would.
-    let ops = SpoolOps::open(spool.path()).unwrap();
+    let ops = SpoolOps::open(&spool.settings().path).unwrap();
     let shown = ops.show(id).unwrap();
     assert_eq!(shown.body, Bytes::from_static(b"{\"x\":1}"));
     assert_eq!(shown.headers, event("/a", "").headers);
@@ -407,7 +407,7 @@ async fn in_flight_events_are_resumed_after_reopening() {
         }
     }
     // Claimed as if deliveries had started, then the process "dies" before any outcome.
-    let claimed = spool.claim(HashMap::new()).await.unwrap();
+    let claimed = spool.inner.store.claim(HashMap::new()).await.unwrap();
     assert_eq!(claimed.events.len(), 3);
     let summary = spool.summary().await.unwrap();
     assert_eq!(route_summary(&summary, "/a").unwrap().in_flight, 3);
@@ -487,7 +487,7 @@ async fn replay_and_purge_dead_events() {
     assert!(route_summary(&summary, "/b").is_none());
 
     // Replay all (through the standalone API, as the CLI does): the gate picks it up by polling.
-    let ops = SpoolOps::open(spool.path()).unwrap();
+    let ops = SpoolOps::open(&spool.settings().path).unwrap();
     assert_eq!(
         ops.replay(&ReplayTarget::AllDead { route: None }).unwrap(),
         1
@@ -641,7 +641,10 @@ async fn a_second_gate_on_the_same_spool_is_refused() {
     let e = Spool::open(settings(&dir)).unwrap_err();
     assert!(matches!(e, SpoolError::InUse { .. }), "{e:?}");
     // The operations API is welcome while the gate runs.
-    SpoolOps::open(spool.path()).unwrap().summary().unwrap();
+    SpoolOps::open(&spool.settings().path)
+        .unwrap()
+        .summary()
+        .unwrap();
     spool.close().await;
     assert!(matches!(
         spool.accept(event("/a", "late")).await,

@@ -16,8 +16,9 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
-use super::store::{self, Opened};
-use super::{Shared, SpoolError, SpoolSettings};
+use super::sql::{self as store, Opened};
+use crate::spool::store::{duration_ms, now_ms, Rng};
+use crate::spool::{Shared, SpoolError, SpoolSettings};
 
 /// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
 const MAX_BATCH_BYTES: usize = 64 << 20;
@@ -53,26 +54,6 @@ impl Ctx {
     /// A random number for jitter.
     pub fn random(&mut self) -> u64 {
         self.rng.next()
-    }
-}
-
-/// splitmix64, seeded from std's per-process random hasher keys: jitter needs no crypto and no
-/// extra dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded() -> Rng {
-        use std::hash::BuildHasher;
-        let seed = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 
@@ -283,7 +264,7 @@ fn commit_batch(
         }
         return 0;
     }
-    ctx.now = store::now_ms();
+    ctx.now = now_ms();
     ctx.stored = false;
     ctx.delta = Delta::default();
     let mut pruned = 0;
@@ -294,7 +275,7 @@ fn commit_batch(
         if prune {
             let cutoff = ctx
                 .now
-                .saturating_sub(store::duration_ms(ctx.settings.dedupe_window));
+                .saturating_sub(duration_ms(ctx.settings.dedupe_window));
             pruned = store::prune_dedupe(&tx, cutoff)?;
         }
         for job in jobs.iter_mut() {
@@ -354,60 +335,4 @@ fn commit_batch(
         job.finish(&result);
     }
     pruned
-}
-
-/// The wait before retry number `attempts` (1 = after the first failure): `base · 2^(attempts−1)`
-/// capped at `max`, then "equal jitter": half of it fixed, the other half uniformly random, so
-/// retries of many events spread out but never come sooner than half the nominal delay.
-pub(crate) fn backoff(attempts: u32, base: Duration, max: Duration, random: u64) -> Duration {
-    let exp = attempts.saturating_sub(1);
-    let nominal = if exp >= 32 {
-        max
-    } else {
-        base.checked_mul(1u32 << exp).map_or(max, |d| d.min(max))
-    };
-    let ms = u64::try_from(nominal.as_millis()).unwrap_or(u64::MAX);
-    let half = ms / 2;
-    let jitter = if ms - half == 0 {
-        0
-    } else {
-        random % (ms - half + 1)
-    };
-    Duration::from_millis(half + jitter)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters_within_bounds() {
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(300);
-        let mut rng = Rng::seeded();
-        for attempts in 1..80u32 {
-            let nominal = if attempts > 12 {
-                max
-            } else {
-                (base * 2u32.pow(attempts - 1)).min(max)
-            };
-            for _ in 0..50 {
-                let d = backoff(attempts, base, max, rng.next());
-                assert!(
-                    d >= nominal / 2,
-                    "attempt {attempts}: {d:?} < {nominal:?}/2"
-                );
-                assert!(d <= nominal, "attempt {attempts}: {d:?} > {nominal:?}");
-            }
-        }
-        assert_eq!(backoff(1, Duration::ZERO, max, 7), Duration::ZERO);
-    }
-
-    #[test]
-    fn rng_varies() {
-        let mut r = Rng::seeded();
-        let a = r.next();
-        let b = r.next();
-        assert_ne!(a, b);
-    }
 }
