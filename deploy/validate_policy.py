@@ -46,13 +46,15 @@ def finish() -> None:
 
 
 def known_env(repo: Path) -> set[str]:
-    """HUBGATE_* names hubgate reads: config.rs' ENV_VARS table plus clap `env =` in main.rs."""
-    config = (repo / "src/config.rs").read_text()
-    start = config.index("pub const ENV_VARS")
+    """HUBGATE_* names hubgate reads: the variable table of src/config/env.rs plus clap's
+    `env =` in the binary's files."""
+    config = (repo / "src/config/env.rs").read_text()
+    start = config.index("const TABLE")
     table = config[start : config.index("];", start)]
-    names = set(re.findall(r'"(HUBGATE_[A-Z0-9_]+)"', table))
-    main = (repo / "src/main.rs").read_text()
-    names |= set(re.findall(r'env\s*=\s*"(HUBGATE_[A-Z0-9_]+)"', main))
+    names = set(re.findall(r'name:\s*"(HUBGATE_[A-Z0-9_]+)"', table))
+    for cli in ("src/main.rs", "src/spool_cli.rs"):
+        text = (repo / cli).read_text()
+        names |= set(re.findall(r'env\s*=\s*"(HUBGATE_[A-Z0-9_]+)"', text))
     if len(names) < 10:
         raise SystemExit(f"could not read hubgate's environment variables from {repo}/src")
     return names | {"RUST_LOG"}
