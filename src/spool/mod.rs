@@ -39,6 +39,7 @@
 //! replayed or purged.
 
 pub mod deliver;
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
 pub mod store;
 
@@ -59,11 +60,38 @@ pub use store::{
 
 use store::Store;
 
+/// Which engine keeps the events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// One SQLite file per gate, at [`SpoolSettings::path`] (the default).
+    Sqlite,
+    /// One PostgreSQL database shared by every gate.
+    Postgres(PostgresSettings),
+}
+
+/// Where and how to reach the shared PostgreSQL spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database?sslmode=…`, libpq's URL form and sslmode
+    /// values (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`). A secret: it may
+    /// hold a password, and is never logged.
+    pub url: crate::secret::Secret,
+    /// Connections per gate. Default 16.
+    pub pool_size: usize,
+    /// Trust anchors for `verify-ca`/`verify-full` (and `require`, which then verifies the
+    /// chain as libpq does with a root certificate); the system store when absent.
+    pub ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+}
+
 /// Everything the spool can be told. [`SpoolSettings::new`] gives the defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpoolSettings {
-    /// The database file. Its folder must exist and be writable; the file is created if need
-    /// be. SQLite adds `<path>-wal` and `<path>-shm`, and the spool `<path>.lock`.
+    /// The engine. [`SpoolSettings::new`] makes a SQLite spool, [`SpoolSettings::postgres`] a
+    /// PostgreSQL one.
+    pub backend: Backend,
+    /// SQLite: the database file. Its folder must exist and be writable; the file is created
+    /// if need be. SQLite adds `<path>-wal` and `<path>-shm`, and the spool `<path>.lock`.
+    /// Empty for PostgreSQL.
     pub path: PathBuf,
     /// An event whose (route, body) was accepted this recently is a duplicate. Default 36 h;
     /// zero turns de-duplication off.
@@ -103,6 +131,7 @@ impl SpoolSettings {
     /// The defaults, for the spool at `path`.
     pub fn new(path: impl Into<PathBuf>) -> SpoolSettings {
         SpoolSettings {
+            backend: Backend::Sqlite,
             path: path.into(),
             dedupe_window: Duration::from_secs(36 * 3600),
             retry_horizon: Duration::from_secs(36 * 3600),
@@ -119,16 +148,32 @@ impl SpoolSettings {
         }
     }
 
+    /// The defaults, for a PostgreSQL spool.
+    pub fn postgres(settings: PostgresSettings) -> SpoolSettings {
+        SpoolSettings {
+            backend: Backend::Postgres(settings),
+            ..SpoolSettings::new(PathBuf::new())
+        }
+    }
+
     /// What `hubgate check` can verify without opening the spool (a running gate holds its
-    /// lock): the settings, that the folder exists, and that the path is not a folder.
+    /// lock, a database may be out of reach): the settings and, for SQLite, that the folder
+    /// exists and the path is not a folder.
     pub fn check(&self) -> Result<(), SpoolError> {
         self.validate()?;
-        sqlite::sql::check_folder(&self.path)
+        match &self.backend {
+            Backend::Sqlite => sqlite::sql::check_folder(&self.path),
+            Backend::Postgres(pg) => postgres::Target::parse(pg).map(drop),
+        }
     }
 
     /// Whether `other` names the same store (what a reload may not change).
     pub fn same_store(&self, other: &SpoolSettings) -> bool {
-        self.path == other.path
+        match (&self.backend, &other.backend) {
+            (Backend::Sqlite, Backend::Sqlite) => self.path == other.path,
+            (Backend::Postgres(a), Backend::Postgres(b)) => a.url == b.url,
+            _ => false,
+        }
     }
 
     fn validate(&self) -> Result<(), SpoolError> {
@@ -227,6 +272,10 @@ pub enum SpoolError {
     /// stored; Meta's retry is then a duplicate).
     #[error("spool: the accept took longer than {0:?}")]
     Timeout(Duration),
+    /// The database cannot be reached or written now (down, failing over, read-only, out of
+    /// connections): nothing was stored; the gate answers 503 and Meta retries.
+    #[error("spool {location}: unavailable: {message}")]
+    Unavailable { location: String, message: String },
     /// Invalid settings.
     #[error("spool {}: {message}", path.display())]
     Settings { path: PathBuf, message: String },
@@ -255,6 +304,14 @@ impl SpoolError {
     /// A full disk or spool: distinct, so the gate can say so (503, reason `spool_full`).
     pub fn is_full(&self) -> bool {
         matches!(self, SpoolError::Full { .. })
+    }
+
+    /// The store is out of reach or too slow now (503, reason `spool_unavailable`).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            SpoolError::Unavailable { .. } | SpoolError::Timeout(_)
+        )
     }
 }
 
@@ -301,7 +358,8 @@ pub(crate) struct Stats {
     failed_commits: AtomicU64,
 }
 
-/// What the writer thread and the handles share.
+/// What the store and the handles share.
+#[derive(Default)]
 pub(crate) struct Shared {
     stats: Stats,
     /// Wakes the delivery scheduler (new events, replays).
@@ -334,21 +392,53 @@ impl Spool {
     /// thread. Fails, naming the path, when the folder is missing, the file cannot be written,
     /// or another process runs a gate on it. Events left `in_flight` by a previous process are
     /// pending again. Blocking (file I/O): call it at start-up.
+    /// SQLite only (see [`Spool::connect`] for both engines).
     pub fn open(settings: SpoolSettings) -> Result<Spool, SpoolError> {
         settings.validate()?;
+        if settings.backend != Backend::Sqlite {
+            return Err(SpoolError::Settings {
+                path: settings.path.clone(),
+                message: "Spool::open opens SQLite spools; use Spool::connect".to_owned(),
+            });
+        }
         let settings = Arc::new(settings);
-        let shared = Arc::new(Shared {
-            stats: Stats::default(),
-            notify: Arc::new(Notify::new()),
-        });
+        let shared = Arc::new(Shared::default());
         let store = sqlite::SqliteStore::open(settings.clone(), shared.clone())?;
-        Ok(Spool {
+        Ok(Spool::with_store(settings, Box::new(store), shared))
+    }
+
+    /// Opens the spool on either engine: SQLite as [`Spool::open`] does (on a blocking
+    /// thread); PostgreSQL by connecting, applying the schema migrations this hubgate knows
+    /// (refusing a newer schema), and listening for new events of other gates.
+    pub async fn connect(settings: SpoolSettings) -> Result<Spool, SpoolError> {
+        settings.validate()?;
+        match &settings.backend {
+            Backend::Sqlite => tokio::task::spawn_blocking(move || Spool::open(settings))
+                .await
+                .map_err(|_| SpoolError::Closed)?,
+            Backend::Postgres(_) => {
+                let settings = Arc::new(settings);
+                let shared = Arc::new(Shared::default());
+                let store =
+                    postgres::PgStore::connect(settings.clone(), shared.clone(), true).await?;
+                Ok(Spool::with_store(settings, Box::new(store), shared))
+            }
+        }
+    }
+
+    fn with_store(settings: Arc<SpoolSettings>, store: Box<dyn Store>, shared: Arc<Shared>) -> Spool {
+        Spool {
             inner: Arc::new(Inner {
                 settings,
-                store: Box::new(store),
+                store,
                 shared,
             }),
-        })
+        }
+    }
+
+    /// Whether the store answers: `/readyz` fails only after it has not for a grace period.
+    pub async fn ready(&self) -> Result<(), SpoolError> {
+        self.inner.store.ready().await
     }
 
     /// The settings it was opened with.
@@ -453,6 +543,30 @@ impl Spool {
     ) -> Result<u64, SpoolError> {
         self.inner.store.purge_dead(older_than, route).await
     }
+}
+
+/// The operations API on either engine, without serving: what `hubgate spool …` uses. Safe
+/// while gates run on the same spool.
+pub async fn operations(settings: SpoolSettings) -> Result<Box<dyn Operations>, SpoolError> {
+    match settings.backend {
+        Backend::Sqlite => {
+            let ops = sqlite::SqliteOps(settings.path.clone());
+            // Fail here, naming the path, when there is no spool.
+            ops.summary().await?;
+            Ok(Box::new(ops))
+        }
+        Backend::Postgres(_) => {
+            let store =
+                postgres::PgStore::connect(Arc::new(settings), Arc::default(), false).await?;
+            Ok(Box::new(store))
+        }
+    }
+}
+
+/// Applies the PostgreSQL schema migrations this hubgate knows, for roles that may not create
+/// tables while serving (`hubgate spool migrate`). Returns the versions before and after.
+pub async fn migrate(settings: &SpoolSettings) -> Result<(i64, i64), SpoolError> {
+    postgres::migrate(settings).await
 }
 
 #[cfg(test)]

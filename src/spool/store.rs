@@ -47,6 +47,8 @@ pub(crate) trait Store: Operations {
     fn close(&self) -> BoxFuture<'_, ()>;
     /// Where the store is, for messages (a path, or a database without its password).
     fn location(&self) -> String;
+    /// Whether the store answers now (what `/readyz` asks).
+    fn ready(&self) -> BoxFuture<'_, Result<(), SpoolError>>;
 }
 
 /// The operations API behind `hubgate spool …`, `/readyz` and `/metrics`: safe while gates run.
@@ -301,6 +303,50 @@ pub struct Summary {
     pub routes: Vec<RouteSummary>,
     /// Keys in the de-duplication table (accepted within the window, or not yet pruned).
     pub dedupe_keys: u64,
+}
+
+impl Summary {
+    /// Assembles the summary from `(route, state, count, oldest received_ms)` rows ordered by
+    /// route, as both engines' `GROUP BY route, state` return them.
+    pub(crate) fn from_counts(
+        rows: impl IntoIterator<Item = (String, EventState, u64, i64)>,
+        dedupe_keys: u64,
+    ) -> Summary {
+        let mut routes: Vec<RouteSummary> = Vec::new();
+        for (route, state, count, oldest) in rows {
+            if routes.last().is_none_or(|r| r.route != route) {
+                routes.push(RouteSummary {
+                    route: route.clone(),
+                    pending: 0,
+                    in_flight: 0,
+                    dead: 0,
+                    oldest_undelivered: None,
+                    oldest_dead: None,
+                });
+            }
+            let entry = routes.last_mut().expect("pushed above");
+            let oldest = from_unix_ms(oldest);
+            let earliest = |cur: Option<SystemTime>| Some(cur.map_or(oldest, |c| c.min(oldest)));
+            match state {
+                EventState::Pending => {
+                    entry.pending = count;
+                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
+                }
+                EventState::InFlight => {
+                    entry.in_flight = count;
+                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
+                }
+                EventState::Dead => {
+                    entry.dead = count;
+                    entry.oldest_dead = Some(oldest);
+                }
+            }
+        }
+        Summary {
+            routes,
+            dedupe_keys,
+        }
+    }
 }
 
 /// One event, without its headers and body.

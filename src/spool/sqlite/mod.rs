@@ -194,6 +194,10 @@ impl Store for SqliteStore {
     fn location(&self) -> String {
         self.settings.path.display().to_string()
     }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(async move { self.ops.summary().await.map(drop) })
+    }
 }
 
 impl Operations for SqliteStore {

@@ -36,14 +36,14 @@
 //! `sqlite3 spool.db "SELECT route, state, count(*) FROM events GROUP BY 1, 2"`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use crate::spool::store::{
     decode_headers, dedupe_key, duration_ms, encode_headers, from_unix_ms, now_ms, unix_ms,
-    EventDetail, EventInfo, EventState, ListFilter, ReplayTarget, RouteSummary, Summary,
+    EventDetail, EventInfo, EventState, ListFilter, ReplayTarget, Summary,
 };
 use crate::spool::{SpoolError, SpoolSettings, StoredEvent};
 
@@ -599,7 +599,6 @@ impl SpoolOps {
 
     /// Counts per route and state, and the age of the oldest events.
     pub fn summary(&self) -> Result<Summary, SpoolError> {
-        let mut routes: Vec<RouteSummary> = Vec::new();
         let mut stmt = self
             .conn
             .prepare(
@@ -617,44 +616,17 @@ impl SpoolOps {
                 ))
             })
             .map_err(|e| self.err(e))?;
-        for row in rows {
-            let (route, state, count, oldest) = row.map_err(|e| self.err(e))?;
-            if routes.last().is_none_or(|r| r.route != route) {
-                routes.push(RouteSummary {
-                    route: route.clone(),
-                    pending: 0,
-                    in_flight: 0,
-                    dead: 0,
-                    oldest_undelivered: None,
-                    oldest_dead: None,
-                });
-            }
-            let entry = routes.last_mut().expect("pushed above");
-            let oldest = from_unix_ms(oldest);
-            let earliest = |cur: Option<SystemTime>| Some(cur.map_or(oldest, |c| c.min(oldest)));
-            match state {
-                EventState::Pending => {
-                    entry.pending = count;
-                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
-                }
-                EventState::InFlight => {
-                    entry.in_flight = count;
-                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
-                }
-                EventState::Dead => {
-                    entry.dead = count;
-                    entry.oldest_dead = Some(oldest);
-                }
-            }
-        }
+        let counts = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
         let dedupe_keys: i64 = self
             .conn
             .query_row("SELECT count(*) FROM dedupe", [], |r| r.get(0))
             .map_err(|e| self.err(e))?;
-        Ok(Summary {
-            routes,
-            dedupe_keys: u64::try_from(dedupe_keys).unwrap_or(0),
-        })
+        Ok(Summary::from_counts(
+            counts,
+            u64::try_from(dedupe_keys).unwrap_or(0),
+        ))
     }
 
     /// Events matching the filter, by ascending id, without headers and bodies.

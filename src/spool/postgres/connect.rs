@@ -1,0 +1,305 @@
+//! Reaching the database: the URL in libpq's form, its `sslmode` as libpq reads it, and TLS with
+//! rustls (aws-lc-rs, the process's one crypto provider).
+//!
+//! | sslmode | encryption | certificate check |
+//! |---|---|---|
+//! | `disable` | none | — |
+//! | `prefer` (libpq's default) | if the server offers it | none (as libpq) |
+//! | `require` | required | none; the chain against `[spool] ca` when one is given (as libpq with a root certificate) |
+//! | `verify-ca` | required | the chain, against `[spool] ca` or the system store |
+//! | `verify-full` | required | the chain and the host name |
+//!
+//! tokio-postgres knows only `disable`, `prefer` and `require`: hubgate takes `sslmode` (and
+//! libpq's file options, which it does not use) out of the URL, and gives tokio-postgres the rest.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::spool::{PostgresSettings, SpoolError};
+
+/// How long one connection attempt may take (accepts are bounded by `accept_timeout` anyway).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// libpq's sslmode values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// A parsed, ready-to-use database address.
+pub(crate) struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: Tls,
+    /// `host:port/database`, never the password: for messages.
+    pub location: String,
+    ca: Option<Vec<CertificateDer<'static>>>,
+}
+
+impl Target {
+    /// Parses `settings.url`. Errors never repeat the URL (it may hold a password).
+    pub(crate) fn parse(settings: &PostgresSettings) -> Result<Target, SpoolError> {
+        let bad = |message: String| SpoolError::Settings {
+            path: "[spool] url".into(),
+            message,
+        };
+        let url = std::str::from_utf8(settings.url.expose())
+            .map_err(|_| bad("is not UTF-8".to_owned()))?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(bad(
+                "must be a URL like postgres://user@host:5432/database?sslmode=verify-full"
+                    .to_owned(),
+            ));
+        }
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut tls = Tls::Prefer;
+        let mut kept = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "sslmode" => {
+                    tls = match &*v {
+                        "disable" => Tls::Disable,
+                        "allow" | "prefer" => Tls::Prefer,
+                        "require" => Tls::Require,
+                        "verify-ca" => Tls::VerifyCa,
+                        "verify-full" => Tls::VerifyFull,
+                        other => {
+                            return Err(bad(format!(
+                                "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+                            )))
+                        }
+                    }
+                }
+                // libpq's certificate files: hubgate takes the CA from `[spool] ca`.
+                "sslrootcert" | "sslcert" | "sslkey" | "sslcrl" => {
+                    return Err(bad(format!(
+                        "{k} is not read by hubgate: give the database's CA as [spool] ca"
+                    )))
+                }
+                _ => {
+                    kept.append_pair(&k, &v);
+                }
+            }
+        }
+        let rest = kept.finish();
+        let url = if rest.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{rest}")
+        };
+        let mut config = tokio_postgres::Config::from_str(&url)
+            .map_err(|e| bad(format!("is not a PostgreSQL URL: {e}")))?;
+        config.ssl_mode(match tls {
+            Tls::Disable => SslMode::Disable,
+            Tls::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("hubgate");
+        let host = match config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_owned(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let db = config.get_dbname().unwrap_or("").to_owned();
+        Ok(Target {
+            location: format!("postgres {host}:{port}/{db}"),
+            config,
+            tls,
+            ca: settings.ca.clone(),
+        })
+    }
+
+    /// The TLS connector for this sslmode.
+    pub(crate) fn connector(&self) -> Result<MakeRustlsConnect, SpoolError> {
+        let provider = crate::pki::crypto_provider();
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| self.tls_error(e))?;
+        let roots = || -> Result<Arc<dyn ServerCertVerifier>, SpoolError> {
+            match &self.ca {
+                Some(certs) => {
+                    let mut store = RootCertStore::empty();
+                    for c in certs {
+                        store.add(c.clone()).map_err(|e| self.tls_error(e))?;
+                    }
+                    let v = WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(store),
+                        provider.clone(),
+                    )
+                    .build()
+                    .map_err(|e| SpoolError::Settings {
+                        path: "[spool] ca".into(),
+                        message: e.to_string(),
+                    })?;
+                    Ok(v)
+                }
+                None => Ok(Arc::new(
+                    rustls_platform_verifier::Verifier::new(provider.clone())
+                        .map_err(|e| self.tls_error(e))?,
+                )),
+            }
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match self.tls {
+            Tls::VerifyFull => roots()?,
+            Tls::VerifyCa => Arc::new(ChainOnly(roots()?)),
+            Tls::Require if self.ca.is_some() => Arc::new(ChainOnly(roots()?)),
+            Tls::Disable | Tls::Prefer | Tls::Require => Arc::new(Unverified(provider.clone())),
+        };
+        let config = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(MakeRustlsConnect::new(config))
+    }
+
+    fn tls_error(&self, e: impl std::fmt::Display) -> SpoolError {
+        SpoolError::Settings {
+            path: "[spool] url".into(),
+            message: format!("TLS setup: {e}"),
+        }
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted root; the name is not checked (libpq's rule).
+#[derive(Debug)]
+struct ChainOnly(Arc<dyn ServerCertVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer`/`require` without a CA: encryption without authentication of the server, exactly
+/// what libpq does in those modes. The handshake signatures are still checked (the server
+/// holds the key of the certificate it showed); which certificate it is, is not.
+#[derive(Debug)]
+struct Unverified(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn target(url: &str) -> Result<Target, SpoolError> {
+        Target::parse(&PostgresSettings {
+            url: Secret::new(url),
+            pool_size: 4,
+            ca: None,
+        })
+    }
+
+    #[test]
+    fn sslmode_is_taken_out_of_the_url() {
+        let t = target("postgres://u:pw@db.example:6432/events?sslmode=verify-full&connect_timeout=5")
+            .unwrap();
+        assert_eq!(t.tls, Tls::VerifyFull);
+        assert_eq!(t.config.get_ssl_mode(), SslMode::Require);
+        assert_eq!(t.location, "postgres db.example:6432/events");
+        assert_eq!(target("postgresql://u@h/d").unwrap().tls, Tls::Prefer);
+        assert_eq!(
+            target("postgres://u@h/d?sslmode=disable").unwrap().tls,
+            Tls::Disable
+        );
+    }
+
+    #[test]
+    fn errors_never_repeat_the_url() {
+        for url in [
+            "mysql://u:hunter2@h/d",
+            "postgres://u:hunter2@h/d?sslmode=sometimes",
+            "postgres://u:hunter2@h/d?sslrootcert=/x",
+        ] {
+            let e = target(url).err().unwrap().to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,976 @@
+//! The PostgreSQL store: one database shared by every gate — one queue, one de-duplication
+//! table, fleet-wide delivery limits.
+//!
+//! - **Accept** is one statement (so one transaction): the de-duplication key is inserted
+//!   (`ON CONFLICT` refreshes it only when it is older than the window), the event is inserted
+//!   only if the key was new, and `pg_notify` wakes every gate's scheduler at commit. The
+//!   statement returns after the COMMIT, which with `synchronous_commit = on` (checked at
+//!   connect) is after the WAL flush — and, with synchronous standbys configured, after they
+//!   have it too. Two gates accepting the same body at once: the second waits on the first's
+//!   key and sees a duplicate.
+//! - **Claims** take a lease (`lease_owner`, `lease_until_ms` on the database's clock) with
+//!   `FOR UPDATE SKIP LOCKED`, under a per-route advisory lock that makes
+//!   `max_concurrency` a fleet-wide limit. A lease that expires (its gate died or lost the
+//!   database) makes the event claimable by any gate: at least once, never lost. Running
+//!   deliveries renew their leases.
+//! - **Outcomes** are recorded only by the lease's owner; a gate that lost its lease gets
+//!   [`Disposition::Stale`] and records nothing.
+//! - **Trouble** (connection refused or lost, failover, read-only, no connection free within
+//!   `accept_timeout`) is [`SpoolError::Unavailable`]: the gate answers 503 and Meta retries.
+//!   The pool reconnects on the next use; the listener reconnects with back-off capped at 5 s.
+
+mod connect;
+mod schema;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tracing::{info, warn};
+
+pub(crate) use connect::Target;
+
+use super::store::{
+    decode_headers, dedupe_key, duration_ms, encode_headers, from_unix_ms, now_ms, plan,
+    unix_ms, BoxFuture, Claimed, Disposition, EventDetail, EventInfo, EventState, ListFilter,
+    Operations, Plan, ReplayTarget, Rng, Store, Summary,
+};
+use super::{
+    Accepted, Backend, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings, StoredEvent,
+};
+
+/// How long the store may fail before `/readyz` says so (accepts answer 503 at once).
+const READY_GRACE: Duration = Duration::from_secs(10);
+/// How often expired de-duplication keys are pruned (any gate may; they do not collide).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Keys deleted per statement when pruning.
+const PRUNE_CHUNK: i64 = 2000;
+/// How often the routes with events are read again (new routes also arrive by notification).
+const ROUTES_EVERY: Duration = Duration::from_secs(10);
+/// The notification channel.
+const CHANNEL: &str = "hubgate_spool";
+
+const ACCEPT_DEDUPE: &str = "
+WITH now AS (SELECT hubgate.now_ms() AS n),
+key AS (
+    INSERT INTO hubgate.dedupe AS d (key, accepted_ms) SELECT $1, n FROM now
+    ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms
+        WHERE d.accepted_ms <= EXCLUDED.accepted_ms - $2
+    RETURNING 1
+),
+ev AS (
+    INSERT INTO hubgate.events (route, state, received_ms, stored_ms, retry_since_ms,
+        next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
+    SELECT $3, 'pending', $4, n, n, n, 0, n, $5, $6, $7, $8 FROM now
+    WHERE EXISTS (SELECT 1 FROM key)
+    RETURNING id
+)
+SELECT id, pg_notify('hubgate_spool', $3)::text FROM ev";
+
+const ACCEPT_PLAIN: &str = "
+WITH now AS (SELECT hubgate.now_ms() AS n),
+ev AS (
+    INSERT INTO hubgate.events (route, state, received_ms, stored_ms, retry_since_ms,
+        next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
+    SELECT $1, 'pending', $2, n, n, n, 0, n, $3, $4, $5, $6 FROM now
+    RETURNING id
+)
+SELECT id, pg_notify('hubgate_spool', $1)::text FROM ev";
+
+const CLAIM: &str = "
+WITH now AS (SELECT hubgate.now_ms() AS n),
+busy AS (
+    SELECT count(*) AS c FROM hubgate.events, now
+    WHERE route = $1 AND state = 'in_flight' AND lease_until_ms > now.n
+),
+picked AS (
+    SELECT e.id FROM hubgate.events e, now
+    WHERE e.route = $1 AND (
+        (e.state = 'pending' AND e.next_attempt_ms <= now.n)
+        OR (e.state = 'in_flight' AND e.lease_until_ms <= now.n))
+    ORDER BY e.next_attempt_ms, e.id
+    LIMIT greatest($2 - (SELECT c FROM busy), 0)
+    FOR UPDATE OF e SKIP LOCKED
+)
+UPDATE hubgate.events ev SET state = 'in_flight', attempts = ev.attempts + 1,
+    lease_owner = $3, lease_until_ms = now.n + $4, updated_ms = now.n
+FROM picked, now WHERE ev.id = picked.id
+RETURNING ev.id, ev.route, ev.received_ms, ev.attempts, ev.client_identity, ev.query,
+    ev.headers, ev.body, ev.next_attempt_ms";
+
+/// Milliseconds from now (database clock) to the route's next due event or expiring lease.
+const NEXT_DUE: &str = "
+SELECT least(
+    (SELECT min(next_attempt_ms) FROM hubgate.events WHERE route = $1 AND state = 'pending'),
+    (SELECT min(lease_until_ms) FROM hubgate.events WHERE route = $1 AND state = 'in_flight')
+) - hubgate.now_ms()";
+
+const INFO_COLUMNS: &str = "id, route, state, attempts, received_ms, next_attempt_ms, \
+     updated_ms, last_error, client_identity, length(body)::bigint";
+
+/// The PostgreSQL store of one gate.
+pub(crate) struct PgStore {
+    settings: Arc<SpoolSettings>,
+    pool: Pool,
+    shared: Arc<Shared>,
+    /// This gate's name on its leases: host, process and a random part.
+    owner: String,
+    location: String,
+    /// Routes with events, for the scheduler (refreshed, and fed by notifications).
+    routes: Arc<Mutex<BTreeSet<String>>>,
+    routes_read: Mutex<Instant>,
+    /// Since when the database has failed us, if it has.
+    failing_since: Mutex<Option<Instant>>,
+    rng: Mutex<Rng>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl PgStore {
+    /// Connects. A gate (`serve`) migrates the schema and starts the listener and the pruner;
+    /// the operations API (`hubgate spool …`) only checks the schema version.
+    pub(crate) async fn connect(
+        settings: Arc<SpoolSettings>,
+        shared: Arc<Shared>,
+        serve: bool,
+    ) -> Result<PgStore, SpoolError> {
+        let Backend::Postgres(pg) = &settings.backend else {
+            unreachable!("PgStore::connect is called for the postgres backend");
+        };
+        let target = Target::parse(pg)?;
+        let location = target.location.clone();
+        let connector = target.connector()?;
+        let manager = Manager::from_config(
+            target.config.clone(),
+            connector.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pg.pool_size.max(1))
+            .wait_timeout(Some(settings.accept_timeout))
+            .create_timeout(Some(Duration::from_secs(3)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| SpoolError::Open {
+                path: location.clone().into(),
+                message: e.to_string(),
+            })?;
+        let open_err = |e: &dyn std::fmt::Display| SpoolError::Open {
+            path: location.clone().into(),
+            message: e.to_string(),
+        };
+        let mut client = pool.get().await.map_err(|e| open_err(&e))?;
+        let sync: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .map_err(|e| open_err(&e))?
+            .get(0);
+        if sync == "off" || sync == "local" {
+            // `local` still flushes the local WAL; `off` does not: then no acknowledgement
+            // would be durable. Every connection of the pool sets it on (see `post_create`
+            // below); say so once.
+            warn!(
+                synchronous_commit = %sync,
+                "spool: the database's synchronous_commit is weaker than on; hubgate sets it on for its sessions"
+            );
+        }
+        if !serve {
+            let found = schema::version(&client).await.map_err(|e| open_err(&e))?;
+            if found != schema::VERSION {
+                return Err(SpoolError::Schema {
+                    path: location.clone().into(),
+                    found,
+                    supported: schema::VERSION,
+                });
+            }
+            drop(client);
+            return Ok(PgStore {
+                owner: owner_name(),
+                location,
+                pool,
+                shared,
+                routes: Arc::default(),
+                routes_read: Mutex::new(Instant::now()),
+                failing_since: Mutex::new(None),
+                rng: Mutex::new(Rng::seeded()),
+                tasks: vec![],
+                settings,
+            });
+        }
+        match schema::migrate(&mut client).await {
+            Ok(Ok(m)) if m.applied > 0 => {
+                info!(from = m.found, to = schema::VERSION, "spool: schema migrated")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(found)) => {
+                return Err(SpoolError::Schema {
+                    path: location.clone().into(),
+                    found,
+                    supported: schema::VERSION,
+                })
+            }
+            Err(e) => {
+                return Err(SpoolError::Open {
+                    path: location.clone().into(),
+                    message: format!(
+                        "applying the schema migrations failed ({e}); a role that may not create \
+                         tables needs them applied first: hubgate spool migrate"
+                    ),
+                })
+            }
+        }
+        let routes: BTreeSet<String> = client
+            .query("SELECT DISTINCT route FROM hubgate.events", &[])
+            .await
+            .map_err(|e| open_err(&e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(client);
+        let routes = Arc::new(Mutex::new(routes));
+        let pending: i64 = pool
+            .get()
+            .await
+            .map_err(|e| open_err(&e))?
+            .query_one(
+                "SELECT count(*) FROM hubgate.events WHERE state = 'pending'",
+                &[],
+            )
+            .await
+            .map_err(|e| open_err(&e))?
+            .get(0);
+        info!(location = %location, pending, "spool opened");
+        let listener = tokio::spawn(listen(
+            target.config.clone(),
+            connector,
+            shared.clone(),
+            routes.clone(),
+        ));
+        let pruner = tokio::spawn(prune(pool.clone(), settings.dedupe_window));
+        Ok(PgStore {
+            owner: owner_name(),
+            location,
+            pool,
+            shared,
+            routes,
+            routes_read: Mutex::new(Instant::now()),
+            failing_since: Mutex::new(None),
+            rng: Mutex::new(Rng::seeded()),
+            tasks: vec![listener, pruner],
+            settings,
+        })
+    }
+
+    /// A pooled connection with `synchronous_commit = on`.
+    async fn client(&self) -> Result<deadpool_postgres::Object, SpoolError> {
+        let client = self.pool.get().await.map_err(|e| self.failed_pool(e))?;
+        Ok(client)
+    }
+
+    fn failed_pool(&self, e: PoolError) -> SpoolError {
+        let err = match e {
+            PoolError::Backend(e) => return self.failed(&e),
+            PoolError::Closed => SpoolError::Closed,
+            other => SpoolError::Unavailable {
+                location: self.location.clone(),
+                message: other.to_string(),
+            },
+        };
+        self.note_failure();
+        err
+    }
+
+    /// Classifies a database error, and notes unavailability for `/readyz`.
+    fn failed(&self, e: &tokio_postgres::Error) -> SpoolError {
+        let err = classify(&self.location, e);
+        if err.is_unavailable() {
+            self.note_failure();
+        }
+        err
+    }
+
+    fn note_failure(&self) {
+        let mut since = self.failing_since.lock().expect("lock");
+        since.get_or_insert_with(Instant::now);
+    }
+
+    fn note_success(&self) {
+        *self.failing_since.lock().expect("lock") = None;
+    }
+
+    fn random(&self) -> u64 {
+        self.rng.lock().expect("lock").next()
+    }
+
+    /// The routes to claim for; read again from the database every `ROUTES_EVERY`.
+    async fn routes(&self, client: &tokio_postgres::Client) -> Result<Vec<String>, SpoolError> {
+        let stale = self.routes_read.lock().expect("lock").elapsed() >= ROUTES_EVERY;
+        if stale {
+            let rows = client
+                .query(
+                    "SELECT DISTINCT route FROM hubgate.events WHERE state <> 'dead'",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+            let mut routes = self.routes.lock().expect("lock");
+            routes.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+            *self.routes_read.lock().expect("lock") = Instant::now();
+        }
+        Ok(self.routes.lock().expect("lock").iter().cloned().collect())
+    }
+
+    async fn accept_event(&self, event: NewEvent) -> Result<Accepted, SpoolError> {
+        if event.route.is_empty() {
+            return Err(SpoolError::InvalidEvent("empty route".to_owned()));
+        }
+        let headers = encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?;
+        let key = dedupe_key(&event.route, &event.body);
+        let received = unix_ms(event.received_at);
+        let window = duration_ms(self.settings.dedupe_window);
+        let client = self.client().await?;
+        let started = Instant::now();
+        let body: &[u8] = &event.body;
+        let rows = if window > 0 {
+            let stmt = client
+                .prepare_cached(ACCEPT_DEDUPE)
+                .await
+                .map_err(|e| self.failed(&e))?;
+            client
+                .query(
+                    &stmt,
+                    &[
+                        &&key[..],
+                        &window,
+                        &event.route,
+                        &received,
+                        &event.client_identity,
+                        &event.query,
+                        &headers,
+                        &body,
+                    ],
+                )
+                .await
+        } else {
+            let stmt = client
+                .prepare_cached(ACCEPT_PLAIN)
+                .await
+                .map_err(|e| self.failed(&e))?;
+            client
+                .query(
+                    &stmt,
+                    &[
+                        &event.route,
+                        &received,
+                        &event.client_identity,
+                        &event.query,
+                        &headers,
+                        &body,
+                    ],
+                )
+                .await
+        }
+        .map_err(|e| self.failed(&e))?;
+        self.note_success();
+        let stats = &self.shared.stats;
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        stats.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
+        stats.jobs.fetch_add(1, Ordering::Relaxed);
+        match rows.first() {
+            Some(row) => {
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                self.routes.lock().expect("lock").insert(event.route);
+                Ok(Accepted::Stored(row.get(0)))
+            }
+            None => {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                Ok(Accepted::Duplicate)
+            }
+        }
+    }
+
+    async fn claim_due(&self, busy: HashMap<String, usize>) -> Result<Claimed, SpoolError> {
+        let mut client = self.client().await?;
+        let routes = self.routes(&client).await?;
+        let max = self.settings.max_concurrency_per_route.max(1);
+        let lease = duration_ms(self.settings.lease);
+        let mut events = Vec::new();
+        let mut next_due: Option<i64> = None;
+        for route in routes {
+            let running = busy.get(&route).copied().unwrap_or(0);
+            if running >= max {
+                continue;
+            }
+            let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+            // One claimer per route at a time: the in-flight count it reads stays true until
+            // its claims commit, so the limit holds across gates.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&format!("hubgate.claim:{route}")],
+            )
+            .await
+            .map_err(|e| self.failed(&e))?;
+            let rows = tx
+                .query(CLAIM, &[&route, &(max as i64), &self.owner, &lease])
+                .await
+                .map_err(|e| self.failed(&e))?;
+            let room = max - running;
+            if rows.len() < room {
+                let due: Option<i64> = tx
+                    .query_one(NEXT_DUE, &[&route])
+                    .await
+                    .map_err(|e| self.failed(&e))?
+                    .get(0);
+                if let Some(delay) = due {
+                    let at = now_ms().saturating_add(delay.max(0));
+                    next_due = Some(next_due.map_or(at, |d| d.min(at)));
+                }
+            }
+            tx.commit().await.map_err(|e| self.failed(&e))?;
+            let mut claimed: Vec<(i64, StoredEvent)> =
+                rows.iter().map(|r| (r.get(8), stored_event(r))).collect();
+            claimed.sort_by_key(|(due, e)| (*due, e.id));
+            events.extend(claimed.into_iter().map(|(_, e)| e));
+        }
+        self.note_success();
+        Ok(Claimed { events, next_due })
+    }
+
+    async fn record(&self, id: i64, outcome: DeliveryOutcome) -> Result<Disposition, SpoolError> {
+        let mut client = self.client().await?;
+        let stats = &self.shared.stats;
+        if outcome == DeliveryOutcome::Done {
+            let n = client
+                .execute(
+                    "DELETE FROM hubgate.events
+                     WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2",
+                    &[&id, &self.owner],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+            if n == 0 {
+                return Ok(Disposition::Stale);
+            }
+            stats.delivered.fetch_add(1, Ordering::Relaxed);
+            return Ok(Disposition::Delivered);
+        }
+        let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+        let row = tx
+            .query_opt(
+                "SELECT attempts, retry_since_ms, hubgate.now_ms() FROM hubgate.events
+                 WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2 FOR UPDATE",
+                &[&id, &self.owner],
+            )
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let Some(row) = row else {
+            return Ok(Disposition::Stale);
+        };
+        let attempts = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+        let (since, now): (i64, i64) = (row.get(1), row.get(2));
+        let disposition = match plan(&self.settings, outcome, attempts, since, now, self.random())
+        {
+            Plan::Dead(why) => {
+                tx.execute(
+                    "UPDATE hubgate.events SET state = 'dead', last_error = $2, updated_ms = $3,
+                         lease_owner = NULL, lease_until_ms = NULL
+                     WHERE id = $1",
+                    &[&id, &why, &now],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                Disposition::Dead(why)
+            }
+            Plan::Retry { at, error } => {
+                tx.execute(
+                    "UPDATE hubgate.events SET state = 'pending', next_attempt_ms = $2,
+                         last_error = $3, updated_ms = $4, lease_owner = NULL, lease_until_ms = NULL
+                     WHERE id = $1",
+                    &[&id, &at, &error, &now],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+                stats.retried.fetch_add(1, Ordering::Relaxed);
+                // In this gate's clock, for its scheduler and logs.
+                Disposition::RetryAt(now_ms().saturating_add(at - now))
+            }
+        };
+        tx.commit().await.map_err(|e| self.failed(&e))?;
+        Ok(disposition)
+    }
+}
+
+/// The event columns of `CLAIM`'s `RETURNING`.
+fn stored_event(r: &tokio_postgres::Row) -> StoredEvent {
+    let headers: Vec<u8> = r.get(6);
+    let body: Vec<u8> = r.get(7);
+    StoredEvent {
+        id: r.get(0),
+        route: r.get(1),
+        received_at: from_unix_ms(r.get(2)),
+        attempt: u32::try_from(r.get::<_, i32>(3)).unwrap_or(u32::MAX),
+        client_identity: r.get(4),
+        query: r.get(5),
+        headers: decode_headers(&headers),
+        body: Bytes::from(body),
+    }
+}
+
+fn event_info(r: &tokio_postgres::Row) -> Result<EventInfo, SpoolError> {
+    let state: String = r.get(2);
+    Ok(EventInfo {
+        id: r.get(0),
+        route: r.get(1),
+        state: state
+            .parse()
+            .map_err(|e: String| SpoolError::InvalidEvent(e))?,
+        attempts: u32::try_from(r.get::<_, i32>(3)).unwrap_or(u32::MAX),
+        received_at: from_unix_ms(r.get(4)),
+        next_attempt_at: from_unix_ms(r.get(5)),
+        updated_at: from_unix_ms(r.get(6)),
+        last_error: r.get(7),
+        client_identity: r.get(8),
+        body_len: u64::try_from(r.get::<_, i64>(9)).unwrap_or(0),
+    })
+}
+
+/// Unavailable (503, retry later) versus a storage error or a full disk.
+fn classify(location: &str, e: &tokio_postgres::Error) -> SpoolError {
+    let unavailable = || SpoolError::Unavailable {
+        location: location.to_owned(),
+        message: crate::deliver::upstream::error_chain(e),
+    };
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the connection itself failed (refused, reset, closed, timed out).
+        return unavailable();
+    };
+    if code.code().starts_with("08")
+        || [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::QUERY_CANCELED,
+        ]
+        .contains(code)
+    {
+        return unavailable();
+    }
+    if *code == SqlState::DISK_FULL {
+        return SpoolError::Full {
+            path: location.into(),
+        };
+    }
+    SpoolError::Storage {
+        path: location.into(),
+        message: crate::deliver::upstream::error_chain(e),
+    }
+}
+
+/// `host:pid:random`: unique per gate process, readable in `lease_owner`.
+fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "gate".to_owned());
+    format!("{host}:{}:{:08x}", std::process::id(), Rng::seeded().next() as u32)
+}
+
+/// Listens for new events of every gate and wakes the scheduler; reconnects with back-off.
+async fn listen(
+    config: tokio_postgres::Config,
+    connector: tokio_postgres_rustls::MakeRustlsConnect,
+    shared: Arc<Shared>,
+    routes: Arc<Mutex<BTreeSet<String>>>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match config.connect(connector.clone()).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    while let Some(message) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        match message {
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                let _ = tx.send(n.payload().to_owned());
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    backoff = Duration::from_millis(100);
+                    // Events may have arrived while not listening.
+                    shared.notify.notify_one();
+                    while let Some(route) = rx.recv().await {
+                        if !route.is_empty() {
+                            routes.lock().expect("lock").insert(route);
+                        }
+                        shared.notify.notify_one();
+                    }
+                }
+                driver.abort();
+                warn!("spool: lost the notification connection; reconnecting");
+            }
+            Err(e) => {
+                warn!(error = %crate::deliver::upstream::error_chain(&e), "spool: cannot open the notification connection");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Deletes de-duplication keys older than the window, a chunk at a time.
+async fn prune(pool: Pool, window: Duration) {
+    if window.is_zero() {
+        return;
+    }
+    let window = duration_ms(window);
+    loop {
+        tokio::time::sleep(PRUNE_EVERY).await;
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM hubgate.dedupe WHERE key IN (
+                         SELECT key FROM hubgate.dedupe
+                         WHERE accepted_ms < hubgate.now_ms() - $1 LIMIT $2)",
+                    &[&window, &PRUNE_CHUNK],
+                )
+                .await;
+            match n {
+                Ok(n) if n as i64 >= PRUNE_CHUNK => continue,
+                Ok(n) if n > 0 => info!(keys = n, "spool: pruned expired de-duplication keys"),
+                _ => {}
+            }
+            break;
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>> {
+        Box::pin(self.accept_event(event))
+    }
+
+    fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>> {
+        Box::pin(self.claim_due(busy))
+    }
+
+    fn complete(
+        &self,
+        id: i64,
+        outcome: DeliveryOutcome,
+    ) -> BoxFuture<'_, Result<Disposition, SpoolError>> {
+        Box::pin(self.record(id, outcome))
+    }
+
+    fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let n = client
+                .execute(
+                    "UPDATE hubgate.events SET state = 'pending', next_attempt_ms = hubgate.now_ms(),
+                         updated_ms = hubgate.now_ms(), lease_owner = NULL, lease_until_ms = NULL
+                     WHERE id = ANY($1) AND state = 'in_flight' AND lease_owner = $2",
+                    &[&ids, &self.owner],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+            Ok(n as usize)
+        })
+    }
+
+    fn renew(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE hubgate.events SET lease_until_ms = hubgate.now_ms() + $3
+                     WHERE id = ANY($1) AND state = 'in_flight' AND lease_owner = $2",
+                    &[&ids, &self.owner, &duration_ms(self.settings.lease)],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+            Ok(())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for t in &self.tasks {
+                t.abort();
+            }
+            self.pool.close();
+        })
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(async move {
+            let probe = async {
+                let client = self.client().await?;
+                client
+                    .execute("SELECT 1", &[])
+                    .await
+                    .map_err(|e| self.failed(&e))
+            };
+            match tokio::time::timeout(Duration::from_secs(2), probe).await {
+                Ok(Ok(_)) => {
+                    self.note_success();
+                    Ok(())
+                }
+                Ok(Err(e)) => self.grace(e),
+                Err(_) => {
+                    self.note_failure();
+                    self.grace(SpoolError::Unavailable {
+                        location: self.location.clone(),
+                        message: "no answer within 2 s".to_owned(),
+                    })
+                }
+            }
+        })
+    }
+}
+
+impl PgStore {
+    /// A failure counts against readiness only once it has lasted [`READY_GRACE`].
+    fn grace(&self, e: SpoolError) -> Result<(), SpoolError> {
+        let since = *self.failing_since.lock().expect("lock");
+        match since {
+            Some(t) if t.elapsed() >= READY_GRACE => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Operations for PgStore {
+    fn summary(&self) -> BoxFuture<'_, Result<Summary, SpoolError>> {
+        Box::pin(ops::summary(self))
+    }
+
+    fn list(&self, filter: ListFilter) -> BoxFuture<'_, Result<Vec<EventInfo>, SpoolError>> {
+        Box::pin(ops::list(self, filter))
+    }
+
+    fn show(&self, id: i64) -> BoxFuture<'_, Result<EventDetail, SpoolError>> {
+        Box::pin(ops::show(self, id))
+    }
+
+    fn replay(&self, target: ReplayTarget) -> BoxFuture<'_, Result<u64, SpoolError>> {
+        Box::pin(ops::replay(self, target))
+    }
+
+    fn purge_dead(
+        &self,
+        older_than: Duration,
+        route: Option<String>,
+    ) -> BoxFuture<'_, Result<u64, SpoolError>> {
+        Box::pin(ops::purge_dead(self, older_than, route))
+    }
+}
+
+/// The operations API's statements.
+mod ops {
+    use super::*;
+
+    pub(super) async fn summary(s: &PgStore) -> Result<Summary, SpoolError> {
+        let client = s.client().await?;
+        let rows = client
+            .query(
+                "SELECT route, state, count(*), min(received_ms) FROM hubgate.events
+                 GROUP BY route, state ORDER BY route",
+                &[],
+            )
+            .await
+            .map_err(|e| s.failed(&e))?;
+        let mut counts = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let state: String = r.get(1);
+            let state: EventState = state.parse().map_err(SpoolError::InvalidEvent)?;
+            let count = u64::try_from(r.get::<_, i64>(2)).unwrap_or(0);
+            counts.push((r.get::<_, String>(0), state, count, r.get::<_, i64>(3)));
+        }
+        let keys: i64 = client
+            .query_one("SELECT count(*) FROM hubgate.dedupe", &[])
+            .await
+            .map_err(|e| s.failed(&e))?
+            .get(0);
+        Ok(Summary::from_counts(counts, u64::try_from(keys).unwrap_or(0)))
+    }
+
+    pub(super) async fn list(s: &PgStore, f: ListFilter) -> Result<Vec<EventInfo>, SpoolError> {
+        let client = s.client().await?;
+        let sql = format!(
+            "SELECT {INFO_COLUMNS} FROM hubgate.events
+             WHERE ($1::text IS NULL OR route = $1) AND ($2::text IS NULL OR state = $2)
+                 AND id > $3
+             ORDER BY id LIMIT $4"
+        );
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &f.route,
+                    &f.state.map(EventState::as_str),
+                    &f.after_id.unwrap_or(0),
+                    &i64::try_from(f.limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(|e| s.failed(&e))?;
+        rows.iter().map(event_info).collect()
+    }
+
+    pub(super) async fn show(s: &PgStore, id: i64) -> Result<EventDetail, SpoolError> {
+        let client = s.client().await?;
+        let sql = format!(
+            "SELECT {INFO_COLUMNS}, query, headers, body FROM hubgate.events WHERE id = $1"
+        );
+        let row = client
+            .query_opt(&sql, &[&id])
+            .await
+            .map_err(|e| s.failed(&e))?
+            .ok_or(SpoolError::NotFound(id))?;
+        let headers: Vec<u8> = row.get(11);
+        let body: Vec<u8> = row.get(12);
+        Ok(EventDetail {
+            info: event_info(&row)?,
+            query: row.get(10),
+            headers: decode_headers(&headers),
+            body: Bytes::from(body),
+        })
+    }
+
+    pub(super) async fn replay(s: &PgStore, target: ReplayTarget) -> Result<u64, SpoolError> {
+        let mut client = s.client().await?;
+        let tx = client.transaction().await.map_err(|e| s.failed(&e))?;
+        const BACK: &str = "state = 'pending', attempts = 0, next_attempt_ms = hubgate.now_ms(),
+             retry_since_ms = hubgate.now_ms(), updated_ms = hubgate.now_ms()";
+        let n = match target {
+            ReplayTarget::One(id) => {
+                let state: Option<String> = tx
+                    .query_opt(
+                        "SELECT state FROM hubgate.events WHERE id = $1 FOR UPDATE",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| s.failed(&e))?
+                    .map(|r| r.get(0));
+                match state.as_deref().map(str::parse::<EventState>) {
+                    None => return Err(SpoolError::NotFound(id)),
+                    Some(Ok(EventState::Dead)) => {}
+                    Some(Ok(state)) => return Err(SpoolError::NotDead { id, state }),
+                    Some(Err(e)) => return Err(SpoolError::InvalidEvent(e)),
+                }
+                tx.execute(
+                    &format!("UPDATE hubgate.events SET {BACK} WHERE id = $1 AND state = 'dead'"),
+                    &[&id],
+                )
+                .await
+            }
+            ReplayTarget::AllDead { route } => {
+                tx.execute(
+                    &format!(
+                        "UPDATE hubgate.events SET {BACK}
+                         WHERE state = 'dead' AND ($1::text IS NULL OR route = $1)"
+                    ),
+                    &[&route],
+                )
+                .await
+            }
+        }
+        .map_err(|e| s.failed(&e))?;
+        if n > 0 {
+            tx.execute("SELECT pg_notify('hubgate_spool', '')", &[])
+                .await
+                .map_err(|e| s.failed(&e))?;
+        }
+        tx.commit().await.map_err(|e| s.failed(&e))?;
+        Ok(n)
+    }
+
+    pub(super) async fn purge_dead(
+        s: &PgStore,
+        older_than: Duration,
+        route: Option<String>,
+    ) -> Result<u64, SpoolError> {
+        let client = s.client().await?;
+        let cutoff = now_ms().saturating_sub(duration_ms(older_than));
+        let mut total = 0u64;
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM hubgate.events WHERE id IN (
+                         SELECT id FROM hubgate.events
+                         WHERE state = 'dead' AND updated_ms <= $1
+                             AND ($2::text IS NULL OR route = $2)
+                         LIMIT $3)",
+                    &[&cutoff, &route, &PRUNE_CHUNK],
+                )
+                .await
+                .map_err(|e| s.failed(&e))?;
+            total += n;
+            if (n as i64) < PRUNE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Applies the schema migrations this hubgate knows (for `hubgate spool migrate`): returns the
+/// version found and the version now.
+pub(crate) async fn migrate(settings: &SpoolSettings) -> Result<(i64, i64), SpoolError> {
+    let Backend::Postgres(pg) = &settings.backend else {
+        return Err(SpoolError::Settings {
+            path: settings.path.clone(),
+            message: "migrations are for the postgres backend; a SQLite spool migrates itself"
+                .to_owned(),
+        });
+    };
+    let target = Target::parse(pg)?;
+    let err = |e: &dyn std::fmt::Display| SpoolError::Open {
+        path: target.location.clone().into(),
+        message: e.to_string(),
+    };
+    let (mut client, connection) = target
+        .config
+        .connect(target.connector()?)
+        .await
+        .map_err(|e| err(&crate::deliver::upstream::error_chain(&e)))?;
+    let driver = tokio::spawn(connection);
+    let result = schema::migrate(&mut client).await.map_err(|e| err(&e))?;
+    drop(client);
+    let _ = driver.await;
+    match result {
+        Ok(m) => Ok((m.found, schema::VERSION)),
+        Err(found) => Err(SpoolError::Schema {
+            path: target.location.clone().into(),
+            found,
+            supported: schema::VERSION,
+        }),
+    }
+}
