@@ -49,8 +49,6 @@ pub enum Error {
     Client(#[from] deliver::ClientError),
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
-    #[error("opening the spool: {0}")]
-    SpoolTask(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Reload(#[from] ReloadError),
     #[error("cannot listen on {addr}: {source}")]

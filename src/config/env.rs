@@ -159,10 +159,28 @@ pub(super) const TABLE: &[EnvVar] = &[
         doc: "how long the upstream has to answer",
     },
     EnvVar {
+        name: "HUBGATE_SPOOL_BACKEND",
+        key: "spool.backend",
+        set: Set::Enum(|t| &mut t.raw.spool.get_or_insert_with(Default::default).backend),
+        doc: "where the spool keeps events: sqlite (one file per gate) or postgres (shared)",
+    },
+    EnvVar {
         name: "HUBGATE_SPOOL_PATH",
         key: "spool.path",
         set: Set::Path(|t| &mut t.raw.spool.get_or_insert_with(Default::default).path),
         doc: "the spool's database file",
+    },
+    EnvVar {
+        name: "HUBGATE_SPOOL_URL",
+        key: "spool.url",
+        set: Set::Secret(|t| &mut t.raw.spool.get_or_insert_with(Default::default).url),
+        doc: "the PostgreSQL spool's URL, libpq's form (a secret: it may hold a password)",
+    },
+    EnvVar {
+        name: "HUBGATE_SPOOL_URL_FILE",
+        key: "spool.url",
+        set: Set::SecretFile(|t| &mut t.raw.spool.get_or_insert_with(Default::default).url),
+        doc: "a file holding the PostgreSQL spool's URL (HUBGATE_SPOOL_URL wins)",
     },
     EnvVar {
         name: "HUBGATE_UPSTREAM_CA",

@@ -153,6 +153,20 @@ pub(super) struct RawSpool {
     pub backoff_max: Option<String>,
     pub dead_letter_4xx: Option<bool>,
     pub max_size_bytes: Option<u64>,
+    pub backend: Option<SpoolBackendName>,
+    pub url: Option<SecretSource>,
+    pub pool_size: Option<usize>,
+    pub ca: Option<PathBuf>,
+    pub lease: Option<String>,
+    pub accept_timeout: Option<String>,
+}
+
+/// `[spool] backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolBackendName {
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Debug, Default, Deserialize)]

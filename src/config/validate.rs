@@ -12,14 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::spool::SpoolSettings;
-// The certificate helpers and the proxy types (moving to `crate::pki` and `crate::config`).
 use super::{IdentityHeader, TrustedProxies, ALB_CERT, ALB_SUBJECT};
 use crate::pki::{check_key_matches, load_anchors, load_certs, load_key};
+use crate::spool::{Backend as SpoolBackend, PostgresSettings, SpoolSettings};
 
 use super::raw::{
     OneOrMany, RawAdmin, RawClientAuth, RawConfig, RawDedupe, RawRoute, RawServer, RawSpool,
-    RawTrustedProxies, RawUpstream, SecretSource,
+    RawTrustedProxies, RawUpstream, SecretSource, SpoolBackendName,
 };
 use super::{
     ClientAuth, ClientAuthMode, Config, ConfigError, Delivery, Route, RouteClientCert, Secret,
@@ -522,11 +521,10 @@ fn spool(
             )),
         };
     };
-    let path = raw
-        .path
-        .map(|p| cx.path(&p))
-        .ok_or_else(|| cx.err("spool.path", "is required (the spool's database file)"))?;
-    let mut s = SpoolSettings::new(path);
+    let mut s = match raw.backend.unwrap_or(SpoolBackendName::Sqlite) {
+        SpoolBackendName::Sqlite => sqlite_spool(&raw, cx)?,
+        SpoolBackendName::Postgres => postgres_spool(&raw, cx)?,
+    };
     s.dedupe_window = cx.duration("dedupe.window", window, s.dedupe_window)?;
     s.retry_horizon = cx.duration(
         "spool.retry_horizon",
@@ -551,9 +549,71 @@ fn spool(
     if let Some(v) = raw.dead_letter_4xx {
         s.dead_letter_4xx = v;
     }
-    s.max_size_bytes = raw.max_size_bytes;
-    s.check().map_err(|e| cx.err("spool.path", e.to_string()))?;
+    s.lease = cx.duration("spool.lease", raw.lease.as_deref(), s.lease)?;
+    s.accept_timeout = cx.duration(
+        "spool.accept_timeout",
+        raw.accept_timeout.as_deref(),
+        s.accept_timeout,
+    )?;
+    let key = match s.backend {
+        SpoolBackend::Sqlite => "spool.path",
+        SpoolBackend::Postgres(_) => "spool.url",
+    };
+    s.check().map_err(|e| cx.err(key, e.to_string()))?;
     Ok(Some(s))
+}
+
+/// `backend = "sqlite"`: `path` is required; the PostgreSQL keys are refused.
+fn sqlite_spool(raw: &RawSpool, cx: &Ctx) -> Result<SpoolSettings, ConfigError> {
+    for (key, set) in [
+        ("spool.url", raw.url.is_some()),
+        ("spool.pool_size", raw.pool_size.is_some()),
+        ("spool.ca", raw.ca.is_some()),
+    ] {
+        if set {
+            return Err(cx.err(key, "is only for backend = \"postgres\""));
+        }
+    }
+    let path = raw
+        .path
+        .as_ref()
+        .map(|p| cx.path(p))
+        .ok_or_else(|| cx.err("spool.path", "is required (the spool's database file)"))?;
+    let mut s = SpoolSettings::new(path);
+    s.max_size_bytes = raw.max_size_bytes;
+    Ok(s)
+}
+
+/// `backend = "postgres"`: `url` is required (a secret: it may hold a password); `path` and
+/// `max_size_bytes` are refused (the database's own limits apply).
+fn postgres_spool(raw: &RawSpool, cx: &Ctx) -> Result<SpoolSettings, ConfigError> {
+    for (key, set) in [
+        ("spool.path", raw.path.is_some()),
+        ("spool.max_size_bytes", raw.max_size_bytes.is_some()),
+    ] {
+        if set {
+            return Err(cx.err(key, "is only for backend = \"sqlite\""));
+        }
+    }
+    let url = raw.url.as_ref().ok_or_else(|| {
+        cx.err(
+            "spool.url",
+            "is required with backend = \"postgres\" (or set HUBGATE_SPOOL_URL)",
+        )
+    })?;
+    let url = cx.secret("spool.url", url)?;
+    let ca = match &raw.ca {
+        None => None,
+        Some(p) => {
+            let path = cx.path(p);
+            Some(load_certs(&path).map_err(|e| cx.err("spool.ca", e.to_string()))?)
+        }
+    };
+    Ok(SpoolSettings::postgres(PostgresSettings {
+        url,
+        pool_size: cx.positive("spool.pool_size", raw.pool_size, 16)?,
+        ca,
+    }))
 }
 
 /// Across sections: PROXY protocol headers are believed only from `[trusted_proxies]`.

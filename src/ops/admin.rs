@@ -95,10 +95,7 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
         return Err("draining".into());
     }
     if let Some(spool) = &shared.spool {
-        spool
-            .summary()
-            .await
-            .map_err(|e| format!("spool {}: {e}", spool.location()))?;
+        spool.ready().await.map_err(|e| e.to_string())?;
     }
     let current = shared.current();
     let config = current.config();

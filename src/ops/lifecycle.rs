@@ -94,7 +94,7 @@ pub async fn start(generation: Generation) -> Result<Running, Error> {
     metrics.set_certificates(config);
     let spool = match config.spool.clone() {
         None => None,
-        Some(settings) => Some(tokio::task::spawn_blocking(move || Spool::open(settings)).await??),
+        Some(settings) => Some(Spool::connect(settings).await?),
     };
     let shared = Arc::new(Shared::new(generation, metrics, spool));
     let (stop, stopped) = watch::channel(false);

@@ -262,6 +262,8 @@ async fn spool(shared: &Shared, event: Event<'_>) -> Result<Reply, Outcome> {
             warn!(route = %route.route.path, error = %e, "event not stored; answering 503 so that Meta retries");
             Err(if e.is_full() {
                 Outcome::SpoolFull
+            } else if e.is_unavailable() {
+                Outcome::SpoolUnavailable
             } else {
                 Outcome::SpoolError
             })

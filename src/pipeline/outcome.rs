@@ -25,6 +25,8 @@ pub enum Outcome {
     SpoolFull,
     /// The spool could not store the event for another reason (503, Meta retries).
     SpoolError,
+    /// The spool's store is out of reach or slower than `accept_timeout` (503, Meta retries).
+    SpoolUnavailable,
     /// The verification GET was answered with the challenge.
     ChallengeAnswered,
     NotFound,
@@ -63,7 +65,9 @@ impl Outcome {
         match self {
             Self::Forwarded(s) => *s,
             Self::Spooled | Self::Duplicate => StatusCode::OK,
-            Self::SpoolFull | Self::SpoolError => StatusCode::SERVICE_UNAVAILABLE,
+            Self::SpoolFull | Self::SpoolError | Self::SpoolUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::ChallengeAnswered => StatusCode::OK,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -89,6 +93,7 @@ impl Outcome {
             Self::Duplicate => "duplicate",
             Self::SpoolFull => "spool_full",
             Self::SpoolError => "spool_error",
+            Self::SpoolUnavailable => "spool_unavailable",
             Self::ChallengeAnswered => "challenge_ok",
             Self::NotFound => "no_route",
             Self::MethodNotAllowed => "bad_method",

@@ -426,7 +426,11 @@ impl Spool {
         }
     }
 
-    fn with_store(settings: Arc<SpoolSettings>, store: Box<dyn Store>, shared: Arc<Shared>) -> Spool {
+    fn with_store(
+        settings: Arc<SpoolSettings>,
+        store: Box<dyn Store>,
+        shared: Arc<Shared>,
+    ) -> Spool {
         Spool {
             inner: Arc::new(Inner {
                 settings,

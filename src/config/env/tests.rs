@@ -100,9 +100,24 @@ fn cases() -> Vec<(&'static str, &'static str, String)> {
             add("[upstream]\ntimeout = \"5s\""),
         ),
         (
+            "HUBGATE_SPOOL_BACKEND",
+            "postgres",
+            add("[spool]\nbackend = \"postgres\""),
+        ),
+        (
             "HUBGATE_SPOOL_PATH",
             "s.db",
             add("[spool]\npath = \"/cwd/s.db\""),
+        ),
+        (
+            "HUBGATE_SPOOL_URL",
+            "postgres://u@h/d",
+            add("[spool]\nurl = \"postgres://u@h/d\""),
+        ),
+        (
+            "HUBGATE_SPOOL_URL_FILE",
+            "db-url",
+            add("[spool]\nurl = { file = \"/cwd/db-url\" }"),
         ),
         (
             "HUBGATE_UPSTREAM_CA",
@@ -194,8 +209,8 @@ fn a_bad_number_boolean_or_name_names_the_variable() {
         checked += 1;
     }
     assert_eq!(
-        checked, 6,
-        "max connections, body bytes, legacy SHA-1 and three names"
+        checked, 7,
+        "max connections, body bytes, legacy SHA-1 and four names"
     );
 }
 

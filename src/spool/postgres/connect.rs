@@ -247,7 +247,12 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -256,7 +261,12 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -279,8 +289,9 @@ mod tests {
 
     #[test]
     fn sslmode_is_taken_out_of_the_url() {
-        let t = target("postgres://u:pw@db.example:6432/events?sslmode=verify-full&connect_timeout=5")
-            .unwrap();
+        let t =
+            target("postgres://u:pw@db.example:6432/events?sslmode=verify-full&connect_timeout=5")
+                .unwrap();
         assert_eq!(t.tls, Tls::VerifyFull);
         assert_eq!(t.config.get_ssl_mode(), SslMode::Require);
         assert_eq!(t.location, "postgres db.example:6432/events");

@@ -36,9 +36,9 @@ use tracing::{info, warn};
 pub(crate) use connect::Target;
 
 use super::store::{
-    decode_headers, dedupe_key, duration_ms, encode_headers, from_unix_ms, now_ms, plan,
-    unix_ms, BoxFuture, Claimed, Disposition, EventDetail, EventInfo, EventState, ListFilter,
-    Operations, Plan, ReplayTarget, Rng, Store, Summary,
+    decode_headers, dedupe_key, duration_ms, encode_headers, from_unix_ms, now_ms, plan, unix_ms,
+    BoxFuture, Claimed, Disposition, EventDetail, EventInfo, EventState, ListFilter, Operations,
+    Plan, ReplayTarget, Rng, Store, Summary,
 };
 use super::{
     Accepted, Backend, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings, StoredEvent,
@@ -205,7 +205,11 @@ impl PgStore {
         }
         match schema::migrate(&mut client).await {
             Ok(Ok(m)) if m.applied > 0 => {
-                info!(from = m.found, to = schema::VERSION, "spool: schema migrated")
+                info!(
+                    from = m.found,
+                    to = schema::VERSION,
+                    "spool: schema migrated"
+                )
             }
             Ok(Ok(_)) => {}
             Ok(Err(found)) => {
@@ -475,8 +479,7 @@ impl PgStore {
         };
         let attempts = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
         let (since, now): (i64, i64) = (row.get(1), row.get(2));
-        let disposition = match plan(&self.settings, outcome, attempts, since, now, self.random())
-        {
+        let disposition = match plan(&self.settings, outcome, attempts, since, now, self.random()) {
             Plan::Dead(why) => {
                 tx.execute(
                     "UPDATE hubgate.events SET state = 'dead', last_error = $2, updated_ms = $3,
@@ -583,7 +586,11 @@ fn owner_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "gate".to_owned());
-    format!("{host}:{}:{:08x}", std::process::id(), Rng::seeded().next() as u32)
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        Rng::seeded().next() as u32
+    )
 }
 
 /// Listens for new events of every gate and wakes the scheduler; reconnects with back-off.
@@ -819,7 +826,10 @@ mod ops {
             .await
             .map_err(|e| s.failed(&e))?
             .get(0);
-        Ok(Summary::from_counts(counts, u64::try_from(keys).unwrap_or(0)))
+        Ok(Summary::from_counts(
+            counts,
+            u64::try_from(keys).unwrap_or(0),
+        ))
     }
 
     pub(super) async fn list(s: &PgStore, f: ListFilter) -> Result<Vec<EventInfo>, SpoolError> {

@@ -72,7 +72,10 @@ pub(crate) async fn version(client: &Client) -> Result<i64, tokio_postgres::Erro
         return Ok(0);
     }
     let row = client
-        .query_one("SELECT coalesce(max(version), 0)::bigint FROM hubgate.migrations", &[])
+        .query_one(
+            "SELECT coalesce(max(version), 0)::bigint FROM hubgate.migrations",
+            &[],
+        )
         .await?;
     Ok(row.get(0))
 }
@@ -94,7 +97,10 @@ pub(crate) async fn migrate(
     )
     .await?;
     let found: i64 = tx
-        .query_one("SELECT coalesce(max(version), 0)::bigint FROM hubgate.migrations", &[])
+        .query_one(
+            "SELECT coalesce(max(version), 0)::bigint FROM hubgate.migrations",
+            &[],
+        )
         .await?
         .get(0);
     if found > VERSION {
