@@ -15,6 +15,7 @@ pub mod bin;
 pub mod client;
 pub mod gate;
 pub mod pki;
+pub mod postgres;
 pub mod scenario;
 pub mod upstream;
 
@@ -22,6 +23,7 @@ pub use bin::*;
 pub use client::*;
 pub use gate::*;
 pub use pki::*;
+pub use postgres::*;
 pub use scenario::*;
 pub use upstream::*;
 
