@@ -46,16 +46,35 @@ def finish() -> None:
 
 
 def known_env(repo: Path) -> set[str]:
-    """HUBGATE_* names hubgate reads: config.rs' ENV_VARS table plus clap `env =` in main.rs."""
-    config = (repo / "src/config.rs").read_text()
-    start = config.index("pub const ENV_VARS")
-    table = config[start : config.index("];", start)]
-    names = set(re.findall(r'"(HUBGATE_[A-Z0-9_]+)"', table))
-    main = (repo / "src/main.rs").read_text()
-    names |= set(re.findall(r'env\s*=\s*"(HUBGATE_[A-Z0-9_]+)"', main))
+    """HUBGATE_* names hubgate reads: the overlay's table (`name: "HUBGATE_…"` entries in
+    src/config/env.rs, from which ENV_VARS derives; src/config.rs before the module was split)
+    plus clap `env = "…"` arguments anywhere in src/ (main.rs, spool_cli.rs)."""
+    names: set[str] = set()
+    table_files = [p for p in (repo / "src/config/env.rs", repo / "src/config.rs") if p.is_file()]
+    for path in table_files:
+        text = path.read_text()
+        names |= set(re.findall(r'name:\s*"(HUBGATE_[A-Z0-9_]+)"', text))
+        if "pub const ENV_VARS" in text and "ENV_VARS_ARRAY" not in text:  # the old literal table
+            start = text.index("pub const ENV_VARS")
+            names |= set(re.findall(r'"(HUBGATE_[A-Z0-9_]+)"', text[start : text.index("];", start)]))
+    for path in (repo / "src").rglob("*.rs"):
+        names |= set(re.findall(r'env\s*=\s*"(HUBGATE_[A-Z0-9_]+)"', path.read_text()))
     if len(names) < 10:
         raise SystemExit(f"could not read hubgate's environment variables from {repo}/src")
     return names | {"RUST_LOG"}
+
+
+# The PostgreSQL spool backend's variables (design fixed, src/ may not read them yet): accepted
+# in the shared-PostgreSQL files, and reported as pending while src/ does not list them.
+PG_ENV = {"HUBGATE_SPOOL_BACKEND", "HUBGATE_SPOOL_URL", "HUBGATE_SPOOL_URL_FILE"}
+
+
+def known_env_pg(repo: Path) -> set[str]:
+    known = known_env(repo)
+    pending = sorted(PG_ENV - known)
+    if pending:
+        print(f"  ..   not yet read by src/ (PostgreSQL backend pending): {' '.join(pending)}")
+    return known | PG_ENV
 
 
 def check_env_names(env: dict[str, str], known: set[str], where: str) -> None:
