@@ -17,6 +17,8 @@
 #   client/other-client.key
 #   secrets/verify_token       random verify token
 #   secrets/app_secret         random app secret
+#   secrets/postgres_password  random password of compose-postgres.yaml's database role
+#   secrets/spool_url          that database's URL for the gates (postgres://…@postgres:5432/…)
 #
 # Keys and secrets are mode 0600. Run as root, the files the hubgate container reads
 # (tls/server.key, secrets/*) are given to UID/GID 10001, the image's user.
@@ -75,6 +77,11 @@ leaf meta-ca "$dir/client/other-client.pem" "$dir/client/other-client.key" \
 
 openssl rand -hex 16 >"$dir/secrets/verify_token"
 openssl rand -hex 32 >"$dir/secrets/app_secret"
+# compose-postgres.yaml: the database's password and the gates' URL holding it (hex: nothing to
+# percent-encode). sslmode=disable: the database is on the compose project's internal network.
+pg_password=$(openssl rand -hex 24)
+printf '%s\n' "$pg_password" >"$dir/secrets/postgres_password"
+printf 'postgres://hubgate:%s@postgres:5432/hubgate?sslmode=disable\n' "$pg_password" >"$dir/secrets/spool_url"
 
 chmod 0644 "$dir"/tls/*.pem "$dir"/meta-ca/*.pem "$dir"/client/*.pem
 chmod 0755 "$dir" "$dir"/{tls,meta-ca,client,secrets}

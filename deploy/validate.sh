@@ -207,7 +207,9 @@ s_kubernetes() {
 compose_env_vars() {
   HUBGATE_TLS_DIR=$TMP/pki/tls HUBGATE_META_CA_DIR=$TMP/pki/meta-ca \
     HUBGATE_VERIFY_TOKEN_PATH=$TMP/pki/secrets/verify_token \
-    HUBGATE_APP_SECRET_PATH=$TMP/pki/secrets/app_secret "$@"
+    HUBGATE_APP_SECRET_PATH=$TMP/pki/secrets/app_secret \
+    HUBGATE_SPOOL_URL_PATH=$TMP/pki/secrets/spool_url \
+    HUBGATE_PG_PASSWORD_PATH=$TMP/pki/secrets/postgres_password "$@"
 }
 
 s_compose() {
@@ -220,6 +222,70 @@ s_compose() {
   must "hubgate check with the compose service's environment" \
     to "$TMP/compose.check" with_env "$TMP/compose.env" "$BIN" check
   must "  ... says OK, no warning" check_output_clean "$TMP/compose.check"
+}
+
+# pg_backend ENVFILE: the hubgate under test has the PostgreSQL spool backend if it reads
+# HUBGATE_SPOOL_BACKEND: a value it cannot take is then a configuration error naming it.
+# ENVFILE is an environment that is otherwise good (the SQLite stand-in's).
+pg_backend() {
+  local rc=0
+  with_env "$1" env HUBGATE_SPOOL_BACKEND=not-a-backend "$BIN" check >"$TMP/pg-probe.log" 2>&1 || rc=$?
+  [ "$rc" != 0 ] && grep -q HUBGATE_SPOOL_BACKEND "$TMP/pg-probe.log"
+}
+
+# pg_check NAME PREPARE_CMD...: `hubgate check` with a shared-PostgreSQL workload's environment.
+# With a hubgate that has the PostgreSQL backend: the exact environment. Without (src/ does not
+# have it yet): the same environment with the SQLite spool in place of PostgreSQL (only the
+# backend's own variables and keys differ), so everything else is still checked.
+pg_check() {
+  local name=$1
+  shift
+  "$@" "$TMP/$name-standin" "$TMP/$name-standin.env" sqlite-standin
+  if pg_backend "$TMP/$name-standin.env"; then
+    say "  ..   hubgate reads HUBGATE_SPOOL_BACKEND: checking the exact environment"
+    "$@" "$TMP/$name" "$TMP/$name.env" postgres
+    must "hubgate check with the $name environment (PostgreSQL)" \
+      to "$TMP/$name.check" with_env "$TMP/$name.env" "$BIN" check
+    must "  ... says OK, no warning" check_output_clean "$TMP/$name.check"
+  else
+    say "  ..   hubgate does not read HUBGATE_SPOOL_BACKEND yet: checking with the SQLite spool in its place"
+    must "hubgate check with the $name environment (SQLite stand-in for the PostgreSQL spool)" \
+      to "$TMP/$name-standin.check" with_env "$TMP/$name-standin.env" "$BIN" check
+    must "  ... says OK, no warning" check_output_clean "$TMP/$name-standin.check"
+  fi
+}
+
+s_kubernetes_pg() {
+  local k=$here/kubernetes-postgres v
+  local -a manifests=()
+  mapfile -t manifests < <(find "$k" -name '*.yaml' ! -name kustomization.yaml | sort)
+  must "yamllint kubernetes-postgres/" yamllint -s -d "$YAMLLINT_CONFIG" "$k"
+  for v in "${K8S_VERSIONS[@]}"; do
+    must "kubernetes-validate --strict against Kubernetes $v (${#manifests[@]} manifests)" \
+      kubernetes-validate --strict --quiet -k "$v" "${manifests[@]}"
+  done
+  policy k8s-pg "$k" "$here/kubernetes" "$repo"
+  # The gates' container, then the migration Job's, with their volumes projected.
+  pg_check k8s-pg-deployment policy prepare-k8s-pg "$k" deployment "$TMP/pki" "$repo"
+  pg_check k8s-pg-job policy prepare-k8s-pg "$k" job "$TMP/pki" "$repo"
+  if pg_backend "$TMP/k8s-pg-job-standin.env"; then
+    must "hubgate spool migrate --config exists (the Job's command)" \
+      to "$TMP/migrate-help.log" "$BIN" spool migrate --config /dev/null --help
+  fi
+}
+
+s_compose_pg() {
+  local f=$here/compose-postgres.yaml
+  must "yamllint compose-postgres.yaml" yamllint -s -d "$YAMLLINT_CONFIG" "$f"
+  must "docker-compose config --quiet" compose_env_vars docker-compose -f "$f" config --quiet
+  compose_env_vars docker-compose -f "$f" config --format json >"$TMP/compose-pg.json"
+  [ -s "$TMP/compose.json" ] ||
+    compose_env_vars docker-compose -f "$here/compose.yaml" config --format json >"$TMP/compose.json"
+  policy compose-pg "$TMP/compose-pg.json" "$TMP/compose.json" "$here/Dockerfile" "$repo"
+  local gate
+  for gate in $(policy compose-get "$TMP/compose-pg.json" gates); do
+    pg_check "compose-pg-$gate" policy prepare-compose-pg "$TMP/compose-pg.json" "$gate"
+  done
 }
 
 s_systemd() {
@@ -419,6 +485,8 @@ step "scripts and test PKI" s_scripts
 step "Dockerfile and build context" s_dockerfile
 step "Kubernetes manifests" s_kubernetes
 step "Compose file" s_compose
+step "Kubernetes manifests, shared PostgreSQL (kubernetes-postgres/)" s_kubernetes_pg
+step "Compose file, shared PostgreSQL (compose-postgres.yaml)" s_compose_pg
 step "systemd unit and example config" s_systemd
 if [ -s "$TMP/compose.json" ] && [ -s "$TMP/syscall-filter.txt" ]; then
   step "runtime: hubgate with the compose environment, probes, signals, syscalls" s_runtime
