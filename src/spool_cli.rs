@@ -1,12 +1,13 @@
-//! `hubgate spool …`: inspect and repair a spool, safe while the gate runs on it (SQLite WAL:
-//! readers and one writer side by side). Output for people, or `--json` for scripts.
+//! `hubgate spool …`: inspect and repair a spool, safe while gates run on it (SQLite WAL lets
+//! readers and one writer side by side; PostgreSQL is shared by design), and `migrate` the
+//! PostgreSQL schema ahead of time. Output for people, or `--json` for scripts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
-use hubgate::spool::{EventInfo, EventState, ListFilter, ReplayTarget, SpoolOps};
+use hubgate::spool::{EventInfo, EventState, ListFilter, ReplayTarget, SpoolSettings};
 use serde_json::{json, Value};
 
 /// The options are global: accepted before or after the subcommand (`hubgate spool summary
@@ -53,6 +54,9 @@ enum SpoolCommand {
         #[arg(long, requires = "all_dead")]
         route: Option<String>,
     },
+    /// Apply the PostgreSQL schema migrations this hubgate knows (for roles that may not
+    /// create tables while serving); a gate otherwise applies them at start.
+    Migrate,
     /// Delete dead events older than a duration (e.g. 7d).
     Purge {
         #[arg(long)]
@@ -63,29 +67,41 @@ enum SpoolCommand {
 }
 
 pub fn run(args: SpoolArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
-    let path = match spool_path(&args, env) {
-        Ok(p) => p,
+    let settings = match spool_settings(&args, env) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("hubgate spool: {e}");
             return ExitCode::from(2);
         }
     };
-    match execute(&path, args.command, args.json) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the async runtime");
+    let where_ = match &settings.backend {
+        hubgate::spool::Backend::Sqlite => settings.path.display().to_string(),
+        hubgate::spool::Backend::Postgres(_) => "postgres".to_owned(),
+    };
+    match runtime.block_on(execute(settings, args.command, args.json)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hubgate spool: {}: {e}", path.display());
+            eprintln!("hubgate spool: {where_}: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn spool_path(args: &SpoolArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, String> {
+/// `--path` (a SQLite spool), or the configuration's `[spool]`.
+fn spool_settings(
+    args: &SpoolArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<SpoolSettings, String> {
     if let Some(p) = &args.path {
-        return Ok(p.clone());
+        return Ok(SpoolSettings::new(p.clone()));
     }
     let config =
         hubgate::Config::from_sources(args.config.as_deref(), env).map_err(|e| e.to_string())?;
-    config.spool.map(|s| s.path).ok_or_else(|| {
+    config.spool.ok_or_else(|| {
         format!(
             "{}: no [spool] is configured (or give --path)",
             config.source
@@ -93,16 +109,28 @@ fn spool_path(args: &SpoolArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<
     })
 }
 
-fn execute(
-    path: &Path,
+async fn execute(
+    settings: SpoolSettings,
     command: SpoolCommand,
     as_json: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let ops = SpoolOps::open(path)?;
+    if let SpoolCommand::Migrate = command {
+        let (found, now) = hubgate::spool::migrate(&settings).await?;
+        if as_json {
+            print_json(&json!({ "found": found, "version": now }));
+        } else if found == now {
+            println!("schema version {now}: up to date");
+        } else {
+            println!("schema migrated from version {found} to {now}");
+        }
+        return Ok(());
+    }
+    let ops = hubgate::spool::operations(settings).await?;
     let now = SystemTime::now();
     match command {
+        SpoolCommand::Migrate => unreachable!("handled above"),
         SpoolCommand::Summary => {
-            let s = ops.summary()?;
+            let s = ops.summary().await?;
             if as_json {
                 let routes: Vec<Value> = s
                     .routes
@@ -144,12 +172,14 @@ fn execute(
             limit,
         } => {
             let state = state.map(|s| parse_state(&s)).transpose()?;
-            let events = ops.list(&ListFilter {
-                route,
-                state,
-                after_id: after,
-                limit,
-            })?;
+            let events = ops
+                .list(ListFilter {
+                    route,
+                    state,
+                    after_id: after,
+                    limit,
+                })
+                .await?;
             if as_json {
                 print_json(&Value::Array(
                     events.iter().map(|e| info_json(e, now)).collect(),
@@ -174,7 +204,7 @@ fn execute(
             }
         }
         SpoolCommand::Show { id } => {
-            let d = ops.show(id)?;
+            let d = ops.show(id).await?;
             if as_json {
                 let mut v = info_json(&d.info, now);
                 v["query"] = json!(d.query);
@@ -215,13 +245,13 @@ fn execute(
                 (None, true) => ReplayTarget::AllDead { route },
                 _ => return Err("give an event id or --all-dead".into()),
             };
-            let n = ops.replay(&target)?;
+            let n = ops.replay(target).await?;
             report(as_json, "replayed", n);
         }
         SpoolCommand::Purge { older_than, route } => {
             let d = humantime::parse_duration(&older_than)
                 .map_err(|e| format!("--older-than {older_than}: {e}"))?;
-            let n = ops.purge_dead(d, route.as_deref())?;
+            let n = ops.purge_dead(d, route).await?;
             report(as_json, "purged", n);
         }
     }
