@@ -192,6 +192,29 @@ pub struct Spool {
     pub dead_letter_4xx: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_size_bytes: Option<u64>,
+    /// `"sqlite"` or `"postgres"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_timeout: Option<String>,
+}
+
+impl Spool {
+    /// This spool on PostgreSQL at `url` instead of the SQLite file.
+    pub fn on_postgres(&mut self, url: &str) {
+        self.path = None;
+        self.backend = Some("postgres".into());
+        self.url = Some(Secret::Inline(url.to_owned()));
+        self.pool_size = Some(4);
+    }
 }
 
 /// `[dedupe]`.
