@@ -161,9 +161,9 @@ impl PgStore {
                 path: location.clone().into(),
                 message: e.to_string(),
             })?;
-        let open_err = |e: &dyn std::fmt::Display| SpoolError::Open {
+        let open_err = |e: &dyn std::error::Error| SpoolError::Open {
             path: location.clone().into(),
-            message: e.to_string(),
+            message: crate::deliver::upstream::error_chain(e),
         };
         let mut client = pool.get().await.map_err(|e| open_err(&e))?;
         let sync: String = client

@@ -1,0 +1,321 @@
+//! The PostgreSQL spool through the library, on a real throwaway PostgreSQL: accept and
+//! de-duplicate in one commit, also across two gates' spools; a claim whose lease expired is
+//! taken over; `max_concurrency` holds across gates; an outcome from a gate that lost its
+//! lease is not recorded; the schema is versioned; TLS follows libpq's sslmode.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::*;
+use hubgate::config::Secret;
+use hubgate::spool::{
+    Accepted, Deliver, DeliveryOutcome, NewEvent, PostgresSettings, Spool, SpoolError,
+    SpoolSettings, StoredEvent,
+};
+use tokio::sync::watch;
+
+fn settings(url: &str) -> SpoolSettings {
+    let mut s = SpoolSettings::postgres(PostgresSettings {
+        url: Secret::new(url),
+        pool_size: 4,
+        ca: None,
+    });
+    s.backoff_base = Duration::from_millis(20);
+    s.backoff_max = Duration::from_millis(50);
+    s.poll_interval = Duration::from_millis(50);
+    s.lease = Duration::from_secs(2);
+    s.shutdown_grace = Duration::from_secs(1);
+    s
+}
+
+fn event(body: &str) -> NewEvent {
+    NewEvent {
+        route: "/webhook".to_owned(),
+        body: Bytes::from(body.to_owned()),
+        headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
+        query: None,
+        client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),
+        received_at: SystemTime::now(),
+    }
+}
+
+/// A backend that records bodies and the most deliveries it saw at once, optionally slow.
+#[derive(Default)]
+struct Backend {
+    bodies: Mutex<Vec<Bytes>>,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+    delay: Duration,
+}
+
+impl Backend {
+    fn slow(delay: Duration) -> Arc<Backend> {
+        Arc::new(Backend {
+            delay,
+            ..Backend::default()
+        })
+    }
+
+    fn count(&self, body: &str) -> usize {
+        let bodies = self.bodies.lock().unwrap();
+        bodies.iter().filter(|b| &b[..] == body.as_bytes()).count()
+    }
+}
+
+impl Deliver for Backend {
+    fn deliver<'a>(
+        &'a self,
+        event: &'a StoredEvent,
+    ) -> Pin<Box<dyn Future<Output = DeliveryOutcome> + Send + 'a>> {
+        Box::pin(async move {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_running.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            self.bodies.lock().unwrap().push(event.body.clone());
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            DeliveryOutcome::Done
+        })
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_stores_once_and_a_second_gate_sees_the_duplicate() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let a = Spool::connect(settings(&db.url())).await.unwrap();
+    let b = Spool::connect(settings(&db.url())).await.unwrap();
+    let first = a.accept(event("{\"n\":1}")).await.unwrap();
+    assert!(matches!(first, Accepted::Stored(_)), "{first:?}");
+    assert_eq!(
+        a.accept(event("{\"n\":1}")).await.unwrap(),
+        Accepted::Duplicate
+    );
+    assert_eq!(
+        b.accept(event("{\"n\":1}")).await.unwrap(),
+        Accepted::Duplicate
+    );
+    assert!(matches!(
+        b.accept(event("{\"n\":2}")).await.unwrap(),
+        Accepted::Stored(_)
+    ));
+    let summary = a.summary().await.unwrap();
+    assert_eq!(summary.routes[0].pending, 2, "{summary:?}");
+    assert_eq!(summary.dedupe_keys, 2);
+    assert_eq!(
+        db.psql("SELECT count(*) FROM hubgate.events").trim(),
+        "2",
+        "the rows are in the database"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_body_accepted_by_two_gates_at_once_is_stored_once() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let a = Spool::connect(settings(&db.url())).await.unwrap();
+    let b = Spool::connect(settings(&db.url())).await.unwrap();
+    for i in 0..20 {
+        let body = format!("{{\"race\":{i}}}");
+        let (x, y) = tokio::join!(a.accept(event(&body)), b.accept(event(&body)));
+        let stored = [x.unwrap(), y.unwrap()]
+            .iter()
+            .filter(|r| matches!(r, Accepted::Stored(_)))
+            .count();
+        assert_eq!(stored, 1, "exactly one gate stores body {i}");
+    }
+    assert_eq!(db.psql("SELECT count(*) FROM hubgate.events").trim(), "20");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gates_deliver_every_event_once_within_the_fleet_wide_limit() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let mut s = settings(&db.url());
+    s.max_concurrency_per_route = 2;
+    let a = Spool::connect(s.clone()).await.unwrap();
+    let b = Spool::connect(s).await.unwrap();
+    let backend = Backend::slow(Duration::from_millis(30));
+    let (stop, stopped) = watch::channel(false);
+    let da = a.start_delivery(backend.clone(), stopped.clone());
+    let db_ = b.start_delivery(backend.clone(), stopped);
+    for i in 0..40 {
+        let spool = if i % 2 == 0 { &a } else { &b };
+        spool
+            .accept(event(&format!("{{\"e\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    eventually("40 deliveries", || {
+        backend.bodies.lock().unwrap().len() >= 40
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..40 {
+        assert_eq!(backend.count(&format!("{{\"e\":{i}}}")), 1, "event {i}");
+    }
+    let most = backend.max_running.load(Ordering::SeqCst);
+    assert!(most <= 2, "{most} deliveries at once across two gates");
+    stop.send(true).unwrap();
+    da.await.unwrap();
+    db_.await.unwrap();
+    assert_eq!(db.psql("SELECT count(*) FROM hubgate.events").trim(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_the_old_owner_records_nothing() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let a = Spool::connect(settings(&db.url())).await.unwrap();
+    let Accepted::Stored(id) = a.accept(event("{\"orphan\":1}")).await.unwrap() else {
+        panic!("stored")
+    };
+    // As if a gate had claimed it and died: in flight, leased to someone gone, lease over.
+    db.psql(&format!(
+        "UPDATE hubgate.events SET state = 'in_flight', attempts = 1, lease_owner = 'dead-gate',
+             lease_until_ms = hubgate.now_ms() - 1 WHERE id = {id}"
+    ));
+    let backend = Arc::new(Backend::default());
+    let (stop, stopped) = watch::channel(false);
+    let delivery = a.start_delivery(backend.clone(), stopped);
+    eventually("the orphan is delivered", || {
+        backend.count("{\"orphan\":1}") == 1
+    })
+    .await;
+    stop.send(true).unwrap();
+    delivery.await.unwrap();
+    assert_eq!(db.psql("SELECT count(*) FROM hubgate.events").trim(), "0");
+
+    // A lease still running is left alone.
+    let Accepted::Stored(id) = a.accept(event("{\"busy\":1}")).await.unwrap() else {
+        panic!("stored")
+    };
+    db.psql(&format!(
+        "UPDATE hubgate.events SET state = 'in_flight', attempts = 1, lease_owner = 'other-gate',
+             lease_until_ms = hubgate.now_ms() + 60000 WHERE id = {id}"
+    ));
+    let (stop, stopped) = watch::channel(false);
+    let delivery = a.start_delivery(backend.clone(), stopped);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    delivery.await.unwrap();
+    assert_eq!(
+        backend.count("{\"busy\":1}"),
+        0,
+        "another gate's lease holds"
+    );
+    assert_eq!(
+        db.psql(&format!(
+            "SELECT state, lease_owner FROM hubgate.events WHERE id = {id}"
+        ))
+        .trim(),
+        "in_flight|other-gate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused_and_an_older_one_is_migrated() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let s = settings(&db.url());
+    assert_eq!(hubgate::spool::migrate(&s).await.unwrap(), (0, 1));
+    assert_eq!(hubgate::spool::migrate(&s).await.unwrap(), (1, 1));
+    db.psql("INSERT INTO hubgate.migrations (version) VALUES (99)");
+    let err = Spool::connect(s.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SpoolError::Schema {
+                found: 99,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = hubgate::spool::operations(s).await.err().unwrap();
+    assert!(matches!(err, SpoolError::Schema { found: 99, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_unavailable_not_stored() {
+    let Some(pg) = dedicated() else { return };
+    let mut pg = pg;
+    let db = pg.fresh_database();
+    let mut s = settings(&db.url());
+    s.accept_timeout = Duration::from_secs(2);
+    let spool = Spool::connect(s).await.unwrap();
+    assert!(matches!(
+        spool.accept(event("{\"before\":1}")).await.unwrap(),
+        Accepted::Stored(_)
+    ));
+    pg.stop();
+    let err = spool.accept(event("{\"during\":1}")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    pg.start();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match spool.accept(event("{\"after\":1}")).await {
+            Ok(a) => {
+                assert!(matches!(a, Accepted::Stored(_)), "{a:?}");
+                break;
+            }
+            Err(e) => assert!(
+                e.is_unavailable() && tokio::time::Instant::now() < deadline,
+                "accepts resume once the database is back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        db.psql("SELECT count(*) FROM hubgate.events").trim(),
+        "2",
+        "before and after are stored, during is not"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_follows_sslmode_as_libpq_does() {
+    let pki = Pki::new();
+    let Some(pg) = dedicated_tls(&pki) else {
+        return;
+    };
+    let db = pg.fresh_database();
+    let base = db.base_url();
+    let with = |mode: &str, ca: bool| {
+        let mut s = settings(&format!("{base}?sslmode={mode}"));
+        if ca {
+            if let hubgate::spool::Backend::Postgres(p) = &mut s.backend {
+                p.ca = Some(vec![pki.root_der()]);
+            }
+        }
+        s
+    };
+    // The test CA signed the server's certificate for 127.0.0.1.
+    Spool::connect(with("verify-full", true)).await.unwrap();
+    Spool::connect(with("verify-ca", true)).await.unwrap();
+    Spool::connect(with("require", false)).await.unwrap();
+    // Not trusted by the system store: refused.
+    let err = Spool::connect(with("verify-full", false))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // The server takes TCP connections over TLS only.
+    assert!(Spool::connect(with("disable", false)).await.is_err());
+}
