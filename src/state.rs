@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Route};
-use crate::deliver::{RecentDeliveries, Upstream};
+use crate::deliver::{Recent, RecentDeliveries, Upstream};
 use crate::gate::signature::Signer;
 use crate::identity::{verifier, ClientPolicy};
 use crate::metrics::{Metrics, RouteLabel};
@@ -98,7 +98,7 @@ pub(crate) struct Shared {
     /// The durable spool, open for the process's life when any route spools.
     pub(crate) spool: Option<Spool>,
     /// Bodies sync routes delivered recently (kept across reloads).
-    pub(crate) recent: RecentDeliveries,
+    pub(crate) recent: Recent,
     /// Request body bytes held in memory at once, in KiB permits (`server.max_buffered_bytes`).
     pub(crate) body_budget: Arc<Semaphore>,
     /// Set when the drain starts: `/readyz` answers 503 from then on.
@@ -118,7 +118,13 @@ impl Shared {
             .min(Semaphore::MAX_PERMITS);
         Shared {
             started_with: config.clone(),
-            recent: RecentDeliveries::new(dedupe.window, dedupe.max_entries),
+            recent: match (&spool, dedupe.shared) {
+                (Some(spool), true) => Recent::Shared {
+                    spool: spool.clone(),
+                    window: dedupe.window,
+                },
+                _ => Recent::Memory(RecentDeliveries::new(dedupe.window, dedupe.max_entries)),
+            },
             body_budget: Arc::new(Semaphore::new(budget_kib)),
             current: ArcSwap::from_pointee(generation),
             metrics,

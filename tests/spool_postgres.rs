@@ -319,3 +319,38 @@ async fn tls_follows_sslmode_as_libpq_does() {
     // The server takes TCP connections over TLS only.
     assert!(Spool::connect(with("disable", false)).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_routes_recognise_a_retry_at_another_gate_with_the_shared_store() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let url = db.url();
+    let s = Scenario::new()
+        .config(|c| {
+            let mut spool = common::Spool::default();
+            spool.on_postgres(&url);
+            c.spool = Some(spool);
+            c.dedupe = Some(Dedupe {
+                store: Some("postgres".into()),
+                ..Dedupe::default()
+            });
+        })
+        .start()
+        .await;
+    // A second gate, same configuration, same database.
+    let other = Gate::run(s.config.load(&s.pki).unwrap()).await;
+    let body = sample_body();
+    assert_eq!(s.post_signed(&body).await.status(), 200);
+    let retry = post_signed(&s.http(), &other.url("/webhook"), &body)
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.text().await.unwrap(), "EVENT_RECEIVED\n");
+    assert_eq!(s.upstream.requests().len(), 1, "delivered once");
+    // A different body goes through the other gate.
+    let fresh = post_signed(&s.http(), &other.url("/webhook"), b"{\"other\":1}")
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), 200);
+    assert_eq!(s.upstream.requests().len(), 2);
+}

@@ -158,6 +158,9 @@ pub struct ClientAuth {
 pub struct SyncDedupe {
     pub window: Duration,
     pub max_entries: usize,
+    /// `[dedupe] store = "postgres"`: in the spool's shared database, so that a retry reaching
+    /// another gate is recognised; else in this process's memory.
+    pub shared: bool,
 }
 
 /// Upstream (backend) client settings.

@@ -175,6 +175,15 @@ pub(super) struct RawDedupe {
     pub window: Option<String>,
     pub sync_window: Option<String>,
     pub sync_max_entries: Option<usize>,
+    pub store: Option<DedupeStoreName>,
+}
+
+/// `[dedupe] store`: where sync routes remember what they delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupeStoreName {
+    Memory,
+    Postgres,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,8 +17,8 @@ use crate::pki::{check_key_matches, load_anchors, load_certs, load_key};
 use crate::spool::{Backend as SpoolBackend, PostgresSettings, SpoolSettings};
 
 use super::raw::{
-    OneOrMany, RawAdmin, RawClientAuth, RawConfig, RawDedupe, RawRoute, RawServer, RawSpool,
-    RawTrustedProxies, RawUpstream, SecretSource, SpoolBackendName,
+    DedupeStoreName, OneOrMany, RawAdmin, RawClientAuth, RawConfig, RawDedupe, RawRoute, RawServer,
+    RawSpool, RawTrustedProxies, RawUpstream, SecretSource, SpoolBackendName,
 };
 use super::{
     ClientAuth, ClientAuthMode, Config, ConfigError, Delivery, Route, RouteClientCert, Secret,
@@ -160,8 +160,8 @@ pub(super) fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> 
     let admin = admin(raw.admin, &server, cx)?;
     let trusted_proxies = trusted_proxies(raw.trusted_proxies, &client_auth, cx)?;
     let dedupe = raw.dedupe.unwrap_or_default();
-    let sync_dedupe = sync_dedupe(&dedupe, cx)?;
     let spool = spool(raw.spool, dedupe.window.as_deref(), &routes, cx)?;
+    let sync_dedupe = sync_dedupe(&dedupe, spool.as_ref(), cx)?;
     proxy_protocol(&server, &trusted_proxies, cx)?;
     Ok(Config {
         source: cx.file.to_owned(),
@@ -494,8 +494,21 @@ fn trusted_proxies(
 }
 
 /// `[dedupe]`, the part for sync routes: the in-memory window and its size.
-fn sync_dedupe(raw: &RawDedupe, cx: &Ctx) -> Result<SyncDedupe, ConfigError> {
+fn sync_dedupe(
+    raw: &RawDedupe,
+    spool: Option<&SpoolSettings>,
+    cx: &Ctx,
+) -> Result<SyncDedupe, ConfigError> {
+    let shared = raw.store == Some(DedupeStoreName::Postgres);
+    let on_postgres = spool.is_some_and(|s| matches!(s.backend, SpoolBackend::Postgres(_)));
+    if shared && !on_postgres {
+        return Err(cx.err(
+            "dedupe.store",
+            "\"postgres\" keeps the keys in the spool's database: it needs [spool] backend = \"postgres\"",
+        ));
+    }
     Ok(SyncDedupe {
+        shared,
         window: cx.duration(
             "dedupe.sync_window",
             raw.sync_window.as_deref(),

@@ -7,5 +7,5 @@ pub mod recent;
 pub mod spool;
 pub mod upstream;
 
-pub use recent::RecentDeliveries;
+pub use recent::{Recent, RecentDeliveries};
 pub use upstream::{ClientError, ForwardError, Upstream};

@@ -15,7 +15,64 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+use tracing::warn;
+
 use crate::metrics::RouteLabel;
+use crate::spool::Spool;
+
+/// Where sync routes remember what they delivered: this process's memory, or the shared
+/// PostgreSQL spool (`[dedupe] store = "postgres"`), where a retry that reaches another gate
+/// is recognised too. A shared store that cannot be asked counts as "not seen": the event is
+/// forwarded (at least once), never dropped.
+pub enum Recent {
+    Memory(RecentDeliveries),
+    Shared { spool: Spool, window: Duration },
+}
+
+impl Recent {
+    /// Whether this route delivered a body with this MAC within the window.
+    pub async fn contains(&self, route: &RouteLabel, mac: &[u8; 32]) -> bool {
+        match self {
+            Recent::Memory(m) => m.contains(route, mac),
+            Recent::Shared { spool, window } => {
+                match spool
+                    .recently_delivered(shared_key(route, mac), *window)
+                    .await
+                {
+                    Ok(seen) => seen,
+                    Err(e) => {
+                        warn!(error = %e, "sync de-duplication: cannot ask the shared store; forwarding");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remembers a delivered body.
+    pub async fn insert(&self, route: &RouteLabel, mac: &[u8; 32]) {
+        match self {
+            Recent::Memory(m) => m.insert(route, mac),
+            Recent::Shared { spool, .. } => {
+                if let Err(e) = spool.remember_delivery(shared_key(route, mac)).await {
+                    warn!(error = %e, "sync de-duplication: cannot remember a delivery in the shared store");
+                }
+            }
+        }
+    }
+}
+
+/// A sync delivery's key in the shared table: domain-separated from the spool's own keys
+/// (SHA-256 of route and body), so the two never collide.
+fn shared_key(route: &RouteLabel, mac: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"hubgate sync dedupe\0");
+    h.update((route.len() as u64).to_be_bytes());
+    h.update(route.as_bytes());
+    h.update(mac);
+    h.finalize().into()
+}
 
 /// 128 bits of the MAC, with the route folded in. Two different bodies (or routes) share a key
 /// with probability 2^-128; half the MAC keeps the table small enough to stay in cache.

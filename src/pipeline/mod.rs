@@ -211,7 +211,7 @@ async fn forward(
         signed,
     } = event;
     let recent = &shared.recent;
-    if route.route.dedupe && recent.contains(&route.label, &signed.mac) {
+    if route.route.dedupe && recent.contains(&route.label, &signed.mac).await {
         return Ok((Outcome::Duplicate, outcome::event_received()));
     }
     let started = Instant::now();
@@ -225,7 +225,7 @@ async fn forward(
     match forwarded {
         Ok(resp) => {
             if route.route.dedupe && resp.status().is_success() {
-                recent.insert(&route.label, &signed.mac);
+                recent.insert(&route.label, &signed.mac).await;
             }
             Ok((Outcome::Forwarded(resp.status()), resp))
         }

@@ -440,6 +440,21 @@ impl Spool {
         }
     }
 
+    /// Whether a sync route's delivery with this key was remembered within `window` (the
+    /// shared sync de-duplication, `[dedupe] store = "postgres"`).
+    pub async fn recently_delivered(
+        &self,
+        key: [u8; 32],
+        window: Duration,
+    ) -> Result<bool, SpoolError> {
+        self.inner.store.recent(key, window).await
+    }
+
+    /// Remembers a sync route's delivery (see [`Spool::recently_delivered`]).
+    pub async fn remember_delivery(&self, key: [u8; 32]) -> Result<(), SpoolError> {
+        self.inner.store.remember(key).await
+    }
+
     /// Whether the store answers: `/readyz` fails only after it has not for a grace period.
     pub async fn ready(&self) -> Result<(), SpoolError> {
         self.inner.store.ready().await

@@ -49,6 +49,10 @@ pub(crate) trait Store: Operations {
     fn location(&self) -> String;
     /// Whether the store answers now (what `/readyz` asks).
     fn ready(&self) -> BoxFuture<'_, Result<(), SpoolError>>;
+    /// Whether `key` (a sync route's delivered body) was remembered within `window`.
+    fn recent(&self, key: [u8; 32], window: Duration) -> BoxFuture<'_, Result<bool, SpoolError>>;
+    /// Remembers `key` now.
+    fn remember(&self, key: [u8; 32]) -> BoxFuture<'_, Result<(), SpoolError>>;
 }
 
 /// The operations API behind `hubgate spool …`, `/readyz` and `/metrics`: safe while gates run.

@@ -226,6 +226,9 @@ pub struct Dedupe {
     pub sync_window: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync_max_entries: Option<usize>,
+    /// `"memory"` or `"postgres"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// A secret: inline, `{ env = "NAME" }` or `{ file = "PATH" }`.

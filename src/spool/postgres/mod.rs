@@ -736,6 +736,35 @@ impl Store for PgStore {
         self.location.clone()
     }
 
+    fn recent(&self, key: [u8; 32], window: Duration) -> BoxFuture<'_, Result<bool, SpoolError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT accepted_ms > hubgate.now_ms() - $2 FROM hubgate.dedupe WHERE key = $1",
+                    &[&&key[..], &duration_ms(window)],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+            Ok(row.is_some_and(|r| r.get(0)))
+        })
+    }
+
+    fn remember(&self, key: [u8; 32]) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO hubgate.dedupe (key, accepted_ms) VALUES ($1, hubgate.now_ms())
+                     ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms",
+                    &[&&key[..]],
+                )
+                .await
+                .map_err(|e| self.failed(&e))?;
+            Ok(())
+        })
+    }
+
     fn ready(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(async move {
             let probe = async {

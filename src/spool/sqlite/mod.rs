@@ -198,6 +198,15 @@ impl Store for SqliteStore {
     fn ready(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(async move { self.ops.summary().await.map(drop) })
     }
+
+    fn recent(&self, _key: [u8; 32], _window: Duration) -> BoxFuture<'_, Result<bool, SpoolError>> {
+        // Sync routes keep their keys in memory unless the spool is shared (configuration).
+        Box::pin(async { Ok(false) })
+    }
+
+    fn remember(&self, _key: [u8; 32]) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl Operations for SqliteStore {
