@@ -58,6 +58,18 @@ pub enum Error {
     },
 }
 
+/// An error and its causes, `: `-separated: for logs, `last_error` and messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Builds everything from a validated configuration, binds the listener and starts serving.
 pub async fn run(config: Config) -> Result<Running, Error> {
     ops::lifecycle::start(Generation::new(config)?).await

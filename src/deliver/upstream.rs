@@ -22,6 +22,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::UpstreamSettings;
+pub use crate::error_chain;
 use crate::identity::ClientContext;
 
 const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -210,18 +211,6 @@ fn with_query(upstream: &Uri, query: &str) -> Result<Uri, ForwardError> {
         builder = builder.authority(authority.clone());
     }
     builder.build().map_err(ForwardError::Query)
-}
-
-/// An error and its causes, `: `-separated, for logs and the spool's last error.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -132,6 +132,17 @@ async fn attempt(spool: Spool, deliver: Arc<dyn Deliver>, event: StoredEvent) {
     );
 }
 
+/// Extends the leases of the deliveries still running.
+async fn renew(spool: &Spool, running: &HashMap<tokio::task::Id, (i64, String)>) {
+    let ids: Vec<i64> = running.values().map(|(id, _)| *id).collect();
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = spool.inner.store.renew(ids).await {
+        warn!(error = %e, "spool: renewing the leases of running deliveries failed");
+    }
+}
+
 /// The scheduler; see the module docs.
 pub(crate) async fn run(
     spool: Spool,
@@ -165,6 +176,13 @@ pub(crate) async fn run(
     loop {
         if *shutdown.borrow() {
             break;
+        }
+        // Renew here, not only in the select below: with steady traffic its other branches are
+        // always ready first, and a lease left to expire hands a running delivery to another
+        // claim (the same event sent twice).
+        if Instant::now() >= next_renew {
+            next_renew = Instant::now() + renew_every;
+            renew(&spool, &running).await;
         }
         let mut wake_at = Instant::now() + settings.poll_interval;
         match spool.inner.store.claim(busy.clone()).await {
@@ -212,15 +230,7 @@ pub(crate) async fn run(
             }
             _ = notify.notified() => {}
             _ = tokio::time::sleep_until(wake_at) => {}
-            _ = tokio::time::sleep_until(next_renew) => {
-                next_renew = Instant::now() + renew_every;
-                let ids: Vec<i64> = running.values().map(|(id, _)| *id).collect();
-                if !ids.is_empty() {
-                    if let Err(e) = spool.inner.store.renew(ids).await {
-                        warn!(error = %e, "spool: renewing the leases of running deliveries failed");
-                    }
-                }
-            }
+            _ = tokio::time::sleep_until(next_renew) => {}
         }
     }
 

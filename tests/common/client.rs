@@ -95,7 +95,7 @@ pub async fn post_signed(
         .await
 }
 
-pub use hubgate::deliver::upstream::error_chain;
+pub use hubgate::error_chain;
 
 /// A signed HTTP/1.1 `POST path` of `body` (JSON, `Content-Length`), `extra_headers` lines
 /// (each ending in `\r\n`), and `Connection: close`.

@@ -141,9 +141,25 @@ impl PgStore {
         let Backend::Postgres(pg) = &settings.backend else {
             unreachable!("PgStore::connect is called for the postgres backend");
         };
-        let target = Target::parse(pg)?;
+        let mut target = Target::parse(pg)?;
         let location = target.location.clone();
         let connector = target.connector()?;
+        let open_err = |e: &dyn std::error::Error| SpoolError::Open {
+            path: location.clone().into(),
+            message: crate::error_chain(e),
+        };
+        // `off` would acknowledge events a crash can lose (and `local` ignores synchronous
+        // standbys): then every session of this gate sets `on`.
+        let sync = server_synchronous_commit(&target, &connector)
+            .await
+            .map_err(|e| open_err(&e))?;
+        if sync == "off" || sync == "local" {
+            warn!(
+                synchronous_commit = %sync,
+                "spool: the database's synchronous_commit is weaker than on; hubgate's sessions use on"
+            );
+            target.config.options("-c synchronous_commit=on");
+        }
         let manager = Manager::from_config(
             target.config.clone(),
             connector.clone(),
@@ -161,25 +177,7 @@ impl PgStore {
                 path: location.clone().into(),
                 message: e.to_string(),
             })?;
-        let open_err = |e: &dyn std::error::Error| SpoolError::Open {
-            path: location.clone().into(),
-            message: crate::deliver::upstream::error_chain(e),
-        };
         let mut client = pool.get().await.map_err(|e| open_err(&e))?;
-        let sync: String = client
-            .query_one("SHOW synchronous_commit", &[])
-            .await
-            .map_err(|e| open_err(&e))?
-            .get(0);
-        if sync == "off" || sync == "local" {
-            // `local` still flushes the local WAL; `off` does not: then no acknowledgement
-            // would be durable. Every connection of the pool sets it on (see `post_create`
-            // below); say so once.
-            warn!(
-                synchronous_commit = %sync,
-                "spool: the database's synchronous_commit is weaker than on; hubgate sets it on for its sessions"
-            );
-        }
         if !serve {
             let found = schema::version(&client).await.map_err(|e| open_err(&e))?;
             if found != schema::VERSION {
@@ -271,7 +269,8 @@ impl PgStore {
         })
     }
 
-    /// A pooled connection with `synchronous_commit = on`.
+    /// A pooled connection (with `synchronous_commit = on` where the server's default is
+    /// weaker: see `connect`).
     async fn client(&self) -> Result<deadpool_postgres::Object, SpoolError> {
         let client = self.pool.get().await.map_err(|e| self.failed_pool(e))?;
         Ok(client)
@@ -549,7 +548,7 @@ fn event_info(r: &tokio_postgres::Row) -> Result<EventInfo, SpoolError> {
 fn classify(location: &str, e: &tokio_postgres::Error) -> SpoolError {
     let unavailable = || SpoolError::Unavailable {
         location: location.to_owned(),
-        message: crate::deliver::upstream::error_chain(e),
+        message: crate::error_chain(e),
     };
     let Some(code) = e.code() else {
         // No SQLSTATE: the connection itself failed (refused, reset, closed, timed out).
@@ -577,8 +576,24 @@ fn classify(location: &str, e: &tokio_postgres::Error) -> SpoolError {
     }
     SpoolError::Storage {
         path: location.into(),
-        message: crate::deliver::upstream::error_chain(e),
+        message: crate::error_chain(e),
     }
+}
+
+/// The server's default `synchronous_commit`, on a connection of its own.
+async fn server_synchronous_commit(
+    target: &Target,
+    connector: &tokio_postgres_rustls::MakeRustlsConnect,
+) -> Result<String, tokio_postgres::Error> {
+    let (client, connection) = target.config.connect(connector.clone()).await?;
+    let driver = tokio::spawn(connection);
+    let value: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .await?
+        .get(0);
+    drop(client);
+    let _ = driver.await;
+    Ok(value)
 }
 
 /// `host:pid:random`: unique per gate process, readable in `lease_owner`.
@@ -637,7 +652,7 @@ async fn listen(
                 warn!("spool: lost the notification connection; reconnecting");
             }
             Err(e) => {
-                warn!(error = %crate::deliver::upstream::error_chain(&e), "spool: cannot open the notification connection");
+                warn!(error = %crate::error_chain(&e), "spool: cannot open the notification connection");
             }
         }
         tokio::time::sleep(backoff).await;
@@ -999,7 +1014,7 @@ pub(crate) async fn migrate(settings: &SpoolSettings) -> Result<(i64, i64), Spoo
         .config
         .connect(target.connector()?)
         .await
-        .map_err(|e| err(&crate::deliver::upstream::error_chain(&e)))?;
+        .map_err(|e| err(&crate::error_chain(&e)))?;
     let driver = tokio::spawn(connection);
     let result = schema::migrate(&mut client).await.map_err(|e| err(&e))?;
     drop(client);
