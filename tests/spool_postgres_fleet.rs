@@ -145,7 +145,17 @@ async fn post(
     addr: SocketAddr,
     body: &[u8],
 ) -> Result<(u16, String), String> {
-    let r = post_signed(http, &format!("https://{addr}/webhook"), body)
+    post_to(http, addr, "/webhook", body).await
+}
+
+/// [`post`] to `path`.
+async fn post_to(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
+    let r = post_signed(http, &format!("https://{addr}{path}"), body)
         .await
         .map_err(|e| error_chain(&e))?;
     let status = r.status().as_u16();
@@ -329,6 +339,110 @@ async fn a_retry_reaching_the_other_gate_is_a_duplicate() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Leases: a delivery slower than the lease is renewed, not taken over
+// ---------------------------------------------------------------------------------------------
+
+/// How long the slow backend takes to answer: well past [`LEASE`].
+const SLOW: Duration = Duration::from_millis(3500);
+
+/// Two gates; two events on `/slow`, whose backend answers after [`SLOW`] (longer than the
+/// lease), and — when `load` — a stream of other events through both gates meanwhile (every
+/// accept notifies every gate). Each slow event must reach its backend once: the gate
+/// delivering it renews its lease, so no gate (itself included) takes it over.
+async fn slow_deliveries_are_sent_once(load: bool) {
+    let Some(pg) = postgres() else { return };
+    let backend = Upstream::start().await;
+    let slow = Upstream::with_reply(Reply::delayed(SLOW)).await;
+    let slow_url = slow.url("/hook");
+    let fleet = Fleet::new(pg.fresh_database(), &backend, |c| {
+        c.upstream.timeout = Some("10s".into());
+        let mut r = Route::new("/slow", &slow_url);
+        r.delivery = Some(Delivery::Spool);
+        c.routes.push(r);
+    })
+    .await;
+    let (a, b) = (free_addr(), free_addr());
+    let _gate_a = fleet.gate(a).await;
+    let _gate_b = fleet.gate(b).await;
+    let http = fleet.http(Duration::from_secs(10));
+    let slow_bodies: Vec<Vec<u8>> = (0..2).map(|i| event_body("slow", i)).collect();
+    for (body, to) in slow_bodies.iter().zip([a, b]) {
+        assert_eq!(
+            post_to(&http, to, "/slow", body).await,
+            Ok((200, "EVENT_RECEIVED\n".to_owned()))
+        );
+    }
+    // The slow events' leases as the database sees them, every 250 ms, for the report.
+    let probe_db = fleet.db.clone();
+    let probe = tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + SLOW + Duration::from_secs(2);
+        let mut seen = Vec::new();
+        while Instant::now() < until {
+            seen.push(probe_db.psql(
+                "SELECT string_agg(format('id %s attempt %s owner %s lease left %s ms', id, \
+                 attempts, lease_owner, lease_until_ms - hubgate.now_ms()), '; ' ORDER BY id) \
+                 FROM hubgate.events WHERE route = '/slow'",
+            ));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        seen
+    });
+    let mut load_bodies = Vec::new();
+    if load {
+        let load_until = Instant::now() + SLOW + Duration::from_secs(1);
+        let tasks: Vec<_> = (0..4)
+            .map(|c| {
+                let http = fleet.http(Duration::from_secs(10));
+                tokio::spawn(async move {
+                    let mut sent = Vec::new();
+                    while Instant::now() < load_until && sent.len() < 400 {
+                        let body = event_body(&format!("load{c}"), sent.len());
+                        let to = if sent.len() % 2 == 0 { a } else { b };
+                        post_acked(&http, to, &body).await;
+                        sent.push(body);
+                    }
+                    sent
+                })
+            })
+            .collect();
+        for t in tasks {
+            load_bodies.extend(t.await.unwrap());
+        }
+    }
+    let leases = probe.await.unwrap().join("\n");
+    eventually(
+        WITHIN,
+        || slow_bodies.iter().all(|b| slow.delivered(b) >= 1),
+        || format!("slow deliveries: {:?}", fleet.states()),
+    )
+    .await;
+    drained(&fleet, &backend, &load_bodies, "the load").await;
+    for body in &slow_bodies {
+        assert_eq!(
+            slow.received(body),
+            1,
+            "{} was sent to its backend more than once ({} other events meanwhile); \
+             its lease over time:\n{leases}",
+            event_id(body),
+            load_bodies.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_longer_than_the_lease_is_renewed_not_taken_over() {
+    slow_deliveries_are_sent_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "src bug: under steady accepts the scheduler's biased select never reaches the renew \
+            branch (notify and finished deliveries win), leases of long deliveries expire and \
+            are taken over: the event is sent twice"]
+async fn a_delivery_longer_than_the_lease_is_renewed_while_the_fleet_is_busy() {
+    slow_deliveries_are_sent_once(true).await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // kill -9 of a gate: the fleet's proof
 // ---------------------------------------------------------------------------------------------
 
@@ -401,6 +515,8 @@ async fn fleet_client(
             match post(&http, to, &body).await {
                 Ok((200, _)) => {
                     traffic.acked.lock().unwrap().push(body);
+                    // Paced, so that the kills fall while traffic still flows.
+                    tokio::time::sleep(PACE).await;
                     continue 'next;
                 }
                 Ok(_) => {
@@ -416,7 +532,9 @@ async fn fleet_client(
 }
 
 const KILL_GATES: usize = 3;
-const KILL_CLIENTS: usize = 6;
+const KILL_CLIENTS: usize = 4;
+/// A client's pause after each acknowledgement.
+const PACE: Duration = Duration::from_millis(10);
 const KILLS: usize = 5;
 const KILL_CONCURRENCY: usize = 4;
 const KILL_MAX_EVENTS: usize = 600;
@@ -468,7 +586,7 @@ async fn sigkill_of_a_gate_loses_nothing_acknowledged() {
 
     let mut schedule = Vec::new();
     for _ in 0..KILLS {
-        let up = rng.millis(200, 1000);
+        let up = rng.millis(150, 900);
         let down = rng.millis(0, 300);
         let victim = rng.below(KILL_GATES);
         tokio::time::sleep(up).await;
