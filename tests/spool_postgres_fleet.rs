@@ -674,7 +674,7 @@ async fn sigkill_of_a_gate_loses_nothing_acknowledged() {
         "seed {seed}: {duplicates} duplicate deliveries for {KILLS} kills: {twice:?}"
     );
     // Everything delivered was sent by a client, byte for byte.
-    let sent = traffic.sent.lock().unwrap();
+    let sent = traffic.sent.lock().unwrap().clone();
     for body in deliveries.keys() {
         assert!(
             sent.contains(body.as_ref()),
