@@ -435,9 +435,6 @@ async fn a_delivery_longer_than_the_lease_is_renewed_not_taken_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src bug: under steady accepts the scheduler's biased select never reaches the renew \
-            branch (notify and finished deliveries win), leases of long deliveries expire and \
-            are taken over: the event is sent twice"]
 async fn a_delivery_longer_than_the_lease_is_renewed_while_the_fleet_is_busy() {
     slow_deliveries_are_sent_once(true).await;
 }
