@@ -828,23 +828,6 @@ async fn full_spool_answers_503_and_keeps_what_it_acknowledged() {
 // kill -9: the proof
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: a seeded, reproducible source of kill moments.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo + 1))
-    }
-}
-
 #[derive(Default)]
 struct Traffic {
     /// Every body POSTed.

@@ -443,27 +443,6 @@ async fn a_delivery_longer_than_the_lease_is_renewed_while_the_fleet_is_busy() {
 // kill -9 of a gate: the fleet's proof
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: a seeded, reproducible source of kill moments.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo + 1))
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[derive(Default)]
 struct Traffic {
     /// Every body POSTed.

@@ -68,3 +68,24 @@ pub fn unique_body() -> Vec<u8> {
 pub fn challenge_path(challenge: &str) -> String {
     format!("/webhook?hub.mode=subscribe&hub.challenge={challenge}&hub.verify_token={TOKEN}")
 }
+
+/// SplitMix64: a seeded, reproducible source of kill moments.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn millis(&mut self, lo: u64, hi: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(lo + self.next() % (hi - lo + 1))
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}

@@ -56,10 +56,12 @@ const ROUTES_EVERY: Duration = Duration::from_secs(10);
 /// The notification channel.
 const CHANNEL: &str = "hubgate_spool";
 
-const ACCEPT_DEDUPE: &str = "
+/// One statement, so one transaction: the key (only when de-duplicating, `$2 > 0`; refreshed
+/// only when older than the window), the event if the key was new, and the wake-up.
+const ACCEPT: &str = "
 WITH now AS (SELECT hubgate.now_ms() AS n),
 key AS (
-    INSERT INTO hubgate.dedupe AS d (key, accepted_ms) SELECT $1, n FROM now
+    INSERT INTO hubgate.dedupe AS d (key, accepted_ms) SELECT $1, n FROM now WHERE $2 > 0
     ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms
         WHERE d.accepted_ms <= EXCLUDED.accepted_ms - $2
     RETURNING 1
@@ -68,20 +70,10 @@ ev AS (
     INSERT INTO hubgate.events (route, state, received_ms, stored_ms, retry_since_ms,
         next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
     SELECT $3, 'pending', $4, n, n, n, 0, n, $5, $6, $7, $8 FROM now
-    WHERE EXISTS (SELECT 1 FROM key)
+    WHERE $2 = 0 OR EXISTS (SELECT 1 FROM key)
     RETURNING id
 )
 SELECT id, pg_notify('hubgate_spool', $3)::text FROM ev";
-
-const ACCEPT_PLAIN: &str = "
-WITH now AS (SELECT hubgate.now_ms() AS n),
-ev AS (
-    INSERT INTO hubgate.events (route, state, received_ms, stored_ms, retry_since_ms,
-        next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
-    SELECT $1, 'pending', $2, n, n, n, 0, n, $3, $4, $5, $6 FROM now
-    RETURNING id
-)
-SELECT id, pg_notify('hubgate_spool', $1)::text FROM ev";
 
 const CLAIM: &str = "
 WITH now AS (SELECT hubgate.now_ms() AS n),
@@ -341,46 +333,26 @@ impl PgStore {
         let client = self.client().await?;
         let started = Instant::now();
         let body: &[u8] = &event.body;
-        let rows = if window > 0 {
-            let stmt = client
-                .prepare_cached(ACCEPT_DEDUPE)
-                .await
-                .map_err(|e| self.failed(&e))?;
-            client
-                .query(
-                    &stmt,
-                    &[
-                        &&key[..],
-                        &window,
-                        &event.route,
-                        &received,
-                        &event.client_identity,
-                        &event.query,
-                        &headers,
-                        &body,
-                    ],
-                )
-                .await
-        } else {
-            let stmt = client
-                .prepare_cached(ACCEPT_PLAIN)
-                .await
-                .map_err(|e| self.failed(&e))?;
-            client
-                .query(
-                    &stmt,
-                    &[
-                        &event.route,
-                        &received,
-                        &event.client_identity,
-                        &event.query,
-                        &headers,
-                        &body,
-                    ],
-                )
-                .await
-        }
-        .map_err(|e| self.failed(&e))?;
+        let stmt = client
+            .prepare_cached(ACCEPT)
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &&key[..],
+                    &window,
+                    &event.route,
+                    &received,
+                    &event.client_identity,
+                    &event.query,
+                    &headers,
+                    &body,
+                ],
+            )
+            .await
+            .map_err(|e| self.failed(&e))?;
         self.note_success();
         let stats = &self.shared.stats;
         stats.commits.fetch_add(1, Ordering::Relaxed);
