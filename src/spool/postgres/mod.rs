@@ -61,7 +61,7 @@ const CHANNEL: &str = "hubgate_spool";
 const ACCEPT: &str = "
 WITH now AS (SELECT hubgate.now_ms() AS n),
 key AS (
-    INSERT INTO hubgate.dedupe AS d (key, accepted_ms) SELECT $1, n FROM now WHERE $2 > 0
+    INSERT INTO hubgate.dedupe AS d (key, accepted_ms) SELECT $1, n FROM now WHERE $2::bigint > 0
     ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms
         WHERE d.accepted_ms <= EXCLUDED.accepted_ms - $2
     RETURNING 1
@@ -70,7 +70,7 @@ ev AS (
     INSERT INTO hubgate.events (route, state, received_ms, stored_ms, retry_since_ms,
         next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
     SELECT $3, 'pending', $4, n, n, n, 0, n, $5, $6, $7, $8 FROM now
-    WHERE $2 = 0 OR EXISTS (SELECT 1 FROM key)
+    WHERE $2::bigint = 0 OR EXISTS (SELECT 1 FROM key)
     RETURNING id
 )
 SELECT id, pg_notify('hubgate_spool', $3)::text FROM ev";
@@ -524,8 +524,22 @@ fn classify(location: &str, e: &tokio_postgres::Error) -> SpoolError {
         message: crate::error_chain(e),
     };
     let Some(code) = e.code() else {
-        // No SQLSTATE: the connection itself failed (refused, reset, closed, timed out).
-        return unavailable();
+        // No SQLSTATE: the connection itself failed (refused, reset, closed, timed out) — or
+        // hubgate sent something the server's types refuse, which no retry fixes.
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        let mut io = false;
+        while let Some(c) = cause {
+            io |= c.is::<std::io::Error>();
+            cause = c.source();
+        }
+        return if e.is_closed() || io {
+            unavailable()
+        } else {
+            SpoolError::Storage {
+                path: location.into(),
+                message: crate::error_chain(e),
+            }
+        };
     };
     if code.code().starts_with("08")
         || [
