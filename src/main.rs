@@ -271,7 +271,7 @@ fn check(path: Option<&Path>) -> ExitCode {
     if let Some(spool) = &config.spool {
         println!(
             "  spool           {} (dedupe window {}, retry horizon {})",
-            spool.path.display(),
+            spool.location(),
             humantime::format_duration(spool.dedupe_window),
             humantime::format_duration(spool.retry_horizon)
         );

@@ -78,10 +78,7 @@ pub fn run(args: SpoolArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
         .enable_all()
         .build()
         .expect("cannot start the async runtime");
-    let where_ = match &settings.backend {
-        hubgate::spool::Backend::Sqlite => settings.path.display().to_string(),
-        hubgate::spool::Backend::Postgres(_) => "postgres".to_owned(),
-    };
+    let where_ = settings.location();
     match runtime.block_on(execute(settings, args.command, args.json)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

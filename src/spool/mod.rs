@@ -167,6 +167,17 @@ impl SpoolSettings {
         }
     }
 
+    /// Where the events are kept, for messages: the SQLite file, or `postgres host:port/db`
+    /// (never the password).
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite => self.path.display().to_string(),
+            Backend::Postgres(pg) => postgres::Target::parse(pg)
+                .map(|t| t.location)
+                .unwrap_or_else(|_| "postgres (invalid url)".to_owned()),
+        }
+    }
+
     /// Whether `other` names the same store (what a reload may not change).
     pub fn same_store(&self, other: &SpoolSettings) -> bool {
         match (&self.backend, &other.backend) {
