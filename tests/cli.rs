@@ -266,3 +266,40 @@ fn demo_refuses_a_non_loopback_address() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
+
+#[test]
+fn check_names_a_postgres_spool_without_its_password() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |c| {
+        c.with_spool()
+            .on_postgres("postgres://hubgate:hunter2@db.example:6432/events?sslmode=verify-full");
+    });
+    let out = check(&path, &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        stdout.contains("postgres db.example:6432/events"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2") && !text(&out.stderr).contains("hunter2"));
+}
+
+#[test]
+fn check_refuses_the_keys_of_the_other_spool_backend() {
+    let pki = Pki::new();
+    let path = write_config(&pki, |c| {
+        let spool = c.with_spool();
+        spool.on_postgres("postgres://u:hunter2@db.example/events");
+        spool.max_size_bytes = Some(1024);
+    });
+    assert_config_error(
+        &check(&path, &[]),
+        &["spool.max_size_bytes", "backend = \"sqlite\""],
+    );
+    let path = write_config(&pki, |c| {
+        c.with_spool().url = Some(Secret::Inline("postgres://u:hunter2@h/d".into()));
+    });
+    let out = check(&path, &[]);
+    assert_config_error(&out, &["spool.url", "backend = \"postgres\""]);
+    assert!(!text(&out.stderr).contains("hunter2"));
+}
