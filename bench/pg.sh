@@ -98,3 +98,14 @@ PG_SNAPSHOT_SQL="SELECT pg_snapshot_xmax(pg_current_snapshot()),
   w.wal_write, w.wal_sync, round(w.wal_write_time), round(w.wal_sync_time)
 FROM pg_stat_wal w"
 pg_snapshot() { pg_sql hubgate "$PG_SNAPSHOT_SQL"; }
+
+# The database sessions of the gates (not this psql), by what they are doing now: `idle`, `CPU`
+# (active, no wait event) or the wait event (`Lock:object`, `IO:WALSync`, `LWLock:WALWrite`, …),
+# as "what=count" lines.
+pg_waits() {
+  pg_sql hubgate "SELECT CASE WHEN state = 'idle' THEN 'idle'
+      ELSE coalesce(wait_event_type || ':' || wait_event, 'CPU') END AS what, count(*)
+    FROM pg_stat_activity
+    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+    GROUP BY 1 ORDER BY 2 DESC" | sed 's/ /=/'
+}

@@ -367,8 +367,21 @@ spool_run() { # SCENARIO SYSTEM REP
   fi
   t0=$(date +%s%N)
   h0=$(proc_ticks "$hp")
-  if [ "$s" = hubgate-spool-pg ]; then p0=$(pg_ticks); db0=$(pg_snapshot); fi
-  sleep "$DURATION"
+  local waits=""
+  if [ "$s" = hubgate-spool-pg ]; then
+    p0=$(pg_ticks)
+    db0=$(pg_snapshot)
+    # What hubgate's database sessions are doing, sampled at 1/4, 1/2 and 3/4 of the window.
+    local q i
+    q=$(awk -v d="$DURATION" 'BEGIN {print d / 4}')
+    for i in 1 2 3; do
+      sleep "$q"
+      waits+="$(pg_waits | paste -sd, -),"
+    done
+    sleep "$q"
+  else
+    sleep "$DURATION"
+  fi
   t1=$(date +%s%N)
   h1=$(proc_ticks "$hp")
   if [ "$s" = hubgate-spool-pg ]; then p1=$(pg_ticks); db1=$(pg_snapshot); fi
@@ -385,6 +398,7 @@ spool_run() { # SCENARIO SYSTEM REP
     printf '{"kind":"spoolstat","system":"%s","scenario":"%s","rep":"%s","window_ns":%s,"hubgate_ticks":%s' \
       "$s" "$sc" "$rep" "$((t1 - t0))" "$((h1 - h0))"
     [ -n "$fsyncs" ] && printf ',"fsync_calls":%s' "$fsyncs"
+    [ -n "$waits" ] && printf ',"pg_waits":"%s"' "$(json_escape "${waits%,}")"
     if [ -n "$db0" ] && [ -n "$db1" ]; then
       local a b k i
       read -r -a a <<<"$db0"

@@ -189,6 +189,26 @@ def main():
             f"{pgcol('sync', 2)} | {pgcol('write', 2)} | {pgcol('syncms', 3)} | {pgcol('walkib', 2)} | "
             f"{mr(c['fsync'], 3) if c['fsync'] else 'not counted (BENCH_COUNT_FSYNC=1)'} |"
         )
+    # Wait events of the PostgreSQL sessions, sampled three times per window.
+    waits = {}
+    n = 0
+    for (sc, _, _), st in stat.items():
+        if sc != "spool-pg" or not st.get("pg_waits"):
+            continue
+        for sample in st["pg_waits"].split(","):
+            what, _, count = sample.rpartition("=")
+            if what:
+                waits[what] = waits.get(what, 0) + int(count)
+        n += 3
+    if waits:
+        total = sum(waits.values())
+        w(
+            f"\nWhat the gate's PostgreSQL sessions were doing (pg_stat_activity, {n} samples over the spool-pg windows, "
+            f"{total / n:.1f} sessions per sample): "
+            + ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in sorted(waits.items(), key=lambda kv: -kv[1]))
+            + ". `Lock:object` is the database-wide lock NOTIFY takes at commit (held through the WAL flush), "
+            "`IO:WALSync` a session flushing WAL, `LWLock:WALWrite` one waiting for another's flush (group commit)."
+        )
     print("\n".join(out))
 
 
