@@ -8,11 +8,12 @@ wait_port() { # PORT -> waits up to 10 s for a listener
   return 1
 }
 
-# Fills a template's @PLACEHOLDERS@ from WORK, PKI, UPSTREAM_ADDR, TOKEN, SECRET, SECRET_B64, CN
-# and NJS_MODULE (those a template does not use may be unset).
+# Fills a template's @PLACEHOLDERS@ from WORK, PKI, UPSTREAM_ADDR, TOKEN, SECRET, SECRET_B64, CN,
+# NJS_MODULE and PG_PORT (those a template does not use may be unset).
 render() { # TEMPLATE PORT > OUT
   sed -e "s|@WORK@|$WORK|g" -e "s|@PKI@|$PKI|g" -e "s|@PORT@|$2|g" \
     -e "s|@UPSTREAM_ADDR@|$UPSTREAM_ADDR|g" -e "s|@TOKEN@|$TOKEN|g" \
     -e "s|@SECRET_B64@|${SECRET_B64:-}|g" -e "s|@SECRET@|$SECRET|g" \
-    -e "s|@CN_RE@|${CN//./\\\\.}|g" -e "s|@CN@|$CN|g" -e "s|@NJS_MODULE@|${NJS_MODULE:-}|g" "$1"
+    -e "s|@CN_RE@|${CN//./\\\\.}|g" -e "s|@CN@|$CN|g" -e "s|@NJS_MODULE@|${NJS_MODULE:-}|g" \
+    -e "s|@PG_PORT@|${PG_PORT:-}|g" "$1"
 }

@@ -8,8 +8,11 @@
 #
 # Options: --quick, --reps N, --duration S, --warmup S, --no-build, --no-install,
 #          --systems "haproxy nginx hubgate",
-#          --scenarios "ka1k ka64k newconn get spool1k idle ready size micro" (default: all).
-#          Environment: BENCH_PORT_BASE (default 28440).
+#          --scenarios "ka1k ka64k newconn get spool1k spool-pg idle ready size micro"
+#          (default: all). spool-pg needs PostgreSQL 15 (Debian's postgresql-15).
+#          Environment: BENCH_PORT_BASE (default 28440), BENCH_PG_CORE (default 0: PostgreSQL on
+#          hubgate's core), BENCH_COUNT_FSYNC=1 (count fsync/fdatasync calls of the spool rows
+#          with perf: adds tracing overhead to those rows, so off by default).
 # Output: the markdown report on stdout and in bench/results/latest.md; raw JSON lines in
 # bench/results/latest.jsonl. Work files (PKI, configs, logs) in bench/work/.
 set -euo pipefail
@@ -18,6 +21,8 @@ BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 # shellcheck source=bench/common.sh
 . "$BENCH_DIR/common.sh"
+# shellcheck source=bench/pg.sh
+. "$BENCH_DIR/pg.sh"
 WORK="$BENCH_DIR/work"
 RESULTS_DIR="$BENCH_DIR/results"
 
@@ -32,7 +37,7 @@ MICRO_MS=900
 BUILD=1
 INSTALL=1
 SYSTEMS="haproxy nginx hubgate"
-SCENARIOS="ka1k ka64k newconn get spool1k idle ready size micro"
+SCENARIOS="ka1k ka64k newconn get spool1k spool-pg idle ready size micro"
 CONNS=50         # keep-alive connections, each one request at a time
 NEWCONN_CONNS=50 # concurrent new-connection clients
 IDLE_CONNS=1000
@@ -53,7 +58,7 @@ while [ $# -gt 0 ]; do
     --no-install) INSTALL=0 ;;
     --systems) SYSTEMS=$2; shift ;;
     --scenarios) SCENARIOS=$2; shift ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
   shift
@@ -82,6 +87,10 @@ if [ "$INSTALL" = 1 ]; then
   command -v taskset >/dev/null || need+=(util-linux)
   command -v ss >/dev/null || need+=(iproute2)
   command -v strip >/dev/null || need+=(binutils)
+  if has spool-pg; then
+    [ -x "$PG_BIN/pg_ctl" ] || need+=(postgresql-15)
+    command -v psql >/dev/null || need+=(postgresql-client-15)
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]} from Debian's packages"
     export DEBIAN_FRONTEND=noninteractive
@@ -118,15 +127,19 @@ T_START=$(date +%s) # the time budget counts from here: installing and building 
 BASE=${BENCH_PORT_BASE:-28440}
 for _ in 1 2 3 4 5 6 7 8 9 10; do
   busy=0
-  for off in 1 2 3 4 10; do port_busy $((BASE + off)) && busy=1; done
+  for off in 1 2 3 4 5 10 11; do port_busy $((BASE + off)) && busy=1; done
   [ $busy = 0 ] && break
   BASE=$((BASE + 100))
 done
 [ $busy = 0 ] || { echo "bench: no free ports found near ${BENCH_PORT_BASE:-28440}" >&2; exit 1; }
-declare -A PORT=([haproxy]=$((BASE + 1)) [nginx]=$((BASE + 2)) [hubgate]=$((BASE + 3)) [hubgate-spool]=$((BASE + 4)))
+declare -A PORT=([haproxy]=$((BASE + 1)) [nginx]=$((BASE + 2)) [hubgate]=$((BASE + 3)) [hubgate-spool]=$((BASE + 4)) [hubgate-spool-pg]=$((BASE + 5)))
 UPSTREAM_ADDR="127.0.0.1:$((BASE + 10))"
+PG_PORT=$((BASE + 11))
+PG_CORE=${BENCH_PG_CORE:-0}
+PG_DIR="$WORK/pg"
 
 # --- work folder, PKI, configs ------------------------------------------------------------------
+pg_stop_stale "$PG_DIR" # a server left by an interrupted run (the trap normally stops it)
 rm -rf "$WORK"
 mkdir -p "$WORK" "$RESULTS_DIR"
 log "generating the test PKI (RSA 2048)"
@@ -142,6 +155,7 @@ render "$BENCH_DIR/conf/nginx.conf.tmpl" "${PORT[nginx]}" >"$WORK/nginx.conf"
 render "$BENCH_DIR/conf/meta.js.tmpl" 0 >"$WORK/meta.js"
 render "$BENCH_DIR/conf/hubgate.toml.tmpl" "${PORT[hubgate]}" >"$WORK/hubgate.toml"
 render "$BENCH_DIR/conf/hubgate-spool.toml.tmpl" "${PORT[hubgate-spool]}" >"$WORK/hubgate-spool.toml"
+render "$BENCH_DIR/conf/hubgate-spool-pg.toml.tmpl" "${PORT[hubgate-spool-pg]}" >"$WORK/hubgate-spool-pg.toml"
 mkdir -p "$WORK/spool"
 haproxy -c -q -f "$WORK/haproxy.cfg" >&2
 nginx -q -t -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" >&2
@@ -158,6 +172,19 @@ has spool1k && case " $SYSTEMS " in
     fi
     ;;
 esac
+# The same with the spool in PostgreSQL (a throwaway server, started below).
+SPOOL_PG=0
+has spool-pg && case " $SYSTEMS " in
+  *" hubgate "*)
+    if [ ! -x "$PG_BIN/pg_ctl" ] || ! command -v psql >/dev/null; then
+      log "PostgreSQL 15 is missing ($PG_BIN, psql): no spool-pg row"
+    elif "$HUBGATE" check --config "$WORK/hubgate-spool-pg.toml" >/dev/null 2>"$WORK/check-spool-pg-config.txt"; then
+      SPOOL_PG=1
+    else
+      log "this hubgate has no PostgreSQL spool (see $WORK/check-spool-pg-config.txt): no spool-pg row"
+    fi
+    ;;
+esac
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -168,17 +195,20 @@ sys_cmd() {
     nginx) echo "taskset -c 0 nginx -c $WORK/nginx.conf -p $WORK -e $WORK/nginx-error.log" ;;
     hubgate) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate.toml" ;;
     hubgate-spool) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate-spool.toml" ;;
+    hubgate-spool-pg) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate-spool-pg.toml" ;;
   esac
 }
 
 declare -A PID=()
 UPSTREAM_PID=
 cleanup() {
+  for p in ${LG_BG:-} ${PERF_BG:-}; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PID[@]}" $UPSTREAM_PID; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PID[@]}" $UPSTREAM_PID; do
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$p" 2>/dev/null || true
   done
+  pg_stop # after the gates, which hold connections to it
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -258,6 +288,15 @@ wait_port "${UPSTREAM_ADDR##*:}" || { log "the upstream did not start"; exit 1; 
 read -r -a SYS_LIST <<<"$SYSTEMS"
 RUN_LIST=("${SYS_LIST[@]}")
 [ "$SPOOL" = 1 ] && RUN_LIST+=(hubgate-spool)
+if [ "$SPOOL_PG" = 1 ]; then
+  log "starting PostgreSQL 15 on core $PG_CORE (127.0.0.1:$PG_PORT, data in $PG_DIR)"
+  if pg_start; then
+    RUN_LIST+=(hubgate-spool-pg)
+  else
+    log "PostgreSQL did not start (see $PG_DIR/postgres.log): no spool-pg row"
+    SPOOL_PG=0
+  fi
+fi
 for s in "${RUN_LIST[@]}"; do start_sys "$s" || true; done
 sleep 0.5
 
@@ -273,13 +312,18 @@ fi
 # --- admission checks ------------------------------------------------------------------------------
 PASSED=()
 SPOOL_OK=0
+SPOOL_PG_OK=0
 for s in "${RUN_LIST[@]}"; do
   log "checking that $s does the whole job"
   extra=""
-  [ "$s" = hubgate-spool ] && extra="--deferred --upstream-addr $UPSTREAM_ADDR"
+  case "$s" in hubgate-spool | hubgate-spool-pg) extra="--deferred --upstream-addr $UPSTREAM_ADDR" ;; esac
   # shellcheck disable=SC2046
   if [ -n "${PID[$s]:-}" ] && LG check $(common "$s") $extra >>"$RESULTS" 2>"$WORK/check-$s.txt"; then
-    if [ "$s" = hubgate-spool ]; then SPOOL_OK=1; else PASSED+=("$s"); fi
+    case "$s" in
+      hubgate-spool) SPOOL_OK=1 ;;
+      hubgate-spool-pg) SPOOL_PG_OK=1 ;;
+      *) PASSED+=("$s") ;;
+    esac
   else
     [ -n "${PID[$s]:-}" ] || echo "{\"kind\":\"check\",\"system\":\"$s\",\"ok\":false,\"failed\":\"did not start\"}" >>"$RESULTS"
     log "$s FAILED the admission checks, it will not be timed:"
@@ -294,9 +338,90 @@ scenario_args() {
     ka64k) echo "--mode post --body-bytes 65536 --connections $CONNS" ;;
     newconn) echo "--mode post --body-bytes 1024 --new-conn --connections $NEWCONN_CONNS" ;;
     get) echo "--mode get --connections $CONNS" ;;
-    spool1k) echo "--mode post --body-bytes 1024 --connections $CONNS --drain-wait $SPOOL_DRAIN" ;;
+    spool1k | spool-pg) echo "--mode post --body-bytes 1024 --connections $CONNS --drain-wait $SPOOL_DRAIN" ;;
   esac
 }
+# One spool row: the load generator in the background, and around its timed window (after the
+# warm-up) readings of hubgate's and PostgreSQL's CPU ticks and of the database's counters,
+# written as a "spoolstat" line next to the load line. hubgate's own spool counters (events per
+# commit) are not exposed by the binary, so the SQLite row has CPU ticks only (and fsync calls
+# with BENCH_COUNT_FSYNC=1).
+LG_BG=
+PERF_BG=
+spool_run() { # SCENARIO SYSTEM REP
+  local sc=$1 s=$2 rep=$3 hp=${PID[$2]} t0 t1 h0 h1 p0=0 p1=0 db0="" db1="" out="$WORK/load-$1-$3.json"
+  local fsyncs=""
+  # Not through LG(): $! must be timeout's pid, so that the trap can stop it.
+  # shellcheck disable=SC2046
+  timeout 120 taskset -c 1 "$LOADGEN" load $(common "$s") --label "scenario=$sc" --label "rep=$rep" \
+    $(scenario_args "$sc") --warmup "$WARMUP" --duration "$DURATION" --pids "$hp" \
+    --upstream-pid "$UPSTREAM_PID" --upstream-addr "$UPSTREAM_ADDR" >"$out" &
+  LG_BG=$!
+  sleep "$WARMUP"
+  if [ "${BENCH_COUNT_FSYNC:-0}" = 1 ]; then
+    local fpids=$hp
+    [ "$s" = hubgate-spool-pg ] && fpids="$hp,$PG_PID,$(pgrep -P "$PG_PID" | paste -sd, -)"
+    perf stat -x, -o "$WORK/fsync-$sc-$rep.csv" -p "$fpids" \
+      -e 'syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync' -- sleep "$DURATION" >/dev/null 2>&1 &
+    PERF_BG=$!
+  fi
+  t0=$(date +%s%N)
+  h0=$(proc_ticks "$hp")
+  local waits=""
+  if [ "$s" = hubgate-spool-pg ]; then
+    p0=$(pg_ticks)
+    db0=$(pg_snapshot)
+    # What hubgate's database sessions are doing, sampled at 1/4, 1/2 and 3/4 of the window.
+    local q i
+    q=$(awk -v d="$DURATION" 'BEGIN {print d / 4}')
+    for i in 1 2 3; do
+      sleep "$q"
+      waits+="$(pg_waits | paste -sd, -),"
+    done
+    sleep "$q"
+  else
+    sleep "$DURATION"
+  fi
+  t1=$(date +%s%N)
+  h1=$(proc_ticks "$hp")
+  if [ "$s" = hubgate-spool-pg ]; then p1=$(pg_ticks); db1=$(pg_snapshot); fi
+  local rc=0
+  wait "$LG_BG" || rc=$?
+  LG_BG=
+  if [ -n "$PERF_BG" ]; then
+    wait "$PERF_BG" || true
+    PERF_BG=
+    fsyncs=$(awk -F, '$3 ~ /sys_enter_f(data)?sync/ {n += $1} END {print n + 0}' "$WORK/fsync-$sc-$rep.csv")
+  fi
+  cat "$out" >>"$RESULTS"
+  {
+    printf '{"kind":"spoolstat","system":"%s","scenario":"%s","rep":"%s","window_ns":%s,"hubgate_ticks":%s' \
+      "$s" "$sc" "$rep" "$((t1 - t0))" "$((h1 - h0))"
+    [ -n "$fsyncs" ] && printf ',"fsync_calls":%s' "$fsyncs"
+    [ -n "$waits" ] && printf ',"pg_waits":"%s"' "$(json_escape "${waits%,}")"
+    if [ -n "$db0" ] && [ -n "$db1" ]; then
+      local a b k i
+      read -r -a a <<<"$db0"
+      read -r -a b <<<"$db1"
+      printf ',"pg_ticks":%s' "$((p1 - p0))"
+      i=0
+      for k in xids events backlog wal_bytes xact_commit wal_write wal_sync wal_write_ms wal_sync_ms; do
+        printf ',"pg_%s":%s' "$k" "$((b[i] - a[i]))"
+        i=$((i + 1))
+      done
+    fi
+    printf '}\n'
+  } >>"$RESULTS"
+  if [ "$s" = hubgate-spool-pg ]; then
+    # Housekeeping between runs, outside any timed window: what this run left for autovacuum and
+    # the checkpointer is done now, so that it does not land in the next row's window on core 0.
+    pg_sql hubgate "VACUUM (ANALYZE) hubgate.events" >/dev/null 2>&1 || true
+    pg_sql hubgate "VACUUM (ANALYZE) hubgate.dedupe" >/dev/null 2>&1 || true
+    pg_sql hubgate "CHECKPOINT" >/dev/null 2>&1 || true
+  fi
+  return "$rc"
+}
+
 n=${#PASSED[@]}
 for rep in $(seq "$REPS"); do
   for sc in ka1k ka64k newconn get; do
@@ -314,18 +439,21 @@ for rep in $(seq "$REPS"); do
         || log "load run failed: $s $sc rep $rep"
     done
   done
-  if [ "$SPOOL_OK" = 1 ] && ! over_budget $((BUDGET_S * 4 / 5)); then
-    s=hubgate-spool
+  # The spool rows, SQLite then PostgreSQL on odd repetitions, the other way round on even ones.
+  spool_rows=()
+  [ "$SPOOL_OK" = 1 ] && spool_rows+=("spool1k hubgate-spool")
+  [ "$SPOOL_PG_OK" = 1 ] && spool_rows+=("spool-pg hubgate-spool-pg")
+  [ $((rep % 2)) = 0 ] && [ ${#spool_rows[@]} = 2 ] && spool_rows=("${spool_rows[1]}" "${spool_rows[0]}")
+  for row in "${spool_rows[@]}"; do
+    if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping the rest"; break 2; fi
+    read -r sc s <<<"$row"
     wait_quiet
-    log "rep $rep/$REPS  spool1k  $s"
-    # shellcheck disable=SC2046
-    LG load $(common "$s") --label "scenario=spool1k" --label "rep=$rep" $(scenario_args spool1k) \
-      --warmup "$WARMUP" --duration "$DURATION" --pids "$(sys_pids "$s")" \
-      --upstream-pid "$UPSTREAM_PID" --upstream-addr "$UPSTREAM_ADDR" >>"$RESULTS" \
-      || log "load run failed: $s spool1k rep $rep"
-  fi
+    log "rep $rep/$REPS  $sc  $s"
+    spool_run "$sc" "$s" "$rep" || log "load run failed: $s $sc rep $rep"
+  done
 done
 for s in "${RUN_LIST[@]}"; do stop_sys "$s"; done
+pg_stop
 
 # --- 1,000 idle mTLS connections, each system freshly started -------------------------------------------
 for rep in $(seq "$IDLE_REPS"); do
@@ -398,11 +526,16 @@ versions="$(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1
   printf '{"kind":"meta","date":"%s","mode":"%s","reps":"%s","duration":"%s","warmup":"%s",' \
     "$(date -u '+%Y-%m-%d %H:%M UTC')" "$MODE" "$REPS" "$DURATION" "$WARMUP"
   printf '"connections":"%s","newconn_connections":"%s","systems":"%s","machine":"%s",' \
-    "$CONNS" "$NEWCONN_CONNS" "$(IFS=,; echo "${RUN_LIST[*]}")" "$(json_escape "$machine")"
+    "$CONNS" "$NEWCONN_CONNS" "$(IFS=,; echo "${RUN_LIST[*]/hubgate-spool-pg/}" | sed 's/,,*/,/g; s/,$//')" "$(json_escape "$machine")"
   printf '"versions":"%s","hubgate_threads":"%s","elapsed_s":"%s"}\n' \
     "$(json_escape "$versions")" "$(json_escape "$hubgate_threads")" "$(($(date +%s) - T_START))"
 } >>"$RESULTS"
 
-rm -rf "$WORK/spool" # hundreds of MB of accepted test events
+rm -rf "$WORK/spool" "$PG_DIR/data" # hundreds of MB of accepted test events (the logs stay)
 "$LOADGEN" report --results "$RESULTS" --out "$RESULTS_DIR/latest.md"
+# The spool rows against sync hubgate, and the spool-pg readings (loadgen report knows only the
+# SQLite spool row, compared with HAProxy): appended to the report.
+if [ "$SPOOL" = 1 ] || [ "$SPOOL_PG" = 1 ]; then
+  python3 "$BENCH_DIR/spool_report.py" "$RESULTS" "$PG_CORE" | tee -a "$RESULTS_DIR/latest.md"
+fi
 log "done in $(($(date +%s) - T_START)) s: $RESULTS_DIR/latest.md"
