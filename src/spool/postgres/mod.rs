@@ -3,7 +3,10 @@
 //!
 //! - **Accept** is one statement (so one transaction): the de-duplication key is inserted
 //!   (`ON CONFLICT` refreshes it only when it is older than the window), the event is inserted
-//!   only if the key was new, and `pg_notify` wakes every gate's scheduler at commit. The
+//!   only if the key was new. This gate's scheduler is woken in-process; the other gates
+//!   through `NOTIFY`, sent outside the accept (a `NOTIFY` in the accept's transaction holds a
+//!   database-wide lock through its commit, which serialised every accept: 1 commit per WAL
+//!   flush, 0.1× sync in bench/results/spool-pg-2026-12-01.md), at most every 50 ms. The
 //!   statement returns after the COMMIT, which with `synchronous_commit = on` (checked at
 //!   connect) is after the WAL flush — and, with synchronous standbys configured, after they
 //!   have it too. Two gates accepting the same body at once: the second waits on the first's
@@ -73,7 +76,7 @@ ev AS (
     WHERE $2::bigint = 0 OR EXISTS (SELECT 1 FROM key)
     RETURNING id
 )
-SELECT id, pg_notify('hubgate_spool', $3)::text FROM ev";
+SELECT id FROM ev";
 
 const CLAIM: &str = "
 WITH now AS (SELECT hubgate.now_ms() AS n),
@@ -95,6 +98,13 @@ UPDATE hubgate.events ev SET state = 'in_flight', attempts = ev.attempts + 1,
 FROM picked, now WHERE ev.id = picked.id
 RETURNING ev.id, ev.route, ev.received_ms, ev.attempts, ev.client_identity, ev.query,
     ev.headers, ev.body, ev.next_attempt_ms";
+
+/// A delivered event's row goes (its dedupe key stays); only its lease's owner may say so.
+const DELIVERED: &str =
+    "DELETE FROM hubgate.events WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2";
+
+/// One claimer per route at a time (see `claim_due`).
+const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
 
 /// Milliseconds from now (database clock) to the route's next due event or expiring lease.
 const NEXT_DUE: &str = "
@@ -121,6 +131,8 @@ pub(crate) struct PgStore {
     failing_since: Mutex<Option<Instant>>,
     rng: Mutex<Rng>,
     tasks: Vec<JoinHandle<()>>,
+    /// Tells the notifier that this gate stored events of these routes.
+    stored: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 impl PgStore {
@@ -191,6 +203,7 @@ impl PgStore {
                 failing_since: Mutex::new(None),
                 rng: Mutex::new(Rng::seeded()),
                 tasks: vec![],
+                stored: tokio::sync::mpsc::unbounded_channel().0,
                 settings,
             });
         }
@@ -248,6 +261,8 @@ impl PgStore {
             routes.clone(),
         ));
         let pruner = tokio::spawn(prune(pool.clone(), settings.dedupe_window));
+        let (stored, news) = tokio::sync::mpsc::unbounded_channel();
+        let notifier = tokio::spawn(announce(pool.clone(), news));
         Ok(PgStore {
             owner: owner_name(),
             location,
@@ -257,7 +272,8 @@ impl PgStore {
             routes_read: Mutex::new(Instant::now()),
             failing_since: Mutex::new(None),
             rng: Mutex::new(Rng::seeded()),
-            tasks: vec![listener, pruner],
+            tasks: vec![listener, pruner, notifier],
+            stored,
             settings,
         })
     }
@@ -362,6 +378,8 @@ impl PgStore {
         match rows.first() {
             Some(row) => {
                 stats.accepted.fetch_add(1, Ordering::Relaxed);
+                self.shared.notify.notify_one();
+                let _ = self.stored.send(event.route.clone());
                 self.routes.lock().expect("lock").insert(event.route);
                 Ok(Accepted::Stored(row.get(0)))
             }
@@ -387,20 +405,23 @@ impl PgStore {
             let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
             // One claimer per route at a time: the in-flight count it reads stays true until
             // its claims commit, so the limit holds across gates.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                &[&format!("hubgate.claim:{route}")],
-            )
-            .await
-            .map_err(|e| self.failed(&e))?;
+            // Statements prepared once per connection: parsing and planning them on every
+            // call was a visible share of the database's CPU (bench/results, spool-pg).
+            let prepare = |sql| tx.prepare_cached(sql);
+            let lock = prepare(CLAIM_LOCK).await.map_err(|e| self.failed(&e))?;
+            tx.execute(&lock, &[&format!("hubgate.claim:{route}")])
+                .await
+                .map_err(|e| self.failed(&e))?;
+            let claim = prepare(CLAIM).await.map_err(|e| self.failed(&e))?;
             let rows = tx
-                .query(CLAIM, &[&route, &(max as i64), &self.owner, &lease])
+                .query(&claim, &[&route, &(max as i64), &self.owner, &lease])
                 .await
                 .map_err(|e| self.failed(&e))?;
             let room = max - running;
             if rows.len() < room {
+                let next = prepare(NEXT_DUE).await.map_err(|e| self.failed(&e))?;
                 let due: Option<i64> = tx
-                    .query_one(NEXT_DUE, &[&route])
+                    .query_one(&next, &[&route])
                     .await
                     .map_err(|e| self.failed(&e))?
                     .get(0);
@@ -423,12 +444,12 @@ impl PgStore {
         let mut client = self.client().await?;
         let stats = &self.shared.stats;
         if outcome == DeliveryOutcome::Done {
+            let delete = client
+                .prepare_cached(DELIVERED)
+                .await
+                .map_err(|e| self.failed(&e))?;
             let n = client
-                .execute(
-                    "DELETE FROM hubgate.events
-                     WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2",
-                    &[&id, &self.owner],
-                )
+                .execute(&delete, &[&id, &self.owner])
                 .await
                 .map_err(|e| self.failed(&e))?;
             if n == 0 {
@@ -644,6 +665,26 @@ async fn listen(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Tells the other gates about new events: one `NOTIFY` per route every 50 ms at most, in a
+/// transaction of its own, so the notification lock never sits inside an accept's commit.
+async fn announce(pool: Pool, mut news: tokio::sync::mpsc::UnboundedReceiver<String>) {
+    while let Some(first) = news.recv().await {
+        let mut routes = BTreeSet::from([first]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(r) = news.try_recv() {
+            routes.insert(r);
+        }
+        let Ok(client) = pool.get().await else {
+            continue; // the other gates poll every second anyway
+        };
+        for route in routes {
+            let _ = client
+                .execute("SELECT pg_notify('hubgate_spool', $1)", &[&route])
+                .await;
+        }
     }
 }
 
