@@ -234,9 +234,8 @@ pg_backend() {
 }
 
 # pg_check NAME PREPARE_CMD...: `hubgate check` with a shared-PostgreSQL workload's environment.
-# With a hubgate that has the PostgreSQL backend: the exact environment. Without (src/ does not
-# have it yet): the same environment with the SQLite spool in place of PostgreSQL (only the
-# backend's own variables and keys differ), so everything else is still checked.
+# The exact environment; the SQLite stand-in's environment serves only to probe that the binary
+# reads HUBGATE_SPOOL_BACKEND (a binary without the PostgreSQL backend fails this step).
 pg_check() {
   local name=$1
   shift
@@ -248,10 +247,9 @@ pg_check() {
       to "$TMP/$name.check" with_env "$TMP/$name.env" "$BIN" check
     must "  ... says OK, no warning" check_output_clean "$TMP/$name.check"
   else
-    say "  ..   hubgate does not read HUBGATE_SPOOL_BACKEND yet: checking with the SQLite spool in its place"
-    must "hubgate check with the $name environment (SQLite stand-in for the PostgreSQL spool)" \
-      to "$TMP/$name-standin.check" with_env "$TMP/$name-standin.env" "$BIN" check
-    must "  ... says OK, no warning" check_output_clean "$TMP/$name-standin.check"
+    # src/ has the PostgreSQL backend: a binary without it is a failure, not a reason to
+    # check something else.
+    must "hubgate reads HUBGATE_SPOOL_BACKEND (the PostgreSQL spool backend)" false
   fi
 }
 
