@@ -89,7 +89,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let logging = init_logging(cli.log_format);
     // A gate holds one descriptor per connection: lift the soft limit to the hard one.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         warn!("cannot raise the open-file limit: {e}");
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
             }
         }
     });
-    match command {
+    let code = match command {
         Command::Sign { secret } => sign(&secret),
         Command::Check { config } => check(config.as_deref()),
         Command::Health { url } => runtime().block_on(health(url)),
@@ -124,23 +124,61 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    };
+    logging.finish();
+    code
+}
+
+/// The log writer: lines are formatted on the request's thread and written to stderr by a
+/// thread of their own through a bounded queue, so a slow terminal, pipe or disk never blocks a
+/// request; when the queue is full, lines are dropped and counted (tracing-appender's
+/// non-blocking writer, lossy).
+struct Logging {
+    /// Flushes what is queued when dropped.
+    _guard: tracing_appender::non_blocking::WorkerGuard,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
+}
+
+impl Logging {
+    /// Flushes the queue, and says how many lines were dropped, if any.
+    fn finish(self) {
+        let dropped = self.dropped.dropped_lines();
+        drop(self._guard);
+        if dropped > 0 {
+            eprintln!(
+                "hubgate: {dropped} log line(s) were dropped: the log writer could not keep up"
+            );
+        }
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Lines the log queue holds before it drops: at ~250 bytes a line, about 16 MiB.
+const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+fn init_logging(format: LogFormat) -> Logging {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a terminal, and never when NO_COLOR is set non-empty (https://no-color.org):
     // a log file or pipe gets plain text.
     let ansi = std::io::stderr().is_terminal() && env("NO_COLOR").is_none_or(|v| v.is_empty());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("hubgate-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Logging {
+        _guard: guard,
+        dropped,
     }
 }
 
