@@ -691,6 +691,10 @@ def cmd_strace(unit: Path, filter_listing: Path, *logs: Path) -> None:
                 continue
             name, rest = m.groups()
             used.add(name)
+            if " resumed>" in line:
+                # The second half of a call another thread's line interrupted: its arguments
+                # were on the `<unfinished ...>` line, which was read as the call.
+                continue
             if name in ("socket", "socketpair"):
                 fam = rest.split(",", 1)[0].strip()
                 sockets.add(fam)
