@@ -926,9 +926,7 @@ const CRASH_SEED: u64 = 0x5EED_0003;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
     let started = Instant::now();
-    let seed = hubgate::config::process_env("HUBGATE_CRASH_SEED")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(CRASH_SEED);
+    let seed = crash_seed(CRASH_SEED);
     let mut rng = SplitMix(seed);
 
     let backend = Upstream::start().await;

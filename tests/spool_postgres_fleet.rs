@@ -526,9 +526,7 @@ const KILL_SEED: u64 = 0x5EED_F1EE;
 async fn sigkill_of_a_gate_loses_nothing_acknowledged() {
     let Some(pg) = postgres() else { return };
     let started = Instant::now();
-    let seed = hubgate::config::process_env("HUBGATE_CRASH_SEED")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(KILL_SEED);
+    let seed = crash_seed(KILL_SEED);
     let mut rng = SplitMix(seed);
 
     // Deliveries take a moment, so kills catch some in flight.

@@ -89,3 +89,10 @@ impl SplitMix {
         (self.next() % n as u64) as usize
     }
 }
+
+/// The crash tests' seed: `HUBGATE_CRASH_SEED=N` replays another schedule than `default`.
+pub fn crash_seed(default: u64) -> u64 {
+    hubgate::config::process_env("HUBGATE_CRASH_SEED")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
