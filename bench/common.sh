@@ -9,11 +9,15 @@ wait_port() { # PORT -> waits up to 10 s for a listener
 }
 
 # Fills a template's @PLACEHOLDERS@ from WORK, PKI, UPSTREAM_ADDR, TOKEN, SECRET, SECRET_B64, CN,
-# NJS_MODULE and PG_PORT (those a template does not use may be unset).
+# NJS_MODULE, PG_PORT and LOGS (on: the access-log lines marked @LOG_ON@ are kept, those marked
+# @LOG_OFF@ commented out; anything else: the other way round). Those a template does not use
+# may be unset.
 render() { # TEMPLATE PORT > OUT
   sed -e "s|@WORK@|$WORK|g" -e "s|@PKI@|$PKI|g" -e "s|@PORT@|$2|g" \
     -e "s|@UPSTREAM_ADDR@|$UPSTREAM_ADDR|g" -e "s|@TOKEN@|$TOKEN|g" \
     -e "s|@SECRET_B64@|${SECRET_B64:-}|g" -e "s|@SECRET@|$SECRET|g" \
     -e "s|@CN_RE@|${CN//./\\\\.}|g" -e "s|@CN@|$CN|g" -e "s|@NJS_MODULE@|${NJS_MODULE:-}|g" \
-    -e "s|@PG_PORT@|${PG_PORT:-}|g" "$1"
+    -e "s|@PG_PORT@|${PG_PORT:-}|g" \
+    -e "s|@LOG_ON@|$([ "${LOGS:-off}" = on ] || echo '# ')|g" \
+    -e "s|@LOG_OFF@|$([ "${LOGS:-off}" = on ] && echo '# ')|g" "$1"
 }

@@ -10,6 +10,10 @@
 #          --systems "haproxy nginx hubgate",
 #          --scenarios "ka1k ka64k newconn get spool1k spool-pg idle ready size micro"
 #          (default: all). spool-pg needs PostgreSQL 15 (Debian's postgresql-15).
+#          --topologies "split sidecar": split, the upstream on the load generator's core (every
+#          scenario); sidecar, the upstream on the system's core, as an application sharing a
+#          sidecar's CPU (ka1k ka64k get spool1k). --logs "off on": access logs off for all, or
+#          on for all (ka1k get), each written to a file the way it runs in production.
 #          Environment: BENCH_PORT_BASE (default 28440), BENCH_PG_CORE (default 0: PostgreSQL on
 #          hubgate's core), BENCH_COUNT_FSYNC=1 (count fsync/fdatasync calls of the spool rows
 #          with perf: adds tracing overhead to those rows, so off by default).
@@ -38,18 +42,20 @@ BUILD=1
 INSTALL=1
 SYSTEMS="haproxy nginx hubgate"
 SCENARIOS="ka1k ka64k newconn get spool1k spool-pg idle ready size micro"
+TOPOLOGIES="split sidecar"
+LOGS_SETTINGS="off on"
 CONNS=50         # keep-alive connections, each one request at a time
 NEWCONN_CONNS=50 # concurrent new-connection clients
 IDLE_CONNS=1000
 SPOOL_DRAIN=30   # seconds at most to wait after a spool run until everything is delivered
-BUDGET_S=$((15 * 60))
+BUDGET_S=$((32 * 60))
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick)
       MODE=quick REPS=3 DURATION=2 WARMUP=1 IDLE_REPS=2 IDLE_HOLD=2 READY_REPS=3 MICRO_MS=300
       SPOOL_DRAIN=15
-      BUDGET_S=$((4 * 60))
+      BUDGET_S=$((8 * 60))
       ;;
     --reps) REPS=$2; shift ;;
     --duration) DURATION=$2; shift ;;
@@ -58,6 +64,8 @@ while [ $# -gt 0 ]; do
     --no-install) INSTALL=0 ;;
     --systems) SYSTEMS=$2; shift ;;
     --scenarios) SCENARIOS=$2; shift ;;
+    --topologies) TOPOLOGIES=$2; shift ;;
+    --logs) LOGS_SETTINGS=$2; shift ;;
     -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
@@ -127,13 +135,14 @@ T_START=$(date +%s) # the time budget counts from here: installing and building 
 BASE=${BENCH_PORT_BASE:-28440}
 for _ in 1 2 3 4 5 6 7 8 9 10; do
   busy=0
-  for off in 1 2 3 4 5 10 11; do port_busy $((BASE + off)) && busy=1; done
+  for off in 1 2 3 4 5 10 11 12; do port_busy $((BASE + off)) && busy=1; done
   [ $busy = 0 ] && break
   BASE=$((BASE + 100))
 done
 [ $busy = 0 ] || { echo "bench: no free ports found near ${BENCH_PORT_BASE:-28440}" >&2; exit 1; }
 declare -A PORT=([haproxy]=$((BASE + 1)) [nginx]=$((BASE + 2)) [hubgate]=$((BASE + 3)) [hubgate-spool]=$((BASE + 4)) [hubgate-spool-pg]=$((BASE + 5)))
 UPSTREAM_ADDR="127.0.0.1:$((BASE + 10))"
+SIDECAR_UPSTREAM_ADDR="127.0.0.1:$((BASE + 12))"
 PG_PORT=$((BASE + 11))
 PG_CORE=${BENCH_PG_CORE:-0}
 PG_DIR="$WORK/pg"
@@ -150,12 +159,21 @@ SECRET="bench-app-secret-$RANDOM$RANDOM$RANDOM"
 SECRET_B64=$(printf '%s' "$SECRET" | base64 -w0)
 CN=client.webhooks.fbclientcerts.com
 
-render "$BENCH_DIR/conf/haproxy.cfg.tmpl" "${PORT[haproxy]}" >"$WORK/haproxy.cfg"
-render "$BENCH_DIR/conf/nginx.conf.tmpl" "${PORT[nginx]}" >"$WORK/nginx.conf"
-render "$BENCH_DIR/conf/meta.js.tmpl" 0 >"$WORK/meta.js"
-render "$BENCH_DIR/conf/hubgate.toml.tmpl" "${PORT[hubgate]}" >"$WORK/hubgate.toml"
-render "$BENCH_DIR/conf/hubgate-spool.toml.tmpl" "${PORT[hubgate-spool]}" >"$WORK/hubgate-spool.toml"
-render "$BENCH_DIR/conf/hubgate-spool-pg.toml.tmpl" "${PORT[hubgate-spool-pg]}" >"$WORK/hubgate-spool-pg.toml"
+# Every system's configuration for one topology and log setting, in CONF (a folder of WORK):
+# the same templates, the upstream address and the access-log lines changed.
+CONF="$WORK"
+HUBGATE_LOG=warn
+render_configs() { # FOLDER UPSTREAM_ADDR LOGS
+  local UPSTREAM_ADDR=$2 LOGS=$3
+  mkdir -p "$1"
+  render "$BENCH_DIR/conf/haproxy.cfg.tmpl" "${PORT[haproxy]}" >"$1/haproxy.cfg"
+  render "$BENCH_DIR/conf/nginx.conf.tmpl" "${PORT[nginx]}" >"$1/nginx.conf"
+  render "$BENCH_DIR/conf/meta.js.tmpl" 0 >"$1/meta.js"
+  render "$BENCH_DIR/conf/hubgate.toml.tmpl" "${PORT[hubgate]}" >"$1/hubgate.toml"
+  render "$BENCH_DIR/conf/hubgate-spool.toml.tmpl" "${PORT[hubgate-spool]}" >"$1/hubgate-spool.toml"
+  render "$BENCH_DIR/conf/hubgate-spool-pg.toml.tmpl" "${PORT[hubgate-spool-pg]}" >"$1/hubgate-spool-pg.toml"
+}
+render_configs "$WORK" "$UPSTREAM_ADDR" off
 mkdir -p "$WORK/spool"
 haproxy -c -q -f "$WORK/haproxy.cfg" >&2
 nginx -q -t -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" >&2
@@ -188,23 +206,26 @@ esac
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-# Command lines: every system on core 0 with one worker; access logs off for all three.
+# Command lines: every system on core 0 with one worker, configured from CONF; hubgate logs at
+# HUBGATE_LOG (warn: no access log; info: its default, an access line per request). Each
+# system's output (HAProxy's access log is its stdout, hubgate's its stderr) goes to a file.
 sys_cmd() {
   case "$1" in
-    haproxy) echo "taskset -c 0 haproxy -db -f $WORK/haproxy.cfg" ;;
-    nginx) echo "taskset -c 0 nginx -c $WORK/nginx.conf -p $WORK -e $WORK/nginx-error.log" ;;
-    hubgate) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate.toml" ;;
-    hubgate-spool) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate-spool.toml" ;;
-    hubgate-spool-pg) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 $HUBGATE run --config $WORK/hubgate-spool-pg.toml" ;;
+    haproxy) echo "taskset -c 0 haproxy -db -f $CONF/haproxy.cfg" ;;
+    nginx) echo "taskset -c 0 nginx -c $CONF/nginx.conf -p $WORK -e $WORK/nginx-error.log" ;;
+    hubgate) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=$HUBGATE_LOG taskset -c 0 $HUBGATE run --config $CONF/hubgate.toml" ;;
+    hubgate-spool) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=$HUBGATE_LOG taskset -c 0 $HUBGATE run --config $CONF/hubgate-spool.toml" ;;
+    hubgate-spool-pg) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=$HUBGATE_LOG taskset -c 0 $HUBGATE run --config $CONF/hubgate-spool-pg.toml" ;;
   esac
 }
 
 declare -A PID=()
 UPSTREAM_PID=
+SIDECAR_UPSTREAM_PID=
 cleanup() {
   for p in ${LG_BG:-} ${PERF_BG:-}; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PID[@]}" $UPSTREAM_PID; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PID[@]}" $UPSTREAM_PID; do
+  for p in "${PID[@]}" $UPSTREAM_PID $SIDECAR_UPSTREAM_PID; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PID[@]}" $UPSTREAM_PID $SIDECAR_UPSTREAM_PID; do
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$p" 2>/dev/null || true
   done
@@ -284,6 +305,16 @@ taskset -c 1 "$UPSTREAM" --listen "$UPSTREAM_ADDR" --max-seconds $((BUDGET_S + 3
   >"$WORK/upstream.log" 2>&1 &
 UPSTREAM_PID=$!
 wait_port "${UPSTREAM_ADDR##*:}" || { log "the upstream did not start"; exit 1; }
+if [[ " $TOPOLOGIES " == *" sidecar "* ]]; then
+  log "starting the sidecar topology's upstream on core 0 ($SIDECAR_UPSTREAM_ADDR)"
+  taskset -c 0 "$UPSTREAM" --listen "$SIDECAR_UPSTREAM_ADDR" --max-seconds $((BUDGET_S + 300)) \
+    >"$WORK/upstream-sidecar.log" 2>&1 &
+  SIDECAR_UPSTREAM_PID=$!
+  wait_port "${SIDECAR_UPSTREAM_ADDR##*:}" || { log "the sidecar upstream did not start"; exit 1; }
+fi
+# The upstream of the phase being run (bench phases below).
+CUR_UP=$UPSTREAM_ADDR
+CUR_UP_PID=$UPSTREAM_PID
 
 read -r -a SYS_LIST <<<"$SYSTEMS"
 RUN_LIST=("${SYS_LIST[@]}")
@@ -348,14 +379,14 @@ scenario_args() {
 # with BENCH_COUNT_FSYNC=1).
 LG_BG=
 PERF_BG=
-spool_run() { # SCENARIO SYSTEM REP
+spool_run() { # SCENARIO SYSTEM REP (SCENARIO may carry the phase's suffix)
   local sc=$1 s=$2 rep=$3 hp=${PID[$2]} t0 t1 h0 h1 p0=0 p1=0 db0="" db1="" out="$WORK/load-$1-$3.json"
   local fsyncs=""
   # Not through LG(): $! must be timeout's pid, so that the trap can stop it.
   # shellcheck disable=SC2046
   timeout 120 taskset -c 1 "$LOADGEN" load $(common "$s") --label "scenario=$sc" --label "rep=$rep" \
-    $(scenario_args "$sc") --warmup "$WARMUP" --duration "$DURATION" --pids "$hp" \
-    --upstream-pid "$UPSTREAM_PID" --upstream-addr "$UPSTREAM_ADDR" >"$out" &
+    $(scenario_args "${sc%%[@+]*}") --warmup "$WARMUP" --duration "$DURATION" --pids "$hp" \
+    --upstream-pid "$CUR_UP_PID" --upstream-addr "$CUR_UP" >"$out" &
   LG_BG=$!
   sleep "$WARMUP"
   if [ "${BENCH_COUNT_FSYNC:-0}" = 1 ]; then
@@ -422,38 +453,82 @@ spool_run() { # SCENARIO SYSTEM REP
   return "$rc"
 }
 
-n=${#PASSED[@]}
-for rep in $(seq "$REPS"); do
-  for sc in ka1k ka64k newconn get; do
-    has "$sc" || continue
-    for i in $(seq 0 $((n - 1))); do
-      s=${PASSED[$(((i + rep - 1) % n))]} # rotate the order each repetition
-      # Leave time for the idle, ready and micro-benchmark phases.
-      if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping the rest"; break 3; fi
-      wait_quiet
-      log "rep $rep/$REPS  $sc  $s"
-      # shellcheck disable=SC2046
-      LG load $(common "$s") --label "scenario=$sc" --label "rep=$rep" $(scenario_args "$sc") \
-        --warmup "$WARMUP" --duration "$DURATION" --pids "$(sys_pids "$s")" \
-        --upstream-pid "$UPSTREAM_PID" --upstream-addr "$UPSTREAM_ADDR" >>"$RESULTS" \
-        || log "load run failed: $s $sc rep $rep"
-    done
+# The phases: today's topology with access logs off first (every scenario), then the others
+# that were asked for, each with its own scenarios (see the header). Systems restart between
+# phases with that phase's configuration.
+PHASES=()
+for topo in split sidecar; do
+  [[ " $TOPOLOGIES " == *" $topo "* ]] || continue
+  for lg in off on; do
+    [[ " $LOGS_SETTINGS " == *" $lg "* ]] && PHASES+=("$topo:$lg")
   done
-  # The spool rows, SQLite then PostgreSQL on odd repetitions, the other way round on even ones.
-  spool_rows=()
-  [ "$SPOOL_OK" = 1 ] && spool_rows+=("spool1k hubgate-spool")
-  [ "$SPOOL_PG_OK" = 1 ] && spool_rows+=("spool-pg hubgate-spool-pg")
-  [ $((rep % 2)) = 0 ] && [ ${#spool_rows[@]} = 2 ] && spool_rows=("${spool_rows[1]}" "${spool_rows[0]}")
-  for row in "${spool_rows[@]}"; do
-    if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping the rest"; break 2; fi
-    read -r sc s <<<"$row"
-    wait_quiet
-    log "rep $rep/$REPS  $sc  $s"
-    spool_run "$sc" "$s" "$rep" || log "load run failed: $s $sc rep $rep"
+done
+phase_has() { # PHASE SCENARIO: is the scenario run in this phase?
+  has "$2" || return 1
+  case "$1" in
+    split:off) return 0 ;;
+    sidecar:off) [[ " ka1k ka64k get spool1k " == *" $2 "* ]] ;;
+    *) [[ " ka1k get " == *" $2 "* ]] ;;
+  esac
+}
+
+n=${#PASSED[@]}
+for phase in "${PHASES[@]}"; do
+  topo=${phase%%:*} logs=${phase##*:}
+  suffix=""
+  [ "$topo" = sidecar ] && suffix="@sidecar"
+  [ "$logs" = on ] && suffix="$suffix+log"
+  if [ "$phase" != split:off ]; then
+    if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping phase $phase"; break; fi
+    for s in "${RUN_LIST[@]}"; do stop_sys "$s"; done
+    CONF="$WORK/$topo-$logs"
+    CUR_UP=$UPSTREAM_ADDR CUR_UP_PID=$UPSTREAM_PID
+    [ "$topo" = sidecar ] && CUR_UP=$SIDECAR_UPSTREAM_ADDR CUR_UP_PID=$SIDECAR_UPSTREAM_PID
+    HUBGATE_LOG=warn
+    [ "$logs" = on ] && HUBGATE_LOG=info
+    render_configs "$CONF" "$CUR_UP" "$logs"
+    log "phase $phase: upstream $CUR_UP, access logs $logs"
+    for s in "${PASSED[@]}"; do start_sys "$s" || true; done
+    [ "$SPOOL_OK" = 1 ] && phase_has "$phase" spool1k && { start_sys hubgate-spool || true; }
+    sleep 0.5
+  fi
+  for rep in $(seq "$REPS"); do
+    for sc in ka1k ka64k newconn get; do
+      phase_has "$phase" "$sc" || continue
+      for i in $(seq 0 $((n - 1))); do
+        s=${PASSED[$(((i + rep - 1) % n))]} # rotate the order each repetition
+        # Leave time for the idle, ready and micro-benchmark phases.
+        if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping the rest"; break 3; fi
+        [ -n "${PID[$s]:-}" ] || continue
+        wait_quiet
+        log "rep $rep/$REPS  $sc$suffix  $s"
+        # shellcheck disable=SC2046
+        LG load $(common "$s") --label "scenario=$sc$suffix" --label "rep=$rep" $(scenario_args "$sc") \
+          --warmup "$WARMUP" --duration "$DURATION" --pids "$(sys_pids "$s")" \
+          --upstream-pid "$CUR_UP_PID" --upstream-addr "$CUR_UP" >>"$RESULTS" \
+          || log "load run failed: $s $sc$suffix rep $rep"
+      done
+    done
+    # The spool rows, SQLite then PostgreSQL on odd repetitions, the other way round on even ones.
+    spool_rows=()
+    [ "$SPOOL_OK" = 1 ] && phase_has "$phase" spool1k && spool_rows+=("spool1k hubgate-spool")
+    [ "$SPOOL_PG_OK" = 1 ] && phase_has "$phase" spool-pg && spool_rows+=("spool-pg hubgate-spool-pg")
+    [ $((rep % 2)) = 0 ] && [ ${#spool_rows[@]} = 2 ] && spool_rows=("${spool_rows[1]}" "${spool_rows[0]}")
+    for row in "${spool_rows[@]}"; do
+      if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping the rest"; break 2; fi
+      read -r sc s <<<"$row"
+      [ -n "${PID[$s]:-}" ] || continue
+      wait_quiet
+      log "rep $rep/$REPS  $sc$suffix  $s"
+      spool_run "$sc$suffix" "$s" "$rep" || log "load run failed: $s $sc$suffix rep $rep"
+    done
   done
 done
 for s in "${RUN_LIST[@]}"; do stop_sys "$s"; done
 pg_stop
+# The idle, ready and size parts run with today's configuration (access logs off).
+CONF="$WORK"
+HUBGATE_LOG=warn
 
 # --- 1,000 idle mTLS connections, each system freshly started -------------------------------------------
 for rep in $(seq "$IDLE_REPS"); do

@@ -22,6 +22,7 @@ pub mod deliver;
 pub mod gate;
 pub mod identity;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod pipeline;

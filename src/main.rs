@@ -129,21 +129,20 @@ fn main() -> ExitCode {
     code
 }
 
-/// The log writer: lines are formatted on the request's thread and written to stderr by a
-/// thread of their own through a bounded queue, so a slow terminal, pipe or disk never blocks a
-/// request; when the queue is full, lines are dropped and counted (tracing-appender's
-/// non-blocking writer, lossy).
+/// The log output (hubgate::logging): every line goes into one buffer that a thread of its own
+/// writes to stderr in batches, so a slow terminal, pipe or disk never blocks a request; when
+/// the buffer is full, lines are dropped and counted.
 struct Logging {
-    /// Flushes what is queued when dropped.
-    _guard: tracing_appender::non_blocking::WorkerGuard,
-    dropped: tracing_appender::non_blocking::ErrorCounter,
+    /// Writes what is buffered when dropped.
+    guard: hubgate::logging::LogGuard,
+    buffer: hubgate::logging::LogBuffer,
 }
 
 impl Logging {
-    /// Flushes the queue, and says how many lines were dropped, if any.
+    /// Writes what is buffered, and says how many lines were dropped, if any.
     fn finish(self) {
-        let dropped = self.dropped.dropped_lines();
-        drop(self._guard);
+        let dropped = self.buffer.dropped();
+        drop(self.guard);
         if dropped > 0 {
             eprintln!(
                 "hubgate: {dropped} log line(s) were dropped: the log writer could not keep up"
@@ -152,9 +151,6 @@ impl Logging {
     }
 }
 
-/// Lines the log queue holds before it drops: at ~250 bytes a line, about 16 MiB.
-const LOG_QUEUE_LINES: usize = 64 * 1024;
-
 fn init_logging(format: LogFormat) -> Logging {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -162,24 +158,25 @@ fn init_logging(format: LogFormat) -> Logging {
     // Colour only for a terminal, and never when NO_COLOR is set non-empty (https://no-color.org):
     // a log file or pipe gets plain text.
     let ansi = std::io::stderr().is_terminal() && env("NO_COLOR").is_none_or(|v| v.is_empty());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("hubgate-log")
-        .finish(std::io::stderr());
-    let dropped = writer.error_counter();
+    let (buffer, guard) = hubgate::logging::LogBuffer::start(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Logging {
-        _guard: guard,
-        dropped,
-    }
+        .with_writer(buffer.clone());
+    let format = match format {
+        LogFormat::Text => {
+            builder.init();
+            hubgate::logging::Format::Text
+        }
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            hubgate::logging::Format::Json
+        }
+    };
+    // Access lines skip tracing's formatter; the filter still decides whether there are any.
+    let access = tracing::enabled!(target: "hubgate::access", tracing::Level::INFO);
+    hubgate::logging::install(buffer.clone(), format, access);
+    Logging { guard, buffer }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

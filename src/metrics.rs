@@ -74,6 +74,7 @@ pub struct Metrics {
     spool_oldest: Family<RouteOnly, Gauge<f64, std::sync::atomic::AtomicU64>>,
     refused_connections: Family<Reason, Counter>,
     open_connections: Gauge,
+    log_lines_dropped: Counter,
     cert_expiry: Family<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Expiry dates of the current configuration's certificates, for scrape time.
     certs: Mutex<Vec<(CertLabels, i64)>>,
@@ -158,6 +159,12 @@ impl Metrics {
             "Connections closed before TLS (bad PROXY header, source not allowed)",
             refused_connections.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log output could not keep up",
+            log_lines_dropped.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -184,6 +191,7 @@ impl Metrics {
             spool_oldest,
             refused_connections,
             open_connections,
+            log_lines_dropped,
             cert_expiry,
             certs: Mutex::new(Vec::new()),
         }
@@ -332,6 +340,13 @@ impl Metrics {
                 self.cert_expiry
                     .get_or_create(labels)
                     .set((not_after - now_unix) as f64);
+            }
+            // Counted by the log buffer; brought up to date here (under the lock: two scrapes
+            // at once must not both add the difference).
+            let dropped = crate::logging::dropped_lines();
+            let shown = self.log_lines_dropped.get();
+            if dropped > shown {
+                self.log_lines_dropped.inc_by(dropped - shown);
             }
         }
         let mut out = String::new();

@@ -196,6 +196,19 @@ fn verdicts(log: &[String], verdict: &str) -> usize {
     log.iter().filter(|l| l.contains(&needle)).count()
 }
 
+/// `gate`'s log from line `from` on, once it holds `want` access lines with `verdict` (or after
+/// 10 s): the log is written in batches, a little after the responses.
+async fn log_with_verdicts(gate: &Hubgate, from: usize, verdict: &str, want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = gate.logs()[from..].to_vec();
+        if verdicts(&log, verdict) >= want || Instant::now() >= deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `cond` every 50 ms until it holds; panics with `what()` after `within`.
 async fn eventually(within: Duration, mut cond: impl FnMut() -> bool, what: impl Fn() -> String) {
     let deadline = Instant::now() + within;
@@ -297,8 +310,9 @@ async fn two_gates_share_one_queue_and_deliver_each_event_once() {
     );
     // Each gate stored its half: both accepted into the one queue.
     for (name, gate) in [("A", &gate_a), ("B", &gate_b)] {
+        let log = log_with_verdicts(gate, 0, "spooled", SHARED_EVENTS / 2).await;
         assert_eq!(
-            verdicts(&gate.logs(), "spooled"),
+            verdicts(&log, "spooled"),
             SHARED_EVENTS / 2,
             "gate {name} stores every event sent to it"
         );
@@ -331,7 +345,8 @@ async fn a_retry_reaching_the_other_gate_is_a_duplicate() {
 
     assert_eq!(backend.delivered(&body), 1, "delivered once");
     assert_eq!(backend.received(&body), 1, "sent to the backend once");
-    let (log_a, log_b) = (gate_a.logs(), gate_b.logs());
+    let log_a = log_with_verdicts(&gate_a, 0, "spooled", 1).await;
+    let log_b = log_with_verdicts(&gate_b, 0, "duplicate", 1).await;
     assert_eq!(verdicts(&log_a, "spooled"), 1, "{}", log_a.join("\n"));
     assert_eq!(verdicts(&log_b, "duplicate"), 1, "{}", log_b.join("\n"));
     assert_eq!(verdicts(&log_b, "spooled"), 0, "{}", log_b.join("\n"));
@@ -703,7 +718,7 @@ async fn database_down_answers_503_and_resumes() {
             .unwrap_or_else(|e| panic!("an answer while the database is down: {e}"));
         assert_eq!(status, 503, "{}", event_id(b));
     }
-    let log = gate.logs()[mark..].to_vec();
+    let log = log_with_verdicts(&gate, mark, "spool_unavailable", during.len()).await;
     assert_eq!(
         verdicts(&log, "spool_unavailable"),
         during.len(),

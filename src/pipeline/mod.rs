@@ -22,7 +22,7 @@ use http::{HeaderMap, Method, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{info, warn};
+use tracing::warn;
 
 pub use outcome::Outcome;
 
@@ -33,6 +33,7 @@ use crate::deliver::ForwardError;
 use crate::gate::challenge;
 use crate::gate::signature::SignatureMatch;
 use crate::identity::{ClientContext, Peer};
+use crate::logging::AccessLine;
 use crate::spool::Accepted;
 use crate::state::{Generation, RouteState, Shared};
 
@@ -58,19 +59,18 @@ pub(crate) async fn handle(
         (o, r)
     });
     let status = response.status();
-    info!(
-        target: "hubgate::access",
-        peer = %client.peer,
-        client = %client.address,
-        route = route.map(|r| r.route.path.as_str()).unwrap_or("-"),
-        method = %method,
-        verdict = outcome.verdict(),
-        reason = outcome.reason(),
-        status = status.as_u16(),
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-        client_cn = client.cn().unwrap_or("-"),
-        "request"
-    );
+    AccessLine {
+        peer: client.peer,
+        client: client.address,
+        route: route.map_or("-", |r| r.route.path.as_str()),
+        method: method.as_str(),
+        verdict: outcome.verdict(),
+        reason: outcome.reason(),
+        status: status.as_u16(),
+        latency: started.elapsed(),
+        client_cn: client.cn().unwrap_or("-"),
+    }
+    .log();
     let label = route.map_or(&generation.no_route_label, |r| &r.label);
     outcome.record(&shared.metrics, label, status);
     response
