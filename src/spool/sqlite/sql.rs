@@ -214,6 +214,12 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     pragma(conn, "PRAGMA synchronous = FULL")?;
     pragma(conn, "PRAGMA foreign_keys = OFF")?;
+    // Plans never depend on bound values: without this, binding a `LIMIT ?` (claims, pruning)
+    // marks the cached statement expired, and SQLite compiles it again on every use.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
@@ -165,13 +165,7 @@ pub(crate) fn spawn(
     Ok(())
 }
 
-fn run(
-    mut conn: Connection,
-    lock: Connection,
-    mut ctx: Ctx,
-    shared: Arc<Shared>,
-    rx: Receiver<Msg>,
-) {
+fn run(conn: Connection, lock: Connection, mut ctx: Ctx, shared: Arc<Shared>, rx: Receiver<Msg>) {
     let max_events = ctx.settings.max_batch_events.max(1);
     // None: prune with the first batch.
     let mut last_prune: Option<Instant> = None;
@@ -207,7 +201,7 @@ fn run(
         if jobs.is_empty() && !prune {
             continue;
         }
-        let pruned = commit_batch(&mut conn, &mut ctx, &shared, jobs, prune);
+        let pruned = commit_batch(&conn, &mut ctx, &shared, jobs, prune);
         if prune {
             // A full chunk means more are waiting: prune again with the next batch.
             if pruned < store::DELETE_CHUNK as usize {
@@ -227,6 +221,11 @@ fn run(
     }
 }
 
+/// Runs a statement without parameters or rows through the statement cache.
+fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 /// Runs one batch in one transaction and answers its jobs. Returns how many dedupe keys were
 /// pruned.
 ///
@@ -239,7 +238,7 @@ fn run(
 /// start anyway) or a recorded outcome (the event is delivered again: at least once). This
 /// keeps draining a backlog from costing two fsyncs per event.
 fn commit_batch(
-    conn: &mut Connection,
+    conn: &Connection,
     ctx: &mut Ctx,
     shared: &Shared,
     mut jobs: Vec<Box<dyn Job>>,
@@ -247,8 +246,14 @@ fn commit_batch(
 ) -> usize {
     let durable = jobs.iter().any(|j| j.durable());
     if durable != ctx.sync_full {
-        let mode = if durable { "FULL" } else { "NORMAL" };
-        match conn.execute_batch(&format!("PRAGMA synchronous = {mode}")) {
+        // Not through the statement cache: SQLite applies this PRAGMA when it compiles it, so
+        // a cached one would do nothing the second time.
+        let set = if durable {
+            "PRAGMA synchronous = FULL"
+        } else {
+            "PRAGMA synchronous = NORMAL"
+        };
+        match conn.execute_batch(set) {
             Ok(()) => ctx.sync_full = durable,
             Err(e) => warn!(error = %e, "spool: cannot set synchronous mode"),
         }
@@ -270,22 +275,30 @@ fn commit_batch(
     let mut pruned = 0;
     let mut commit_time = Duration::ZERO;
     let changes_before = conn.total_changes();
+    // BEGIN and COMMIT as cached statements: rusqlite's `Transaction` parses them anew for
+    // every batch (bench/cost.sh showed it).
     let result = (|| -> Result<(), rusqlite::Error> {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        cached(conn, "BEGIN IMMEDIATE")?;
         if prune {
             let cutoff = ctx
                 .now
                 .saturating_sub(duration_ms(ctx.settings.dedupe_window));
-            pruned = store::prune_dedupe(&tx, cutoff)?;
+            pruned = store::prune_dedupe(conn, cutoff)?;
         }
         for job in jobs.iter_mut() {
-            job.run(ctx, &tx)?;
+            job.run(ctx, conn)?;
         }
         let started = Instant::now();
-        tx.commit()?;
+        cached(conn, "COMMIT")?;
         commit_time = started.elapsed();
         Ok(())
     })();
+    if result.is_err() && !conn.is_autocommit() {
+        // Nothing of a failed batch stays (SQLite may have rolled back already).
+        if let Err(e) = cached(conn, "ROLLBACK") {
+            warn!(error = %e, "spool: rolling back a failed batch failed");
+        }
+    }
     let result = match result {
         Ok(()) => {
             let s = &shared.stats;
