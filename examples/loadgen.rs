@@ -2084,7 +2084,7 @@ fn report(a: ReportArgs) -> i32 {
             let ratios: Vec<f64> = on
                 .iter()
                 .filter_map(|r| {
-                    let b = off.iter().find(|b| n(b, "rep") == n(r, "rep"))?;
+                    let b = off.iter().find(|b| s(b, "rep") == s(r, "rep"))?;
                     let (x, y) = (n(r, "rps"), n(b, "rps"));
                     (x.is_finite() && y > 0.0).then_some(x / y)
                 })

@@ -464,3 +464,118 @@ async fn https_upstream_with_an_untrusted_certificate_is_502() {
     assert_eq!(resp.status(), 502);
     s.upstream.assert_nothing_received();
 }
+
+/// A raw HTTP/1.1 backend on 127.0.0.1 that answers each request `200 ok` (keep-alive) and
+/// closes every connection `close_after` its first answer, the way a backend's keep-alive
+/// timeout does; counts the connections it accepted and the requests it answered.
+struct RawBackend {
+    url: String,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawBackend {
+    async fn start(close_after: Option<std::time::Duration>) -> RawBackend {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (c, a) = (connections.clone(), answered.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let a = a.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request: the head, then Content-Length bytes of body.
+                        let (head_end, length) = loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                                let length = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                                break (end + 4, length);
+                            }
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        while buf.len() < head_end + length {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + length);
+                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if sock.write_all(reply).await.is_err() {
+                            return;
+                        }
+                        a.fetch_add(1, Ordering::SeqCst);
+                        if let Some(after) = close_after {
+                            tokio::time::sleep(after).await;
+                            return; // dropped: closed without a word, as idle timeouts do
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend {
+            url,
+            connections,
+            answered,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let backend = RawBackend::start(None).await;
+    let s = Scenario::new().upstream_url(&backend.url).start().await;
+    let http = s.http();
+    for i in 0..5 {
+        let body = format!("{{\"n\":{i}}}").into_bytes();
+        let resp = post_signed(&http, &s.url("/webhook"), &body).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.bytes().await.unwrap(), "ok");
+    }
+    assert_eq!(backend.answered(), 5);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "five requests one after another share one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_connection_closed_while_idle_is_replaced() {
+    // The backend closes each connection 50 ms after answering on it: every request after a
+    // pause finds its pooled connection closed and must go out on a new one, not fail.
+    let backend = RawBackend::start(Some(std::time::Duration::from_millis(50))).await;
+    let s = Scenario::new().upstream_url(&backend.url).start().await;
+    let http = s.http();
+    for i in 0..4 {
+        let body = format!("{{\"n\":{i}}}").into_bytes();
+        let resp = post_signed(&http, &s.url("/webhook"), &body).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.bytes().await.unwrap(), "ok");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(backend.answered(), 4);
+    assert_eq!(backend.connections(), 4, "one new connection per request");
+}

@@ -3,6 +3,7 @@
 //! [`RecentDeliveries`] to answer Meta's retries); spool routes [`spool::store`] it durably
 //! and deliver it later through [`spool::SpoolDelivery`].
 
+mod h1;
 pub mod recent;
 pub mod spool;
 pub mod upstream;

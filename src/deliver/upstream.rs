@@ -1,6 +1,7 @@
-//! The upstream client: a pooled HTTP client (hyper-util, rustls), header hygiene on the way
-//! in, and the relay of the backend's answer on the way out. Used for sync routes and for
-//! spooled events alike.
+//! The upstream client: pooled connections (`http://` upstreams: HTTP/1.1 driven by the
+//! request's task, see `h1`; `https://`: hyper-util's client with rustls), header hygiene on
+//! the way in, and the relay of the backend's answer on the way out. Used for sync routes and
+//! for spooled events alike.
 //!
 //! The body is forwarded as the same `Bytes` that were verified: no copy, no re-encoding. The
 //! identity headers (`X-Forwarded-For`, `X-Forwarded-Client-Cert` and the proxies' own) are
@@ -21,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
 
+use super::h1::{Failure, H1Pool};
 use crate::config::UpstreamSettings;
 pub use crate::error_chain;
 use crate::identity::ClientContext;
@@ -38,11 +40,14 @@ pub enum ClientError {
     Tls(#[from] rustls::Error),
 }
 
+/// A cause, whichever client it came from.
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why forwarding failed. The causes are kept: [`error_chain`] shows them all.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("upstream unreachable")]
-    Unreachable(#[source] hyper_util::client::legacy::Error),
+    Unreachable(#[source] Cause),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
     #[error("bad upstream response")]
@@ -55,11 +60,11 @@ pub enum ForwardError {
 #[derive(Debug, thiserror::Error)]
 pub enum BadResponse {
     #[error("the exchange failed")]
-    Exchange(#[source] hyper_util::client::legacy::Error),
+    Exchange(#[source] Cause),
     #[error("body larger than {0} bytes")]
     TooLarge(usize),
     #[error("reading the body")]
-    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Body(#[source] Cause),
 }
 
 type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -67,6 +72,9 @@ type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnecto
 /// The pooled client for all routes' upstreams. hyper-util's client adds nothing to the request
 /// but `Host` (from the upstream URL) and the body's `Content-Length`, and follows no redirects.
 pub struct Upstream {
+    /// `http://` upstreams.
+    plain: H1Pool,
+    /// `https://` upstreams.
     client: HttpClient,
     timeout: Duration,
     max_response_bytes: usize,
@@ -111,6 +119,7 @@ impl Upstream {
             .pool_max_idle_per_host(256)
             .build(connector);
         Ok(Upstream {
+            plain: H1Pool::new(256, Duration::from_secs(60), settings.connect_timeout),
             client,
             timeout: settings.timeout,
             max_response_bytes: settings.max_response_bytes,
@@ -169,11 +178,32 @@ impl Upstream {
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let limit = self.max_response_bytes;
         let exchange = async move {
+            if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+                let resp = self
+                    .plain
+                    .exchange(request, limit)
+                    .await
+                    .map_err(|f| match f {
+                        Failure::Connect(e) => ForwardError::Unreachable(e.into()),
+                        Failure::Exchange(e) => {
+                            ForwardError::BadResponse(BadResponse::Exchange(e.into()))
+                        }
+                        Failure::TooLarge => {
+                            ForwardError::BadResponse(BadResponse::TooLarge(limit))
+                        }
+                        Failure::Body(e) => ForwardError::BadResponse(BadResponse::Body(e)),
+                    })?;
+                let (head, body) = resp.into_parts();
+                let mut out = Response::new(Full::new(body));
+                *out.status_mut() = head.status;
+                *out.headers_mut() = response_headers(&head.headers);
+                return Ok(out);
+            }
             let resp = self.client.request(request).await.map_err(|e| {
                 if e.is_connect() {
-                    ForwardError::Unreachable(e)
+                    ForwardError::Unreachable(e.into())
                 } else {
-                    ForwardError::BadResponse(BadResponse::Exchange(e))
+                    ForwardError::BadResponse(BadResponse::Exchange(e.into()))
                 }
             })?;
             let (head, body) = resp.into_parts();
