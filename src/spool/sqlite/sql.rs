@@ -262,13 +262,11 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     }
     // Keep the WAL file from staying huge after a burst of large bodies.
     pragma(&conn, "PRAGMA journal_size_limit = 67108864").map_err(oe)?;
-    // Checkpoint when the WAL holds 4,096 pages (16 MiB) rather than SQLite's 1,000: an event's
-    // insert, claim and delete touch the same pages within moments, and a checkpoint copies a
-    // page into the database once however often it changed. Measured (bench/profile.sh spool1k
-    // io, 2 runs each): 1,000 pages 22 KiB written per 1 KiB event, 71-74 us CPU; 4,096: 20 KiB,
-    // 64-65 us; 16,384: 19 KiB but 70-76 us and checkpoint copies up to 64 MiB long. The WAL
-    // lives outside `max_size_bytes`.
-    pragma(&conn, "PRAGMA wal_autocheckpoint = 4096").map_err(oe)?;
+    // No checkpoint by the writer: SQLite's automatic one runs inside the commit that crosses
+    // the threshold, and every accept in that batch waited for the copy and the database's
+    // fsync (the spool's p99). A thread of its own checkpoints instead (writer::checkpointer);
+    // the WAL lives outside `max_size_bytes`.
+    pragma(&conn, "PRAGMA wal_autocheckpoint = 0").map_err(oe)?;
     // `max_size_bytes` is enforced by the accept job alone (see `used_bytes`), not with
     // `max_page_count`: a cap on every write would also stop the delivery bookkeeping that
     // frees space, and a full spool could never drain.
@@ -322,6 +320,27 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         routes,
         resumed,
         pending,
+    })
+}
+
+/// The checkpointer's own connection to the gate's spool (opened after [`open_gate`]).
+pub(crate) fn open_checkpointer(path: &Path) -> Result<Connection, SpoolError> {
+    let oe = |e: rusqlite::Error| open_error(path, &e);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(oe)?;
+    configure(&conn).map_err(oe)?;
+    pragma(&conn, "PRAGMA wal_autocheckpoint = 0").map_err(oe)?;
+    Ok(conn)
+}
+
+/// Copies what the WAL holds into the database without waiting for (or blocking) the writer;
+/// returns the WAL's frames and how many of them are now in the database.
+pub(crate) fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
     })
 }
 

@@ -24,6 +24,11 @@ use crate::spool::{Shared, SpoolError, SpoolSettings};
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// How often expired de-duplication keys are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// The checkpointer runs at most this often (while there are commits).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// A WAL file larger than this (the checkpointer cannot keep up) is checkpointed by the writer
+/// itself, between two batches.
+const WAL_HARD_LIMIT: u64 = 256 << 20;
 
 /// Counter increments made by a batch's jobs; applied only when the batch commits.
 #[derive(Default)]
@@ -159,13 +164,70 @@ pub(crate) fn spawn(
         delta: Delta::default(),
         rng: Rng::seeded(),
     };
+    let ckpt_conn = store::open_checkpointer(&ctx.settings.path)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (wrote, commits) = std::sync::mpsc::sync_channel(1);
+    let checkpointer = std::thread::Builder::new()
+        .name("hubgate-spool-ckpt".to_owned())
+        .spawn(move || checkpointer(ckpt_conn, commits))?;
+    let ckpt = Checkpoints {
+        wrote,
+        thread: Some(checkpointer),
+    };
     std::thread::Builder::new()
         .name("hubgate-spool".to_owned())
-        .spawn(move || run(opened.conn, opened.lock, ctx, shared, rx))?;
+        .spawn(move || run(opened.conn, opened.lock, ctx, shared, rx, ckpt))?;
     Ok(())
 }
 
-fn run(conn: Connection, lock: Connection, mut ctx: Ctx, shared: Arc<Shared>, rx: Receiver<Msg>) {
+/// The writer's side of the checkpointer.
+struct Checkpoints {
+    /// Told (without waiting) after each commit that wrote.
+    wrote: std::sync::mpsc::SyncSender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpoints {
+    /// Stops the checkpointer (after its current checkpoint) and waits for it.
+    fn stop(mut self) {
+        drop(self.wrote);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The checkpointer thread: after commits, at most every [`CHECKPOINT_EVERY`], copies the WAL
+/// into the database on a connection of its own (a passive checkpoint: the writer goes on
+/// appending meanwhile; the WAL starts over once everything in it is copied). Ends when the
+/// writer drops its sender.
+fn checkpointer(conn: Connection, commits: Receiver<()>) {
+    while commits.recv().is_ok() {
+        match store::checkpoint(&conn) {
+            Ok((frames, copied)) => {
+                debug!(frames, copied, "spool: checkpoint");
+            }
+            Err(e) => warn!(error = %e, "spool: checkpoint failed (the WAL grows until one succeeds)"),
+        }
+        std::thread::sleep(CHECKPOINT_EVERY);
+    }
+    // The last checkpoint is the writer's, when it closes the database.
+    drop(conn);
+}
+
+fn run(
+    conn: Connection,
+    lock: Connection,
+    mut ctx: Ctx,
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+    ckpt: Checkpoints,
+) {
+    let wal = {
+        let mut p = ctx.settings.path.clone().into_os_string();
+        p.push("-wal");
+        std::path::PathBuf::from(p)
+    };
     let max_events = ctx.settings.max_batch_events.max(1);
     // None: prune with the first batch.
     let mut last_prune: Option<Instant> = None;
@@ -202,6 +264,16 @@ fn run(conn: Connection, lock: Connection, mut ctx: Ctx, shared: Arc<Shared>, rx
             continue;
         }
         let pruned = commit_batch(&conn, &mut ctx, &shared, jobs, prune);
+        let _ = ckpt.wrote.try_send(());
+        if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_HARD_LIMIT) {
+            warn!(
+                wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
+                "spool: the WAL outgrew the checkpointer; checkpointing between batches"
+            );
+            if let Err(e) = store::checkpoint(&conn) {
+                warn!(error = %e, "spool: checkpoint failed");
+            }
+        }
         if prune {
             // A full chunk means more are waiting: prune again with the next batch.
             if pruned < store::DELETE_CHUNK as usize {
@@ -211,6 +283,8 @@ fn run(conn: Connection, lock: Connection, mut ctx: Ctx, shared: Arc<Shared>, rx
     }
     // Jobs still queued are dropped with the receiver: their waiters see `Closed`.
     drop(rx);
+    // The writer's connection is then the last one: closing it checkpoints everything.
+    ckpt.stop();
     if let Err((_, e)) = conn.close() {
         warn!(error = %e, "spool: closing the database failed");
     }
