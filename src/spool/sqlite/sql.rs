@@ -2,7 +2,7 @@
 //! configured (WAL, `synchronous=FULL`, the single-gate lock), the header codec, the
 //! de-duplication key, and [`SpoolOps`], the operations API behind `hubgate spool …`.
 //!
-//! # Schema (`PRAGMA user_version = 1`)
+//! # Schema (`PRAGMA user_version = 2`; a version-1 file gains the `in_flight` table on open)
 //!
 //! ```sql
 //! CREATE TABLE events (
@@ -29,7 +29,15 @@
 //! ) WITHOUT ROWID;
 //! CREATE INDEX dedupe_age ON dedupe (accepted_ms);
 //! CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+//! CREATE TABLE in_flight (id INTEGER PRIMARY KEY);          -- events being delivered now
 //! ```
+//!
+//! An event being delivered keeps `state = 'pending'` and has its id in `in_flight`: claiming
+//! it writes a few bytes there instead of rewriting the event's row (body included) and moving
+//! its `events_queue` entry. Its attempt is added to `attempts` when its outcome is recorded
+//! (or, after a crash, when the next gate opens the file). Readers see it as `in_flight`
+//! (`effective state`, below). Version-1 files may still hold `state = 'in_flight'` rows;
+//! opening turns those into pending too.
 //!
 //! A delivered event's row is deleted (its `dedupe` row stays for the window). Everything is
 //! readable with the `sqlite3` command-line tool, also while the gate runs, e.g.
@@ -48,7 +56,11 @@ use crate::spool::store::{
 use crate::spool::{SpoolError, SpoolSettings, StoredEvent};
 
 /// The schema version this code reads and writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
+
+/// An event's state as readers see it: pending events being delivered are `in_flight`.
+const EFFECTIVE_STATE: &str = "CASE WHEN state = 'pending' AND id IN (SELECT id FROM in_flight) \
+     THEN 'in_flight' ELSE state END";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -75,6 +87,7 @@ CREATE TABLE IF NOT EXISTS dedupe (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedupe_age ON dedupe (accepted_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);
 ";
 
 /// How long a connection waits for another one's write lock (the CLI's, or the gate's).
@@ -273,7 +286,7 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(oe)?;
-    if version != 0 && version != SCHEMA_VERSION {
+    if version != 0 && version != 1 && version != SCHEMA_VERSION {
         return Err(SpoolError::Schema {
             path: path.to_owned(),
             found: version,
@@ -293,8 +306,18 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         params![now],
     )
     .map_err(oe)?;
+    // Deliveries the last process did not finish: their attempt counts, and they are due.
     let resumed = tx
         .execute(
+            "UPDATE events SET attempts = attempts + 1, updated_ms = ?1
+             WHERE id IN (SELECT id FROM in_flight)",
+            params![now],
+        )
+        .map_err(oe)?;
+    tx.execute("DELETE FROM in_flight", []).map_err(oe)?;
+    // Version 1 marked them in the row (with the attempt already counted).
+    let resumed = resumed
+        + tx.execute(
             "UPDATE events SET state = 'pending', updated_ms = ?1 WHERE state = 'in_flight'",
             params![now],
         )
@@ -448,8 +471,7 @@ fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 }
 
 /// Marks up to `limit` due pending events of `route` in flight, oldest due first (then by id),
-/// and returns them in that order with `attempt` already counting this attempt. One statement:
-/// the rows are updated and read back together.
+/// and returns them in that order with `attempt` already counting this attempt.
 pub(crate) fn claim(
     conn: &Connection,
     route: &str,
@@ -457,36 +479,38 @@ pub(crate) fn claim(
     now: i64,
 ) -> rusqlite::Result<Vec<StoredEvent>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    // The columns of `stored_event`, then the due time to order by (RETURNING keeps no order).
-    let mut claimed: Vec<(i64, StoredEvent)> = conn
+    let claimed: Vec<StoredEvent> = conn
         .prepare_cached(
-            "UPDATE events SET state = 'in_flight', attempts = attempts + 1, updated_ms = ?2
-             WHERE id IN (SELECT id FROM events
-                          WHERE state = 'pending' AND route = ?1 AND next_attempt_ms <= ?2
-                          ORDER BY next_attempt_ms, id LIMIT ?3)
-             RETURNING id, route, received_ms, attempts, client_identity, query, headers, body,
-                       next_attempt_ms",
+            "SELECT id, route, received_ms, attempts + 1, client_identity, query, headers, body
+             FROM events
+             WHERE state = 'pending' AND route = ?1 AND next_attempt_ms <= ?2
+               AND id NOT IN (SELECT id FROM in_flight)
+             ORDER BY next_attempt_ms, id LIMIT ?3",
         )?
-        .query_map(params![route, now, limit], |r| {
-            Ok((r.get(8)?, stored_event(r)?))
-        })?
+        .query_map(params![route, now, limit], stored_event)?
         .collect::<Result<_, _>>()?;
-    claimed.sort_by_key(|(due, e)| (*due, e.id));
-    Ok(claimed.into_iter().map(|(_, e)| e).collect())
+    let mut mark = conn.prepare_cached("INSERT INTO in_flight (id) VALUES (?1)")?;
+    for e in &claimed {
+        mark.execute(params![e.id])?;
+    }
+    Ok(claimed)
 }
 
 /// The earliest due time of `route`'s pending events.
 pub(crate) fn next_due(conn: &Connection, route: &str) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached(
-        "SELECT min(next_attempt_ms) FROM events WHERE state = 'pending' AND route = ?1",
+        "SELECT min(next_attempt_ms) FROM events
+         WHERE state = 'pending' AND route = ?1 AND id NOT IN (SELECT id FROM in_flight)",
     )?
     .query_row(params![route], |r| r.get(0))
 }
 
-/// An in-flight event's attempts and retry start; `None` if it is not in flight any more.
+/// An in-flight event's attempts (this one included) and retry start; `None` if it is not in
+/// flight any more.
 pub(crate) fn in_flight(conn: &Connection, id: i64) -> rusqlite::Result<Option<(u32, i64)>> {
     conn.prepare_cached(
-        "SELECT attempts, retry_since_ms FROM events WHERE id = ?1 AND state = 'in_flight'",
+        "SELECT attempts + 1, retry_since_ms FROM events
+         WHERE id = ?1 AND id IN (SELECT id FROM in_flight)",
     )?
     .query_row(params![id], |r| {
         Ok((
@@ -497,15 +521,25 @@ pub(crate) fn in_flight(conn: &Connection, id: i64) -> rusqlite::Result<Option<(
     .optional()
 }
 
-/// Delivered: the row goes (its dedupe key stays). `false` if it was not in flight any more.
-pub(crate) fn delete_in_flight(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+/// Ends `id`'s delivery; `false` if it was not in flight.
+fn end_flight(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
     let n = conn
-        .prepare_cached("DELETE FROM events WHERE id = ?1 AND state = 'in_flight'")?
+        .prepare_cached("DELETE FROM in_flight WHERE id = ?1")?
         .execute(params![id])?;
     Ok(n > 0)
 }
 
-/// Back to pending, due at `next`, with the failure recorded.
+/// Delivered: the row goes (its dedupe key stays). `false` if it was not in flight any more.
+pub(crate) fn delete_in_flight(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    if !end_flight(conn, id)? {
+        return Ok(false);
+    }
+    conn.prepare_cached("DELETE FROM events WHERE id = ?1")?
+        .execute(params![id])?;
+    Ok(true)
+}
+
+/// Back to pending, due at `next`, with the failed attempt counted and recorded.
 pub(crate) fn reschedule(
     conn: &Connection,
     id: i64,
@@ -513,34 +547,40 @@ pub(crate) fn reschedule(
     error: &str,
     now: i64,
 ) -> rusqlite::Result<()> {
+    end_flight(conn, id)?;
     conn.prepare_cached(
-        "UPDATE events SET state = 'pending', next_attempt_ms = ?2, last_error = ?3,
-             updated_ms = ?4
+        "UPDATE events SET state = 'pending', attempts = attempts + 1, next_attempt_ms = ?2,
+             last_error = ?3, updated_ms = ?4
          WHERE id = ?1",
     )?
     .execute(params![id, next, error, now])?;
     Ok(())
 }
 
-/// Dead-lettered, with the reason.
+/// Dead-lettered, with the last attempt counted and the reason.
 pub(crate) fn mark_dead(conn: &Connection, id: i64, error: &str, now: i64) -> rusqlite::Result<()> {
+    end_flight(conn, id)?;
     conn.prepare_cached(
-        "UPDATE events SET state = 'dead', last_error = ?2, updated_ms = ?3 WHERE id = ?1",
+        "UPDATE events SET state = 'dead', attempts = attempts + 1, last_error = ?2,
+             updated_ms = ?3
+         WHERE id = ?1",
     )?
     .execute(params![id, error, now])?;
     Ok(())
 }
 
-/// An interrupted attempt: back to pending as it was, due now. Only touches rows still in
+/// An interrupted attempt (counted): back to pending, due now. Only touches events still in
 /// flight, so an outcome recorded in the meantime wins.
 pub(crate) fn release(conn: &Connection, id: i64, now: i64) -> rusqlite::Result<bool> {
-    let n = conn
-        .prepare_cached(
-            "UPDATE events SET state = 'pending', next_attempt_ms = ?2, updated_ms = ?2
-             WHERE id = ?1 AND state = 'in_flight'",
-        )?
-        .execute(params![id, now])?;
-    Ok(n > 0)
+    if !end_flight(conn, id)? {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "UPDATE events SET attempts = attempts + 1, next_attempt_ms = ?2, updated_ms = ?2
+         WHERE id = ?1",
+    )?
+    .execute(params![id, now])?;
+    Ok(true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -567,8 +607,14 @@ pub struct SpoolOps {
     path: PathBuf,
 }
 
-const INFO_COLUMNS: &str = "id, route, state, attempts, received_ms, next_attempt_ms, \
-     updated_ms, last_error, client_identity, length(body)";
+/// The columns of [`event_info`]: the effective state, and the attempts with the one under way.
+fn info_columns() -> String {
+    format!(
+        "id, route, {EFFECTIVE_STATE} AS state, \
+         attempts + (id IN (SELECT id FROM in_flight)) AS attempts, received_ms, \
+         next_attempt_ms, updated_ms, last_error, client_identity, length(body)"
+    )
+}
 
 fn event_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventInfo> {
     Ok(EventInfo {
@@ -602,9 +648,20 @@ impl SpoolOps {
         )
         .map_err(oe)?;
         configure(&conn).map_err(oe)?;
-        let version: i64 = conn
+        let mut version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(oe)?;
+        if version == 1 {
+            // Additive: the table version 2 adds (a gate on this file migrates it the same way).
+            conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )
+            .map_err(oe)?;
+            version = SCHEMA_VERSION;
+        }
         if version != SCHEMA_VERSION {
             return Err(SpoolError::Schema {
                 path: path.to_owned(),
@@ -626,10 +683,10 @@ impl SpoolOps {
     pub fn summary(&self) -> Result<Summary, SpoolError> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT route, state, count(*), min(received_ms) FROM events
-                 GROUP BY route, state ORDER BY route",
-            )
+            .prepare(&format!(
+                "SELECT route, {EFFECTIVE_STATE} AS st, count(*), min(received_ms) FROM events
+                     GROUP BY route, st ORDER BY route"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -657,9 +714,11 @@ impl SpoolOps {
     /// Events matching the filter, by ascending id, without headers and bodies.
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<EventInfo>, SpoolError> {
         let sql = format!(
-            "SELECT {INFO_COLUMNS} FROM events
-             WHERE (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR state = ?2) AND id > ?3
-             ORDER BY id LIMIT ?4"
+            "SELECT {} FROM events
+             WHERE (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR {EFFECTIVE_STATE} = ?2)
+               AND id > ?3
+             ORDER BY id LIMIT ?4",
+            info_columns()
         );
         let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
         let rows = stmt
@@ -678,7 +737,10 @@ impl SpoolOps {
 
     /// One event with its headers and body.
     pub fn show(&self, id: i64) -> Result<EventDetail, SpoolError> {
-        let sql = format!("SELECT {INFO_COLUMNS}, query, headers, body FROM events WHERE id = ?1");
+        let sql = format!(
+            "SELECT {}, query, headers, body FROM events WHERE id = ?1",
+            info_columns()
+        );
         self.conn
             .query_row(&sql, params![id], |r| {
                 let headers: Vec<u8> = r.get(11)?;
@@ -809,6 +871,74 @@ mod tests {
             !delete_in_flight(conn, ids[2]).unwrap(),
             "pending, not in flight"
         );
+    }
+
+    #[test]
+    fn a_failed_attempt_is_counted_once_and_the_event_claimed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
+        let conn = &opened.conn;
+        let e = Prepared {
+            route: "/w".to_owned(),
+            body: Bytes::from_static(b"x"),
+            headers: Vec::new(),
+            query: None,
+            client_identity: None,
+            received_ms: 1,
+            key: [7; 32],
+        };
+        let id = insert_event(conn, &e, 100, true).unwrap();
+        assert_eq!(claim(conn, "/w", 10, 100).unwrap()[0].attempt, 1);
+        assert_eq!(
+            next_due(conn, "/w").unwrap(),
+            None,
+            "in flight: nothing due"
+        );
+        assert_eq!(in_flight(conn, id).unwrap().map(|(a, _)| a), Some(1));
+        reschedule(conn, id, 150, "503", 100).unwrap();
+        assert_eq!(in_flight(conn, id).unwrap(), None);
+        assert_eq!(next_due(conn, "/w").unwrap(), Some(150));
+        assert!(
+            claim(conn, "/w", 10, 149).unwrap().is_empty(),
+            "not due yet"
+        );
+        assert_eq!(claim(conn, "/w", 10, 150).unwrap()[0].attempt, 2);
+        assert!(release(conn, id, 160).unwrap());
+        assert!(!release(conn, id, 160).unwrap(), "released already");
+        assert_eq!(claim(conn, "/w", 10, 160).unwrap()[0].attempt, 3);
+    }
+
+    #[test]
+    fn a_version_1_spool_is_migrated_and_its_deliveries_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        {
+            // Version 1: no in_flight table, the mark in the row (attempt already counted).
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&SCHEMA.replace(
+                "CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);",
+                "",
+            ))
+            .unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO events (route, state, received_ms, stored_ms, retry_since_ms,
+                     next_attempt_ms, attempts, updated_ms, headers, body)
+                 VALUES ('/w', 'in_flight', 1, 1, 1, 1, 1, 1, x'', x'41');",
+            )
+            .unwrap();
+        }
+        let opened = open_gate(&SpoolSettings::new(path.clone())).unwrap();
+        assert_eq!(opened.resumed, 1);
+        let version: i64 = opened
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let claimed = claim(&opened.conn, "/w", 10, now_ms()).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].attempt, 2, "the interrupted attempt was counted");
+        assert_eq!(&claimed[0].body[..], b"A");
     }
 
     #[test]

@@ -207,7 +207,9 @@ fn checkpointer(conn: Connection, commits: Receiver<()>) {
             Ok((frames, copied)) => {
                 debug!(frames, copied, "spool: checkpoint");
             }
-            Err(e) => warn!(error = %e, "spool: checkpoint failed (the WAL grows until one succeeds)"),
+            Err(e) => {
+                warn!(error = %e, "spool: checkpoint failed (the WAL grows until one succeeds)")
+            }
         }
         std::thread::sleep(CHECKPOINT_EVERY);
     }
