@@ -135,12 +135,12 @@ T_START=$(date +%s) # the time budget counts from here: installing and building 
 BASE=${BENCH_PORT_BASE:-28440}
 for _ in 1 2 3 4 5 6 7 8 9 10; do
   busy=0
-  for off in 1 2 3 4 5 10 11 12; do port_busy $((BASE + off)) && busy=1; done
+  for off in 1 2 3 4 5 6 10 11 12; do port_busy $((BASE + off)) && busy=1; done
   [ $busy = 0 ] && break
   BASE=$((BASE + 100))
 done
 [ $busy = 0 ] || { echo "bench: no free ports found near ${BENCH_PORT_BASE:-28440}" >&2; exit 1; }
-declare -A PORT=([haproxy]=$((BASE + 1)) [nginx]=$((BASE + 2)) [hubgate]=$((BASE + 3)) [hubgate-spool]=$((BASE + 4)) [hubgate-spool-pg]=$((BASE + 5)))
+declare -A PORT=([haproxy]=$((BASE + 1)) [nginx]=$((BASE + 2)) [hubgate]=$((BASE + 3)) [hubgate-spool]=$((BASE + 4)) [hubgate-spool-pg]=$((BASE + 5)) [hubgate-log]=$((BASE + 6)))
 UPSTREAM_ADDR="127.0.0.1:$((BASE + 10))"
 SIDECAR_UPSTREAM_ADDR="127.0.0.1:$((BASE + 12))"
 PG_PORT=$((BASE + 11))
@@ -170,6 +170,7 @@ render_configs() { # FOLDER UPSTREAM_ADDR LOGS
   render "$BENCH_DIR/conf/nginx.conf.tmpl" "${PORT[nginx]}" >"$1/nginx.conf"
   render "$BENCH_DIR/conf/meta.js.tmpl" 0 >"$1/meta.js"
   render "$BENCH_DIR/conf/hubgate.toml.tmpl" "${PORT[hubgate]}" >"$1/hubgate.toml"
+  render "$BENCH_DIR/conf/hubgate.toml.tmpl" "${PORT[hubgate-log]}" >"$1/hubgate-log.toml"
   render "$BENCH_DIR/conf/hubgate-spool.toml.tmpl" "${PORT[hubgate-spool]}" >"$1/hubgate-spool.toml"
   render "$BENCH_DIR/conf/hubgate-spool-pg.toml.tmpl" "${PORT[hubgate-spool-pg]}" >"$1/hubgate-spool-pg.toml"
 }
@@ -214,6 +215,7 @@ sys_cmd() {
     haproxy) echo "taskset -c 0 haproxy -db -f $CONF/haproxy.cfg" ;;
     nginx) echo "taskset -c 0 nginx -c $CONF/nginx.conf -p $WORK -e $WORK/nginx-error.log" ;;
     hubgate) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=$HUBGATE_LOG taskset -c 0 $HUBGATE run --config $CONF/hubgate.toml" ;;
+    hubgate-log) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=info taskset -c 0 $HUBGATE run --config $CONF/hubgate-log.toml" ;;
     hubgate-spool) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=$HUBGATE_LOG taskset -c 0 $HUBGATE run --config $CONF/hubgate-spool.toml" ;;
     hubgate-spool-pg) echo "env TOKIO_WORKER_THREADS=1 RUST_LOG=$HUBGATE_LOG taskset -c 0 $HUBGATE run --config $CONF/hubgate-spool-pg.toml" ;;
   esac
@@ -318,6 +320,9 @@ CUR_UP_PID=$UPSTREAM_PID
 
 read -r -a SYS_LIST <<<"$SYSTEMS"
 RUN_LIST=("${SYS_LIST[@]}")
+# hubgate with its access log on (its default), timed beside hubgate with it off in the same
+# phases (ka1k and get), so that the log's cost is measured pair by pair, back to back.
+[[ " $SYSTEMS " == *" hubgate "* && " $LOGS_SETTINGS " == *" on "* ]] && RUN_LIST+=(hubgate-log)
 [ "$SPOOL" = 1 ] && RUN_LIST+=(hubgate-spool)
 if [ "$SPOOL_PG" = 1 ]; then
   log "starting PostgreSQL 15 on core $PG_CORE (127.0.0.1:$PG_PORT, data in $PG_DIR)"
@@ -344,6 +349,7 @@ fi
 PASSED=()
 SPOOL_OK=0
 SPOOL_PG_OK=0
+LOG_OK=0
 for s in "${RUN_LIST[@]}"; do
   log "checking that $s does the whole job"
   extra=""
@@ -353,6 +359,7 @@ for s in "${RUN_LIST[@]}"; do
     case "$s" in
       hubgate-spool) SPOOL_OK=1 ;;
       hubgate-spool-pg) SPOOL_PG_OK=1 ;;
+      hubgate-log) LOG_OK=1 ;;
       *) PASSED+=("$s") ;;
     esac
   else
@@ -472,7 +479,6 @@ phase_has() { # PHASE SCENARIO: is the scenario run in this phase?
   esac
 }
 
-n=${#PASSED[@]}
 for phase in "${PHASES[@]}"; do
   topo=${phase%%:*} logs=${phase##*:}
   suffix=""
@@ -489,14 +495,18 @@ for phase in "${PHASES[@]}"; do
     render_configs "$CONF" "$CUR_UP" "$logs"
     log "phase $phase: upstream $CUR_UP, access logs $logs"
     for s in "${PASSED[@]}"; do start_sys "$s" || true; done
+    [ "$LOG_OK" = 1 ] && [ "$logs" = off ] && { start_sys hubgate-log || true; }
     [ "$SPOOL_OK" = 1 ] && phase_has "$phase" spool1k && { start_sys hubgate-spool || true; }
     sleep 0.5
   fi
   for rep in $(seq "$REPS"); do
     for sc in ka1k ka64k newconn get; do
       phase_has "$phase" "$sc" || continue
+      timed=("${PASSED[@]}")
+      [ "$LOG_OK" = 1 ] && [ "$logs" = off ] && [[ " ka1k get " == *" $sc "* ]] && timed+=(hubgate-log)
+      n=${#timed[@]}
       for i in $(seq 0 $((n - 1))); do
-        s=${PASSED[$(((i + rep - 1) % n))]} # rotate the order each repetition
+        s=${timed[$(((i + rep - 1) % n))]} # rotate the order each repetition
         # Leave time for the idle, ready and micro-benchmark phases.
         if over_budget $((BUDGET_S * 4 / 5)); then log "time budget reached: skipping the rest"; break 3; fi
         [ -n "${PID[$s]:-}" ] || continue
