@@ -21,3 +21,14 @@ render() { # TEMPLATE PORT > OUT
     -e "s|@LOG_ON@|$([ "${LOGS:-off}" = on ] || echo '# ')|g" \
     -e "s|@LOG_OFF@|$([ "${LOGS:-off}" = on ] && echo '# ')|g" "$1"
 }
+
+# Background processes to stop on exit (start_upstream adds to it; callers may too).
+PIDS=()
+cleanup_pids() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+
+start_upstream() { # CORE ADDR MAX_SECONDS LOG: the benchmark upstream, pinned, waited for
+  taskset -c "$1" "$BIN/examples/upstream" --listen "$2" --max-seconds "$3" >"$4" 2>&1 &
+  PIDS+=($!)
+  wait_port "${2##*:}"
+}
+

@@ -61,12 +61,8 @@ TOKEN="cost-token-$RANDOM$RANDOM"
 SECRET="cost-secret-$RANDOM$RANDOM$RANDOM"
 CN=client.webhooks.fbclientcerts.com
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-taskset -c 1 "$BIN/examples/upstream" --listen "$UPSTREAM_ADDR" --max-seconds 1800 >"$WORK/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "${UPSTREAM_ADDR##*:}"
+trap cleanup_pids EXIT
+start_upstream 1 "$UPSTREAM_ADDR" 1800 "$WORK/upstream.log"
 
 RESULTS="$RESULTS_DIR/cost-latest.jsonl"
 : >"$RESULTS"

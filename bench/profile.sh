@@ -43,13 +43,9 @@ TEMPLATE=hubgate.toml.tmpl
 [ "$SCENARIO" = spool1k ] && TEMPLATE=hubgate-spool.toml.tmpl
 render "$BENCH_DIR/conf/$TEMPLATE" "${GATE_ADDR##*:}" >"$WORK/hubgate.toml"
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+trap cleanup_pids EXIT
 
-taskset -c 1 "$BIN/examples/upstream" --listen "$UPSTREAM_ADDR" --max-seconds 300 >"$WORK/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "${UPSTREAM_ADDR##*:}"
+start_upstream 1 "$UPSTREAM_ADDR" 300 "$WORK/upstream.log"
 GATE=("$BIN/hubgate" run --config "$WORK/hubgate.toml")
 if [ "$TOOL" = heaptrack ]; then
   # heaptrack sees malloc, not mimalloc: profile a build with the system allocator.

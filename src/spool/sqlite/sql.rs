@@ -346,8 +346,8 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     })
 }
 
-/// The checkpointer's own connection to the gate's spool (opened after [`open_gate`]).
-pub(crate) fn open_checkpointer(path: &Path) -> Result<Connection, SpoolError> {
+/// Another connection to an existing spool file, configured like the gate's.
+fn open_existing(path: &Path) -> Result<Connection, SpoolError> {
     let oe = |e: rusqlite::Error| open_error(path, &e);
     let conn = Connection::open_with_flags(
         path,
@@ -355,7 +355,13 @@ pub(crate) fn open_checkpointer(path: &Path) -> Result<Connection, SpoolError> {
     )
     .map_err(oe)?;
     configure(&conn).map_err(oe)?;
-    pragma(&conn, "PRAGMA wal_autocheckpoint = 0").map_err(oe)?;
+    Ok(conn)
+}
+
+/// The checkpointer's own connection to the gate's spool (opened after [`open_gate`]).
+pub(crate) fn open_checkpointer(path: &Path) -> Result<Connection, SpoolError> {
+    let conn = open_existing(path)?;
+    pragma(&conn, "PRAGMA wal_autocheckpoint = 0").map_err(|e| open_error(path, &e))?;
     Ok(conn)
 }
 
@@ -642,12 +648,7 @@ impl SpoolOps {
             });
         }
         let oe = |e: rusqlite::Error| open_error(path, &e);
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(oe)?;
-        configure(&conn).map_err(oe)?;
+        let conn = open_existing(path)?;
         let mut version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(oe)?;
