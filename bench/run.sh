@@ -48,7 +48,7 @@ CONNS=50         # keep-alive connections, each one request at a time
 NEWCONN_CONNS=50 # concurrent new-connection clients
 IDLE_CONNS=1000
 SPOOL_DRAIN=30   # seconds at most to wait after a spool run until everything is delivered
-BUDGET_S=$((32 * 60))
+BUDGET_S=$((42 * 60))
 
 while [ $# -gt 0 ]; do
   case "$1" in
