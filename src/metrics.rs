@@ -75,6 +75,12 @@ pub struct Metrics {
     refused_connections: Family<Reason, Counter>,
     open_connections: Gauge,
     log_lines_dropped: Counter,
+    spool_stored: Counter,
+    spool_commits: Counter,
+    spool_commit_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    spool_failed_commits: Counter,
+    /// Serialises bringing the spool counters up to date (two scrapes at once).
+    spool_stats_lock: Mutex<()>,
     cert_expiry: Family<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Expiry dates of the current configuration's certificates, for scrape time.
     certs: Mutex<Vec<(CertLabels, i64)>>,
@@ -165,6 +171,30 @@ impl Metrics {
             "Log lines dropped because the log output could not keep up",
             log_lines_dropped.clone(),
         );
+        let spool_stored = Counter::default();
+        registry.register(
+            "spool_stored_events",
+            "Events stored in the spool by this process",
+            spool_stored.clone(),
+        );
+        let spool_commits = Counter::default();
+        registry.register(
+            "spool_commits",
+            "Durable spool commits (each one fsync of the log; stored events / commits = events per fsync)",
+            spool_commits.clone(),
+        );
+        let spool_commit_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "spool_commit_seconds",
+            "Time spent in durable spool commits",
+            spool_commit_seconds.clone(),
+        );
+        let spool_failed_commits = Counter::default();
+        registry.register(
+            "spool_failed_commits",
+            "Spool batches that failed (nothing in them was stored)",
+            spool_failed_commits.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -192,6 +222,11 @@ impl Metrics {
             refused_connections,
             open_connections,
             log_lines_dropped,
+            spool_stored,
+            spool_commits,
+            spool_commit_seconds,
+            spool_failed_commits,
+            spool_stats_lock: Mutex::new(()),
             cert_expiry,
             certs: Mutex::new(Vec::new()),
         }
@@ -260,6 +295,25 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// Brings the spool's counters up to date with the spool's own (counted since it opened).
+    pub fn set_spool_stats(&self, stats: &crate::spool::SpoolStats) {
+        let _one_at_a_time = self.spool_stats_lock.lock().expect("metrics lock");
+        let up_to = |c: &Counter, v: u64| {
+            let shown = c.get();
+            if v > shown {
+                c.inc_by(v - shown);
+            }
+        };
+        up_to(&self.spool_stored, stats.accepted);
+        up_to(&self.spool_commits, stats.commits);
+        up_to(&self.spool_failed_commits, stats.failed_commits);
+        let seconds = stats.commit_nanos as f64 / 1e9;
+        let shown = self.spool_commit_seconds.get();
+        if seconds > shown {
+            self.spool_commit_seconds.inc_by(seconds - shown);
+        }
     }
 
     /// Sets the spool gauges from a fresh summary.

@@ -186,7 +186,7 @@ fn by_id(events: &[EventInfo], id: i64) -> Option<&EventInfo> {
 #[tokio::test]
 async fn backend_down_events_are_acknowledged_then_delivered_byte_identical() {
     let (socket, addr) = closed_port();
-    let s = spooling_to_down_backend(addr).start().await;
+    let s = spooling_to_down_backend(addr).admin().start().await;
     let bodies: Vec<Vec<u8>> = (0..3).map(|i| event_body("down", i)).collect();
     // The first one with a query string: it is stored and appended on delivery.
     assert_eq!(
@@ -211,6 +211,24 @@ async fn backend_down_events_are_acknowledged_then_delivered_byte_identical() {
     )
     .await;
     assert_eq!(s.requests_metric("spooled", 200), 3);
+    // The spool's own counters, as the admin endpoint serves them: three events stored, posted
+    // one after another, so in one to three durable commits.
+    let (status, metrics) = http_get(s.gate.admin_addr(), "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("hubgate_spool_stored_events_total"), 3.0);
+    let commits = value("hubgate_spool_commits_total");
+    assert!((1.0..=3.0).contains(&commits), "{commits} commits");
+    assert!(value("hubgate_spool_commit_seconds_total") > 0.0);
+    assert_eq!(value("hubgate_spool_failed_commits_total"), 0.0);
 
     let backend = Upstream::listen_on(socket);
     wait_all_delivered(&s, &backend, &bodies, "all delivered").await;

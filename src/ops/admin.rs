@@ -66,6 +66,7 @@ async fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Byte
         },
         "/metrics" => {
             if let Some(spool) = &shared.spool {
+                shared.metrics.set_spool_stats(&spool.stats());
                 match spool.summary().await {
                     Ok(summary) => shared
                         .metrics
