@@ -579,3 +579,45 @@ async fn an_upstream_connection_closed_while_idle_is_replaced() {
     assert_eq!(backend.answered(), 4);
     assert_eq!(backend.connections(), 4, "one new connection per request");
 }
+
+/// This process's TCP connections to 127.0.0.1:`port` in state CLOSE_WAIT (the peer closed,
+/// this side did not yet), from /proc/net/tcp.
+fn close_wait_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == format!("0100007F:{port:04X}") && f[3] == "08"
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_the_backend_closed_are_closed_too() {
+    // The backend closes each connection 50 ms after answering; the gate gets no further
+    // request, so only the pool's reaper can notice and close its side.
+    let backend = RawBackend::start(Some(std::time::Duration::from_millis(50))).await;
+    let port: u16 = backend.url.rsplit(':').next().unwrap()[..]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let s = Scenario::new().upstream_url(&backend.url).start().await;
+    let resp = post_signed(&s.http(), &s.url("/webhook"), b"{\"n\":1}")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while close_wait_to(port) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gate still holds a half-closed connection to the backend"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(backend.connections(), 1);
+}

@@ -9,10 +9,14 @@
 //! is first polled once, which notices a connection the backend closed meanwhile.
 //!
 //! `https://` upstreams keep hyper-util's client (TLS, ALPN, HTTP/2).
+//!
+//! A reaper task (started with the pool, when there is a runtime) looks at the idle connections
+//! every [`REAP_EVERY`] and closes those the backend closed or that sat idle too long, so an
+//! idle gate does not hold half-closed sockets.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
@@ -69,8 +73,15 @@ pub enum Failure {
     Body(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// How often the reaper looks at the idle connections.
+pub const REAP_EVERY: Duration = Duration::from_secs(5);
+
 /// The pool of idle connections to plain-HTTP upstreams.
 pub struct H1Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
@@ -79,12 +90,16 @@ pub struct H1Pool {
 
 impl H1Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> H1Pool {
-        H1Pool {
+        let inner = Arc::new(Inner {
             idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
             connect_timeout,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(reap(Arc::downgrade(&inner)));
         }
+        H1Pool { inner }
     }
 
     /// Sends `request` (absolute `http://` URI) and returns the answer with its whole body
@@ -103,12 +118,12 @@ impl H1Pool {
         if let Ok(host) = HeaderValue::from_str(&authority) {
             request.headers_mut().insert(http::header::HOST, host);
         }
-        let mut idle = self.checkout(&authority);
+        let mut idle = self.inner.checkout(&authority);
         loop {
             let reused = idle.is_some();
             let mut conn = match idle.take() {
                 Some(c) => c,
-                None => self.connect(&authority).await?,
+                None => self.inner.connect(&authority).await?,
             };
             let sent = {
                 let mut answer = std::pin::pin!(conn.sender.try_send_request(request));
@@ -132,11 +147,13 @@ impl H1Pool {
             };
             let (head, body) = response.into_parts();
             let body = read_body(&mut conn, body, limit).await?;
-            self.checkin(authority, conn);
+            self.inner.checkin(authority, conn);
             return Ok(Response::from_parts(head, body));
         }
     }
+}
 
+impl Inner {
     /// The most recently used idle connection to `authority` that is still usable; closes
     /// those found closed or idle too long.
     fn checkout(&self, authority: &str) -> Option<Conn> {
@@ -186,6 +203,18 @@ impl H1Pool {
             driver: Box::pin(driver),
             done: false,
         })
+    }
+}
+
+/// The reaper: every [`REAP_EVERY`], closes the idle connections that the backend closed or that
+/// sat idle past the timeout; ends with the pool.
+async fn reap(pool: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(REAP_EVERY).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap();
+        let timeout = pool.idle_timeout;
+        idle.retain_mut(|i| i.since.elapsed() < timeout && i.conn.reusable());
     }
 }
 
