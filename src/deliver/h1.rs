@@ -155,15 +155,14 @@ impl H1Pool {
 
 impl Inner {
     /// The most recently used idle connection to `authority` that is still usable; closes
-    /// those found closed or idle too long.
+    /// those found closed or idle too long on the way (the reaper closes the others).
     fn checkout(&self, authority: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap();
-        let timeout = self.idle_timeout;
-        idle.retain(|i| i.since.elapsed() < timeout);
         while let Some(pos) = idle.iter().rposition(|i| i.authority == authority) {
-            let mut found = idle.swap_remove(pos).conn;
-            if found.reusable() {
-                return Some(found);
+            let found = idle.swap_remove(pos);
+            let mut conn = found.conn;
+            if found.since.elapsed() < self.idle_timeout && conn.reusable() {
+                return Some(conn);
             }
         }
         None

@@ -178,7 +178,7 @@ impl Upstream {
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let limit = self.max_response_bytes;
         let exchange = async move {
-            if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+            let (head, body) = if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
                 let resp = self
                     .plain
                     .exchange(request, limit)
@@ -193,28 +193,26 @@ impl Upstream {
                         }
                         Failure::Body(e) => ForwardError::BadResponse(BadResponse::Body(e)),
                     })?;
+                resp.into_parts()
+            } else {
+                let resp = self.client.request(request).await.map_err(|e| {
+                    if e.is_connect() {
+                        ForwardError::Unreachable(e.into())
+                    } else {
+                        ForwardError::BadResponse(BadResponse::Exchange(e.into()))
+                    }
+                })?;
                 let (head, body) = resp.into_parts();
-                let mut out = Response::new(Full::new(body));
-                *out.status_mut() = head.status;
-                *out.headers_mut() = response_headers(&head.headers);
-                return Ok(out);
-            }
-            let resp = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    ForwardError::Unreachable(e.into())
-                } else {
-                    ForwardError::BadResponse(BadResponse::Exchange(e.into()))
-                }
-            })?;
-            let (head, body) = resp.into_parts();
-            let body = Limited::new(body, limit).collect().await.map_err(|e| {
-                ForwardError::BadResponse(if e.is::<LengthLimitError>() {
-                    BadResponse::TooLarge(limit)
-                } else {
-                    BadResponse::Body(e)
-                })
-            })?;
-            let mut out = Response::new(Full::new(body.to_bytes()));
+                let body = Limited::new(body, limit).collect().await.map_err(|e| {
+                    ForwardError::BadResponse(if e.is::<LengthLimitError>() {
+                        BadResponse::TooLarge(limit)
+                    } else {
+                        BadResponse::Body(e)
+                    })
+                })?;
+                (head, body.to_bytes())
+            };
+            let mut out = Response::new(Full::new(body));
             *out.status_mut() = head.status;
             *out.headers_mut() = response_headers(&head.headers);
             Ok(out)
