@@ -256,6 +256,37 @@ async fn concurrent_accepts_share_commits() {
 }
 
 #[tokio::test]
+async fn events_delivered_as_they_come_skip_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&dir);
+    // No periodic search of the queue during the test.
+    s.poll_interval = Duration::from_secs(3600);
+    let spool = Spool::open(s).unwrap();
+    let fake = Fake::new(|_| DeliveryOutcome::Done);
+    let (stop, stopped) = watch::channel(false);
+    let task = spool.start_delivery(fake.clone(), stopped);
+    // The scheduler's first claim searches the queue (what a previous process left).
+    eventually("the first claim", || spool.stats().jobs >= 1).await;
+    let n = 40;
+    for i in 0..n {
+        spool.accept(event("/a", &format!("e{i}"))).await.unwrap();
+        eventually("delivered", || spool.stats().delivered == i + 1).await;
+    }
+    // Each event: the accept and the outcome; no claim in between, no read back.
+    let jobs = spool.stats().jobs;
+    assert!(jobs <= 2 * n + 1, "{jobs} writer jobs for {n} events");
+    let calls = fake.calls();
+    assert_eq!(calls.len(), n as usize);
+    for (i, (_, attempt, body)) in calls.iter().enumerate() {
+        assert_eq!((*attempt, &body[..]), (1, format!("e{i}").as_bytes()));
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let summary = spool.summary().await.unwrap();
+    assert!(route_summary(&summary, "/a").is_none_or(|r| r.pending + r.in_flight == 0));
+}
+
+#[tokio::test]
 async fn duplicates_in_one_batch_are_caught() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(settings(&dir)).unwrap();

@@ -18,14 +18,25 @@
 //!
 //! Claims do not expire here: an event left `in_flight` by a process that died is made pending
 //! again when the next gate opens the file.
+//!
+//! # The fast path
+//!
+//! While a route's deliveries keep up (and once the delivery scheduler runs), an event is
+//! claimed in the transaction that stores it
+//! and handed to the delivery scheduler from memory ([`Handoff`]): no claim transaction, no
+//! read back of the body. The queue in the file is searched only when something may be
+//! waiting there: events that arrived while the route had no room (then newer ones queue
+//! behind them, so acceptance order holds), retries once due, what a previous process left,
+//! and — every poll interval — replays made by `hubgate spool replay`.
 
 pub(crate) mod sql;
 mod writer;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tracing::info;
@@ -34,15 +45,58 @@ pub use sql::SpoolOps;
 use writer::Msg;
 
 use super::store::{
-    plan, BoxFuture, Claimed, Disposition, EventDetail, EventInfo, ListFilter, Operations, Plan,
-    ReplayTarget, Store, Summary,
+    now_ms, plan, BoxFuture, Claimed, Disposition, EventDetail, EventInfo, ListFilter, Operations,
+    Plan, ReplayTarget, Store, Summary,
 };
-use super::{Accepted, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings};
+use super::{Accepted, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings, StoredEvent};
+
+/// What the writer hands the delivery side without a round trip.
+#[derive(Default)]
+pub(crate) struct Handoff {
+    /// A delivery scheduler takes events (it has claimed once): only then are events claimed
+    /// at birth.
+    pub(crate) taking: AtomicBool,
+    /// Events claimed at birth, committed, not yet taken by the scheduler.
+    born: Mutex<Vec<StoredEvent>>,
+    /// Some route's queue may hold due events that no claim has taken.
+    backlog: AtomicBool,
+    /// The earliest due time (Unix ms) known of queued events that were not due yet
+    /// (`i64::MAX`: none known).
+    next_due: AtomicI64,
+    /// When the queue was last searched (so that replays made by another process are seen).
+    last_search: Mutex<Option<Instant>>,
+}
+
+impl Handoff {
+    fn new() -> Handoff {
+        Handoff {
+            next_due: AtomicI64::new(i64::MAX),
+            ..Handoff::default()
+        }
+    }
+
+    pub(crate) fn lock_born(&self) -> MutexGuard<'_, Vec<StoredEvent>> {
+        self.born.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a claim must search the queue in the file.
+    fn search_due(&self, now: i64, poll: Duration) -> bool {
+        let mut last = self.last_search.lock().unwrap_or_else(|e| e.into_inner());
+        let due = self.backlog.load(Ordering::SeqCst)
+            || now >= self.next_due.load(Ordering::Relaxed)
+            || last.is_none_or(|t| t.elapsed() >= poll);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+}
 
 /// The SQLite store of one gate.
 pub(crate) struct SqliteStore {
     settings: Arc<SpoolSettings>,
     tx: Sender<Msg>,
+    handoff: Arc<Handoff>,
     /// The operations API, on its own connections.
     ops: SqliteOps,
 }
@@ -61,12 +115,20 @@ impl SqliteStore {
             "spool opened"
         );
         let (tx, rx) = std::sync::mpsc::channel();
-        writer::spawn(opened, settings.clone(), shared, rx).map_err(|e| SpoolError::Open {
-            path: settings.path.clone(),
-            message: format!("cannot start the writer thread: {e}"),
+        let handoff = Arc::new(Handoff::new());
+        writer::spawn(opened, settings.clone(), shared, handoff.clone(), rx).map_err(|e| {
+            SpoolError::Open {
+                path: settings.path.clone(),
+                message: format!("cannot start the writer thread: {e}"),
+            }
         })?;
         let ops = SqliteOps(settings.path.clone());
-        Ok(SqliteStore { settings, tx, ops })
+        Ok(SqliteStore {
+            settings,
+            tx,
+            handoff,
+            ops,
+        })
     }
 }
 
@@ -95,9 +157,21 @@ impl Store for SqliteStore {
                         }));
                     }
                 }
-                let id = sql::insert_event(conn, &prepared, ctx.now, dedupe)?;
+                // Claimed at birth if the route can start a delivery now and nothing older
+                // waits in its queue; else queued.
+                let max = ctx.settings.max_concurrency_per_route.max(1);
+                let born = ctx.handoff.taking.load(Ordering::Relaxed)
+                    && !ctx.flight.backlog.contains(&prepared.route)
+                    && ctx.flight.room(&prepared.route, max) > 0;
+                let id = sql::insert_event(conn, &prepared, ctx.now, dedupe, born)?;
                 if !ctx.routes.contains(&prepared.route) {
                     ctx.routes.insert(prepared.route.clone());
+                }
+                if born {
+                    ctx.flight.claim(id, &prepared.route);
+                    ctx.born.push(prepared.into_stored(id));
+                } else {
+                    ctx.flight.backlog.insert(prepared.route);
                 }
                 ctx.stored = true;
                 ctx.delta.accepted += 1;
@@ -108,27 +182,24 @@ impl Store for SqliteStore {
         })
     }
 
-    fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>> {
-        Box::pin(writer::call(&self.tx, 0, false, move |ctx, conn| {
-            let max = ctx.settings.max_concurrency_per_route.max(1);
-            let mut events = Vec::new();
-            let mut next_due: Option<i64> = None;
-            for route in &ctx.routes {
-                let running = busy.get(route).copied().unwrap_or(0);
-                if running >= max {
-                    continue;
-                }
-                let room = max - running;
-                let got = sql::claim(conn, route, room, ctx.now)?;
-                if got.len() < room {
-                    if let Some(due) = sql::next_due(conn, route)? {
-                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
-                    }
-                }
-                events.extend(got);
-            }
+    fn claim(&self, _busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>> {
+        // The writer counts this process's deliveries itself (births included): `busy` is
+        // what the scheduler knows of them, never more.
+        Box::pin(async move {
+            let handoff = &self.handoff;
+            handoff.taking.store(true, Ordering::Relaxed);
+            let (mut events, next_due) =
+                if handoff.search_due(now_ms(), self.settings.poll_interval) {
+                    let claimed = writer::call(&self.tx, 0, false, search_queue).await?;
+                    (claimed.events, claimed.next_due)
+                } else {
+                    let due = handoff.next_due.load(Ordering::Relaxed);
+                    (Vec::new(), (due != i64::MAX).then_some(due))
+                };
+            // After the search: were it to fail, these must not be dropped on the way.
+            events.append(&mut handoff.lock_born());
             Ok(Claimed { events, next_due })
-        }))
+        })
     }
 
     fn complete(
@@ -143,12 +214,14 @@ impl Store for SqliteStore {
                 if !sql::delete_in_flight(conn, id)? {
                     return Ok(Disposition::Stale);
                 }
+                ctx.flight.end(id);
                 ctx.delta.delivered += 1;
                 return Ok(Disposition::Delivered);
             }
             let Some((attempts, since)) = sql::in_flight(conn, id)? else {
                 return Ok(Disposition::Stale);
             };
+            ctx.flight.end(id);
             let random = ctx.random();
             match plan(&ctx.settings, outcome, attempts, since, now, random) {
                 Plan::Dead(why) => {
@@ -158,6 +231,7 @@ impl Store for SqliteStore {
                 }
                 Plan::Retry { at, error } => {
                     sql::reschedule(conn, id, at, &error, now)?;
+                    ctx.handoff.next_due.fetch_min(at, Ordering::Relaxed);
                     ctx.delta.retried += 1;
                     Ok(Disposition::RetryAt(at))
                 }
@@ -171,6 +245,9 @@ impl Store for SqliteStore {
             for id in ids {
                 if sql::release(conn, id, ctx.now)? {
                     n += 1;
+                    if let Some(route) = ctx.flight.end(id) {
+                        ctx.flight.backlog.insert(route);
+                    }
                 }
             }
             Ok(n)
@@ -233,6 +310,43 @@ impl Operations for SqliteStore {
     ) -> BoxFuture<'_, Result<u64, SpoolError>> {
         self.ops.purge_dead(older_than, route)
     }
+}
+
+/// The writer's side of a claim: due events from every route's queue, as many as the route
+/// has room for; a route whose due events all fit leaves the backlog.
+fn search_queue(ctx: &mut writer::Ctx, conn: &rusqlite::Connection) -> rusqlite::Result<Claimed> {
+    let max = ctx.settings.max_concurrency_per_route.max(1);
+    let mut events = Vec::new();
+    let mut next_due: Option<i64> = None;
+    let mut skipped = false;
+    for route in &ctx.routes {
+        let room = ctx.flight.room(route, max);
+        if room == 0 {
+            skipped = true;
+            continue;
+        }
+        let got = sql::claim(conn, route, room, ctx.now)?;
+        if got.len() < room {
+            ctx.flight.backlog.remove(route);
+            if let Some(due) = sql::next_due(conn, route)? {
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            }
+        }
+        for e in &got {
+            ctx.flight.claim(e.id, route);
+        }
+        events.extend(got);
+    }
+    // A route without room was not looked at: what was known of it still holds.
+    let known = ctx.handoff.next_due.load(Ordering::Relaxed);
+    let next = match next_due {
+        Some(due) if skipped => due.min(known),
+        Some(due) => due,
+        None if skipped => known,
+        None => i64::MAX,
+    };
+    ctx.handoff.next_due.store(next, Ordering::Relaxed);
+    Ok(Claimed { events, next_due })
 }
 
 /// `SpoolOps` as the async [`Operations`] of `hubgate spool …` on a SQLite spool.

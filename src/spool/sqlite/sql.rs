@@ -2,7 +2,7 @@
 //! configured (WAL, `synchronous=FULL`, the single-gate lock), the header codec, the
 //! de-duplication key, and [`SpoolOps`], the operations API behind `hubgate spool …`.
 //!
-//! # Schema (`PRAGMA user_version = 2`; a version-1 file gains the `in_flight` table on open)
+//! # Schema (`PRAGMA user_version = 3`; older files are migrated on open)
 //!
 //! ```sql
 //! CREATE TABLE events (
@@ -13,7 +13,7 @@
 //!     stored_ms       INTEGER NOT NULL,                  -- when it was committed
 //!     retry_since_ms  INTEGER NOT NULL,                  -- the retry horizon counts from here
 //!     next_attempt_ms INTEGER NOT NULL,                  -- due time while pending
-//!     attempts        INTEGER NOT NULL,                  -- delivery attempts started
+//!     attempts        INTEGER NOT NULL,                  -- delivery attempts finished
 //!     updated_ms      INTEGER NOT NULL,                  -- last state change
 //!     last_error      TEXT,                              -- why the last attempt failed
 //!     client_identity TEXT,                              -- the verified client, if any
@@ -21,7 +21,8 @@
 //!     headers         BLOB    NOT NULL,                  -- "name: value\n" lines, to forward
 //!     body            BLOB    NOT NULL                   -- the raw, verified body
 //! );
-//! CREATE INDEX events_queue ON events (state, route, next_attempt_ms, id);
+//! CREATE INDEX events_due ON events (route, next_attempt_ms, id) WHERE state = 'pending';
+//! CREATE INDEX events_dead ON events (updated_ms) WHERE state = 'dead';
 //! CREATE TABLE dedupe (
 //!     key         BLOB PRIMARY KEY,                      -- SHA-256 of (route, body)
 //!     accepted_ms INTEGER NOT NULL,
@@ -29,15 +30,23 @@
 //! ) WITHOUT ROWID;
 //! CREATE INDEX dedupe_age ON dedupe (accepted_ms);
 //! CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-//! CREATE TABLE in_flight (id INTEGER PRIMARY KEY);          -- events being delivered now
+//! CREATE TABLE in_flight (id INTEGER PRIMARY KEY);          -- claimed pending events
 //! ```
 //!
-//! An event being delivered keeps `state = 'pending'` and has its id in `in_flight`: claiming
-//! it writes a few bytes there instead of rewriting the event's row (body included) and moving
-//! its `events_queue` entry. Its attempt is added to `attempts` when its outcome is recorded
-//! (or, after a crash, when the next gate opens the file). Readers see it as `in_flight`
-//! (`effective state`, below). Version-1 files may still hold `state = 'in_flight'` rows;
-//! opening turns those into pending too.
+//! An event is in flight in one of two ways, and readers see both as `in_flight` (`effective
+//! state`, below):
+//! - **claimed at birth**: an event accepted while its route had delivery room and nothing
+//!   older waiting is inserted with `state = 'in_flight'` and handed to delivery from memory
+//!   (no claim, no read back). Such a row is never in the `events_due` index: while it is
+//!   delivered normally, its whole life is one insert and one delete.
+//! - **claimed from the queue** (retries, events that waited for room, events of a previous
+//!   process): the row keeps `state = 'pending'` and its id goes into `in_flight`, a few bytes
+//!   instead of rewriting the row (body included).
+//!
+//! Either way the attempt is added to `attempts` when its outcome is recorded, or, after a
+//! crash, when the next gate opens the file and makes every in-flight event pending again.
+//! Version 1 (before the `in_flight` table) counted the attempt at the claim; version 2 had
+//! one index over every row's state; both are migrated on open.
 //!
 //! A delivered event's row is deleted (its `dedupe` row stays for the window). Everything is
 //! readable with the `sqlite3` command-line tool, also while the gate runs, e.g.
@@ -56,7 +65,7 @@ use crate::spool::store::{
 use crate::spool::{SpoolError, SpoolSettings, StoredEvent};
 
 /// The schema version this code reads and writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// An event's state as readers see it: pending events being delivered are `in_flight`.
 const EFFECTIVE_STATE: &str = "CASE WHEN state = 'pending' AND id IN (SELECT id FROM in_flight) \
@@ -66,7 +75,8 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     route           TEXT    NOT NULL,
-    state           TEXT    NOT NULL CHECK (state IN ('pending', 'in_flight', 'dead')),
+    state           TEXT    NOT NULL
+                    CHECK (state = 'pending' OR state = 'in_flight' OR state = 'dead'),
     received_ms     INTEGER NOT NULL,
     stored_ms       INTEGER NOT NULL,
     retry_since_ms  INTEGER NOT NULL,
@@ -79,7 +89,9 @@ CREATE TABLE IF NOT EXISTS events (
     headers         BLOB    NOT NULL,
     body            BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_queue ON events (state, route, next_attempt_ms, id);
+CREATE INDEX IF NOT EXISTS events_due ON events (route, next_attempt_ms, id)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS events_dead ON events (updated_ms) WHERE state = 'dead';
 CREATE TABLE IF NOT EXISTS dedupe (
     key         BLOB PRIMARY KEY,
     accepted_ms INTEGER NOT NULL,
@@ -89,6 +101,42 @@ CREATE INDEX IF NOT EXISTS dedupe_age ON dedupe (accepted_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);
 ";
+
+/// Versions 1 and 2 checked `state` with an `IN` list of three: SQLite evaluates that with a
+/// temporary B-tree built and dropped for every insert (a tenth of an accept's instructions).
+const OLD_STATE_CHECK: &str = "CHECK (state IN ('pending', 'in_flight', 'dead'))";
+/// The same constraint, as comparisons.
+const STATE_CHECK: &str = "CHECK (state = 'pending' OR state = 'in_flight' OR state = 'dead')";
+
+/// Turns an older file's schema into this version's, inside the caller's write transaction
+/// ([`SCHEMA`] then adds what is missing): version 2's index over every row's state gives way
+/// to the partial ones, and the state check is rewritten as comparisons. The check changes no
+/// stored byte, so it is rewritten in place the way SQLite documents for constraint changes
+/// (`writable_schema`, then a new `schema_version`), not by copying the table.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("DROP INDEX IF EXISTS events_queue;")?;
+    let table: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if table.is_some_and(|sql| sql.contains(OLD_STATE_CHECK)) {
+        let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        conn.execute_batch("PRAGMA writable_schema = ON")?;
+        conn.execute(
+            "UPDATE sqlite_schema SET sql = replace(sql, ?1, ?2)
+             WHERE type = 'table' AND name = 'events'",
+            params![OLD_STATE_CHECK, STATE_CHECK],
+        )?;
+        conn.execute_batch(&format!(
+            "PRAGMA schema_version = {}; PRAGMA writable_schema = OFF;",
+            version + 1
+        ))?;
+    }
+    Ok(())
+}
 
 /// How long a connection waits for another one's write lock (the CLI's, or the gate's).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -286,7 +334,7 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(oe)?;
-    if version != 0 && version != 1 && version != SCHEMA_VERSION {
+    if !(0..=SCHEMA_VERSION).contains(&version) {
         return Err(SpoolError::Schema {
             path: path.to_owned(),
             found: version,
@@ -297,6 +345,7 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(oe)?;
+    migrate(&tx).map_err(oe)?;
     tx.execute_batch(SCHEMA).map_err(oe)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(oe)?;
@@ -315,11 +364,14 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         )
         .map_err(oe)?;
     tx.execute("DELETE FROM in_flight", []).map_err(oe)?;
-    // Version 1 marked them in the row (with the attempt already counted).
+    // Events claimed at birth carry the mark in the row; so did version 1's claims, with the
+    // attempt already counted.
+    let uncounted = i64::from(version >= 3);
     let resumed = resumed
         + tx.execute(
-            "UPDATE events SET state = 'pending', updated_ms = ?1 WHERE state = 'in_flight'",
-            params![now],
+            "UPDATE events SET state = 'pending', attempts = attempts + ?2, updated_ms = ?1
+             WHERE state = 'in_flight'",
+            params![now, uncounted],
         )
         .map_err(oe)?;
     let routes = {
@@ -380,7 +432,10 @@ pub(crate) fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
 pub(crate) struct Prepared {
     pub route: String,
     pub body: Bytes,
-    pub headers: Vec<u8>,
+    /// The headers as given, for a delivery claimed at birth.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The headers as stored.
+    pub encoded_headers: Vec<u8>,
     pub query: Option<String>,
     pub client_identity: Option<String>,
     pub received_ms: i64,
@@ -393,17 +448,33 @@ impl Prepared {
         if event.route.is_empty() {
             return Err(SpoolError::InvalidEvent("empty route".to_owned()));
         }
-        let headers = encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?;
+        let encoded_headers = encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?;
         let key = dedupe_key(&event.route, &event.body);
         Ok(Prepared {
             route: event.route,
             body: event.body,
-            headers,
+            headers: event.headers,
+            encoded_headers,
             query: event.query,
             client_identity: event.client_identity,
             received_ms: unix_ms(event.received_at),
             key,
         })
+    }
+
+    /// The event as its first delivery attempt sees it, once stored with `id`.
+    pub(crate) fn into_stored(self, id: i64) -> StoredEvent {
+        StoredEvent {
+            id,
+            route: self.route,
+            body: self.body,
+            headers: self.headers,
+            query: self.query,
+            client_identity: self.client_identity,
+            // As a claim from the file would give it (milliseconds).
+            received_at: from_unix_ms(self.received_ms),
+            attempt: 1,
+        }
     }
 }
 
@@ -414,7 +485,6 @@ pub(crate) fn dedupe_lookup(conn: &Connection, key: &[u8; 32]) -> rusqlite::Resu
         .optional()
 }
 
-/// Inserts a pending event due now and records its key; returns its id.
 /// Bytes the database holds in live pages (its size less the free list).
 pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
@@ -422,25 +492,33 @@ pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(u64::try_from(live.max(0) * pragma("page_size")?).unwrap_or(0))
 }
 
+const INSERT_EVENT: &str = "INSERT INTO events (route, state, received_ms, stored_ms,
+         retry_since_ms, next_attempt_ms, attempts, updated_ms, client_identity, query, headers,
+         body)
+     VALUES (?1, ?8, ?2, ?3, ?3, ?3, 0, ?3, ?4, ?5, ?6, ?7)";
+
+/// Inserts an event due now — pending, or claimed at birth (`in_flight`) — and records its
+/// key; returns its id.
 pub(crate) fn insert_event(
     conn: &Connection,
     e: &Prepared,
     now: i64,
     remember_key: bool,
+    born_in_flight: bool,
 ) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "INSERT INTO events (route, state, received_ms, stored_ms, retry_since_ms,
-             next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
-         VALUES (?1, 'pending', ?2, ?3, ?3, ?3, 0, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
+    conn.prepare_cached(INSERT_EVENT)?.execute(params![
         e.route,
         e.received_ms,
         now,
         e.client_identity,
         e.query,
-        e.headers,
-        &e.body[..]
+        e.encoded_headers,
+        &e.body[..],
+        if born_in_flight {
+            "in_flight"
+        } else {
+            "pending"
+        },
     ])?;
     let id = conn.last_insert_rowid();
     if remember_key {
@@ -516,7 +594,7 @@ pub(crate) fn next_due(conn: &Connection, route: &str) -> rusqlite::Result<Optio
 pub(crate) fn in_flight(conn: &Connection, id: i64) -> rusqlite::Result<Option<(u32, i64)>> {
     conn.prepare_cached(
         "SELECT attempts + 1, retry_since_ms FROM events
-         WHERE id = ?1 AND id IN (SELECT id FROM in_flight)",
+         WHERE id = ?1 AND (state = 'in_flight' OR id IN (SELECT id FROM in_flight))",
     )?
     .query_row(params![id], |r| {
         Ok((
@@ -537,6 +615,12 @@ fn end_flight(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
 
 /// Delivered: the row goes (its dedupe key stays). `false` if it was not in flight any more.
 pub(crate) fn delete_in_flight(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let born = conn
+        .prepare_cached("DELETE FROM events WHERE id = ?1 AND state = 'in_flight'")?
+        .execute(params![id])?;
+    if born > 0 {
+        return Ok(true);
+    }
     if !end_flight(conn, id)? {
         return Ok(false);
     }
@@ -578,15 +662,27 @@ pub(crate) fn mark_dead(conn: &Connection, id: i64, error: &str, now: i64) -> ru
 /// An interrupted attempt (counted): back to pending, due now. Only touches events still in
 /// flight, so an outcome recorded in the meantime wins.
 pub(crate) fn release(conn: &Connection, id: i64, now: i64) -> rusqlite::Result<bool> {
-    if !end_flight(conn, id)? {
-        return Ok(false);
-    }
-    conn.prepare_cached(
-        "UPDATE events SET attempts = attempts + 1, next_attempt_ms = ?2, updated_ms = ?2
-         WHERE id = ?1",
-    )?
-    .execute(params![id, now])?;
-    Ok(true)
+    let queued = end_flight(conn, id)?;
+    let n = conn
+        .prepare_cached(
+            "UPDATE events SET state = 'pending', attempts = attempts + 1, next_attempt_ms = ?2,
+                 updated_ms = ?2
+             WHERE id = ?1 AND (?3 OR state = 'in_flight')",
+        )?
+        .execute(params![id, now, queued])?;
+    Ok(n > 0)
+}
+
+/// An event claimed at birth that no delivery took (the gate is closing): pending again, due
+/// now, no attempt counted. `false` if it was not in flight that way.
+pub(crate) fn unclaim_born(conn: &Connection, id: i64, now: i64) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE events SET state = 'pending', next_attempt_ms = ?2, updated_ms = ?2
+             WHERE id = ?1 AND state = 'in_flight'",
+        )?
+        .execute(params![id, now])?;
+    Ok(n > 0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,15 +748,18 @@ impl SpoolOps {
         let mut version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(oe)?;
-        if version == 1 {
-            // Additive: the table version 2 adds (a gate on this file migrates it the same way).
-            conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);
-                 PRAGMA user_version = 2;
-                 COMMIT;",
+        if (1..SCHEMA_VERSION).contains(&version) {
+            // The same migration as a gate's on open.
+            let tx = rusqlite::Transaction::new_unchecked(
+                &conn,
+                rusqlite::TransactionBehavior::Immediate,
             )
             .map_err(oe)?;
+            migrate(&tx).map_err(oe)?;
+            tx.execute_batch(SCHEMA).map_err(oe)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(oe)?;
+            tx.commit().map_err(oe)?;
             version = SCHEMA_VERSION;
         }
         if version != SCHEMA_VERSION {
@@ -843,12 +942,13 @@ mod tests {
                 route: "/w".to_owned(),
                 body: Bytes::from(vec![n]),
                 headers: Vec::new(),
+                encoded_headers: Vec::new(),
                 query: None,
                 client_identity: None,
                 received_ms: 1,
                 key: [n; 32],
             };
-            ids.push(insert_event(conn, &e, 100, true).unwrap());
+            ids.push(insert_event(conn, &e, 100, true, false).unwrap());
         }
         // Due times: the last event first, then the first; the third is not due yet.
         for (id, due) in [(ids[0], 50), (ids[1], 60), (ids[2], 500), (ids[3], 10)] {
@@ -883,12 +983,13 @@ mod tests {
             route: "/w".to_owned(),
             body: Bytes::from_static(b"x"),
             headers: Vec::new(),
+            encoded_headers: Vec::new(),
             query: None,
             client_identity: None,
             received_ms: 1,
             key: [7; 32],
         };
-        let id = insert_event(conn, &e, 100, true).unwrap();
+        let id = insert_event(conn, &e, 100, true, false).unwrap();
         assert_eq!(claim(conn, "/w", 10, 100).unwrap()[0].attempt, 1);
         assert_eq!(
             next_due(conn, "/w").unwrap(),
@@ -909,6 +1010,98 @@ mod tests {
         assert_eq!(claim(conn, "/w", 10, 160).unwrap()[0].attempt, 3);
     }
 
+    fn prepared(n: u8) -> Prepared {
+        Prepared {
+            route: "/w".to_owned(),
+            body: Bytes::from(vec![n]),
+            headers: Vec::new(),
+            encoded_headers: Vec::new(),
+            query: None,
+            client_identity: None,
+            received_ms: 1,
+            key: [n; 32],
+        }
+    }
+
+    #[test]
+    fn an_event_claimed_at_birth_is_in_flight_until_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let opened = open_gate(&SpoolSettings::new(path.clone())).unwrap();
+        let conn = &opened.conn;
+        let delivered = insert_event(conn, &prepared(1), 100, true, true).unwrap();
+        let released = insert_event(conn, &prepared(2), 100, true, true).unwrap();
+        let untaken = insert_event(conn, &prepared(3), 100, true, true).unwrap();
+        let crashed = insert_event(conn, &prepared(4), 100, true, true).unwrap();
+        assert!(claim(conn, "/w", 10, 100).unwrap().is_empty(), "not queued");
+        assert_eq!(next_due(conn, "/w").unwrap(), None);
+        assert_eq!(in_flight(conn, delivered).unwrap().map(|(a, _)| a), Some(1));
+        assert!(delete_in_flight(conn, delivered).unwrap());
+        assert!(!delete_in_flight(conn, delivered).unwrap(), "gone");
+        // Cut short by a shutdown: queued again, the attempt counted.
+        assert!(release(conn, released, 110).unwrap());
+        assert!(!release(conn, released, 110).unwrap(), "released already");
+        // Never handed to a delivery: queued again, no attempt counted.
+        assert!(unclaim_born(conn, untaken, 110).unwrap());
+        assert!(!unclaim_born(conn, untaken, 110).unwrap());
+        let queued: Vec<(i64, u32)> = claim(conn, "/w", 10, 110)
+            .unwrap()
+            .iter()
+            .map(|e| (e.id, e.attempt))
+            .collect();
+        assert_eq!(queued, vec![(released, 2), (untaken, 1)]);
+        // The process dies with `crashed` in flight: the next open counts its attempt.
+        drop(opened);
+        let opened = open_gate(&SpoolSettings::new(path)).unwrap();
+        assert_eq!(opened.resumed, 3, "two queued claims and one birth");
+        let attempts: i64 = opened
+            .conn
+            .query_row(
+                "SELECT attempts FROM events WHERE id = ?1 AND state = 'pending'",
+                params![crashed],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(attempts, 1);
+    }
+
+    #[test]
+    fn an_insert_builds_no_temporary_b_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
+        let ops: Vec<String> = opened
+            .conn
+            .prepare(&format!("EXPLAIN {INSERT_EVENT}"))
+            .unwrap()
+            .query_map([None::<i64>; 8], |r| r.get::<_, String>(1))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(ops.iter().any(|o| o == "Insert"), "{ops:?}");
+        assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{ops:?}");
+    }
+
+    #[test]
+    fn the_claim_walks_the_partial_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
+        let sql = "EXPLAIN QUERY PLAN SELECT id FROM events
+             WHERE state = 'pending' AND route = ?1 AND next_attempt_ms <= ?2
+               AND id NOT IN (SELECT id FROM in_flight)
+             ORDER BY next_attempt_ms, id LIMIT ?3";
+        let plan: Vec<String> = opened
+            .conn
+            .prepare(sql)
+            .unwrap()
+            .query_map(params!["/w", 1, 1], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(plan.contains("INDEX events_due"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "sorted by the index: {plan}");
+    }
+
     #[test]
     fn a_version_1_spool_is_migrated_and_its_deliveries_resumed() {
         let dir = tempfile::tempdir().unwrap();
@@ -916,11 +1109,14 @@ mod tests {
         {
             // Version 1: no in_flight table, the mark in the row (attempt already counted).
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(&SCHEMA.replace(
-                "CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);",
-                "",
-            ))
-            .unwrap();
+            let v1 = SCHEMA
+                .replace(
+                    "CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);",
+                    "CREATE INDEX events_queue ON events (state, route, next_attempt_ms, id);",
+                )
+                .replace(STATE_CHECK, OLD_STATE_CHECK);
+            assert!(v1.contains(OLD_STATE_CHECK));
+            conn.execute_batch(&v1).unwrap();
             conn.execute_batch(
                 "PRAGMA user_version = 1;
                  INSERT INTO events (route, state, received_ms, stored_ms, retry_since_ms,
@@ -936,6 +1132,32 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        let old_index: i64 = opened
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'events_queue'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_index, 0, "version 2's index is gone");
+        let table: String = opened
+            .conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'events'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(table.contains(STATE_CHECK), "{table}");
+        // Still a check.
+        let bad = opened.conn.execute(
+            "INSERT INTO events (route, state, received_ms, stored_ms, retry_since_ms,
+                 next_attempt_ms, updated_ms, headers, body)
+             VALUES ('/w', 'lost', 1, 1, 1, 1, 1, x'', x'')",
+            [],
+        );
+        assert!(bad.is_err(), "{bad:?}");
         let claimed = claim(&opened.conn, "/w", 10, now_ms()).unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].attempt, 2, "the interrupted attempt was counted");

@@ -6,7 +6,7 @@
 //! the next batch queues up, so the batch size follows the load with no added delay: an idle
 //! spool commits a lone event at once, a busy one amortises each fsync over many events.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -17,8 +17,9 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::sql::{self as store, Opened};
+use super::Handoff;
 use crate::spool::store::{duration_ms, now_ms, Rng};
-use crate::spool::{Shared, SpoolError, SpoolSettings};
+use crate::spool::{Shared, SpoolError, SpoolSettings, StoredEvent};
 
 /// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
 const MAX_BATCH_BYTES: usize = 64 << 20;
@@ -40,6 +41,41 @@ pub(crate) struct Delta {
     pub dead_lettered: u64,
 }
 
+/// This process's deliveries as the writer sees them (the writer thread's alone). A batch
+/// that fails puts back the copy taken before it.
+#[derive(Clone, Default)]
+pub(crate) struct Flight {
+    /// Events claimed (at birth or from the queue) and not yet recorded: their routes.
+    claimed: HashMap<i64, String>,
+    /// How many of `claimed` per route.
+    per_route: HashMap<String, usize>,
+    /// Routes whose queue may hold due events that no claim has taken yet: a new event of
+    /// such a route waits its turn there instead of being claimed at birth.
+    pub backlog: BTreeSet<String>,
+}
+
+impl Flight {
+    /// Deliveries `route` may start now.
+    pub fn room(&self, route: &str, max: usize) -> usize {
+        max.saturating_sub(self.per_route.get(route).copied().unwrap_or(0))
+    }
+
+    pub fn claim(&mut self, id: i64, route: &str) {
+        if self.claimed.insert(id, route.to_owned()).is_none() {
+            *self.per_route.entry(route.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Forgets a claim once its outcome is recorded; returns its route.
+    pub fn end(&mut self, id: i64) -> Option<String> {
+        let route = self.claimed.remove(&id)?;
+        if let Some(n) = self.per_route.get_mut(&route) {
+            *n = n.saturating_sub(1);
+        }
+        Some(route)
+    }
+}
+
 /// What jobs see besides the transaction.
 pub(crate) struct Ctx {
     pub settings: Arc<SpoolSettings>,
@@ -52,6 +88,10 @@ pub(crate) struct Ctx {
     /// The connection's `synchronous` setting: FULL (true) or NORMAL.
     sync_full: bool,
     pub delta: Delta,
+    pub flight: Flight,
+    /// Events this batch claimed at birth: handed to delivery once it commits.
+    pub born: Vec<StoredEvent>,
+    pub handoff: Arc<Handoff>,
     rng: Rng,
 }
 
@@ -153,15 +193,26 @@ pub(crate) fn spawn(
     opened: Opened,
     settings: Arc<SpoolSettings>,
     shared: Arc<Shared>,
+    handoff: Arc<Handoff>,
     rx: Receiver<Msg>,
 ) -> std::io::Result<()> {
+    let routes: BTreeSet<String> = opened.routes.iter().cloned().collect();
+    // What a previous process left is due before anything new.
+    let flight = Flight {
+        backlog: routes.clone(),
+        ..Flight::default()
+    };
+    handoff.backlog.store(!routes.is_empty(), Ordering::Relaxed);
     let ctx = Ctx {
-        routes: opened.routes.iter().cloned().collect(),
+        routes,
         settings,
         now: 0,
         stored: false,
         sync_full: true,
         delta: Delta::default(),
+        flight,
+        born: Vec::new(),
+        handoff,
         rng: Rng::seeded(),
     };
     let ckpt_conn = store::open_checkpointer(&ctx.settings.path)
@@ -285,6 +336,7 @@ fn run(
     }
     // Jobs still queued are dropped with the receiver: their waiters see `Closed`.
     drop(rx);
+    unclaim_untaken(&conn, &ctx);
     // The writer's connection is then the last one: closing it checkpoints everything.
     ckpt.stop();
     if let Err((_, e)) = conn.close() {
@@ -294,6 +346,35 @@ fn run(
     debug!("spool writer stopped");
     if let Some(r) = close {
         let _ = r.send(());
+    }
+}
+
+/// Events claimed at birth that no delivery took before the gate closed: pending again, with
+/// no attempt counted (a crash instead leaves them to the next open, which counts one).
+fn unclaim_untaken(conn: &Connection, ctx: &Ctx) {
+    let untaken = std::mem::take(&mut *ctx.handoff.lock_born());
+    if untaken.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let result = (|| -> rusqlite::Result<usize> {
+        cached(conn, "BEGIN IMMEDIATE")?;
+        let mut n = 0;
+        for e in &untaken {
+            n += usize::from(store::unclaim_born(conn, e.id, now)?);
+        }
+        cached(conn, "COMMIT")?;
+        Ok(n)
+    })();
+    match result {
+        Ok(n) => debug!(
+            events = n,
+            "spool: undelivered events claimed at birth are pending again"
+        ),
+        Err(e) => {
+            let _ = cached(conn, "ROLLBACK");
+            warn!(error = %e, "spool: could not put events claimed at birth back; the next start will");
+        }
     }
 }
 
@@ -348,6 +429,8 @@ fn commit_batch(
     ctx.now = now_ms();
     ctx.stored = false;
     ctx.delta = Delta::default();
+    ctx.born.clear();
+    let flight_before = ctx.flight.clone();
     let mut pruned = 0;
     let mut commit_time = Duration::ZERO;
     let changes_before = conn.total_changes();
@@ -394,6 +477,13 @@ fn commit_batch(
             s.retried.fetch_add(d.retried, Ordering::Relaxed);
             s.dead_lettered
                 .fetch_add(d.dead_lettered, Ordering::Relaxed);
+            // Before the scheduler is woken: it decides from these whether to search the queue.
+            ctx.handoff
+                .backlog
+                .store(!ctx.flight.backlog.is_empty(), Ordering::SeqCst);
+            if !ctx.born.is_empty() {
+                ctx.handoff.lock_born().append(&mut ctx.born);
+            }
             if ctx.stored {
                 shared.notify.notify_one();
             }
@@ -403,6 +493,9 @@ fn commit_batch(
             Ok(())
         }
         Err(e) => {
+            // Nothing of it happened: claims made and outcomes recorded in it included.
+            ctx.flight = flight_before;
+            ctx.born.clear();
             shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
             let err = store::storage_error(&ctx.settings.path, &e);
             match err {
