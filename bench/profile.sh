@@ -11,7 +11,8 @@
 #             heaptrack live heap by allocation site (use with idle)
 #             none      just the load generator's JSON line
 #
-# PROFILE_ENV="VAR=value ..." adds to the gate's environment (e.g. RUST_LOG=info).
+# PROFILE_ENV="VAR=value ..." adds to the gate's environment (e.g. RUST_LOG=info);
+# PROFILE_HUBGATE=path runs another hubgate binary (an A/B against an older build).
 # Needs perf (linux-perf) or heaptrack for those tools; builds the release binaries if missing
 # (and, for heaptrack, a build with the system allocator in target/system-alloc).
 set -euo pipefail
@@ -46,7 +47,7 @@ render "$BENCH_DIR/conf/$TEMPLATE" "${GATE_ADDR##*:}" >"$WORK/hubgate.toml"
 trap cleanup_pids EXIT
 
 start_upstream 1 "$UPSTREAM_ADDR" 300 "$WORK/upstream.log"
-GATE=("$BIN/hubgate" run --config "$WORK/hubgate.toml")
+GATE=("${PROFILE_HUBGATE:-$BIN/hubgate}" run --config "$WORK/hubgate.toml")
 if [ "$TOOL" = heaptrack ]; then
   # heaptrack sees malloc, not mimalloc: profile a build with the system allocator.
   (cd "$ROOT" && cargo build --release --no-default-features --bin hubgate --target-dir target/system-alloc)

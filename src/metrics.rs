@@ -74,6 +74,7 @@ pub struct Metrics {
     spool_oldest: Family<RouteOnly, Gauge<f64, std::sync::atomic::AtomicU64>>,
     refused_connections: Family<Reason, Counter>,
     open_connections: Gauge,
+    parked_connections: Gauge,
     log_lines_dropped: Counter,
     spool_stored: Counter,
     spool_commits: Counter,
@@ -201,6 +202,12 @@ impl Metrics {
             "Open client connections",
             open_connections.clone(),
         );
+        let parked_connections = Gauge::default();
+        registry.register(
+            "parked_connections",
+            "Idle HTTP/1.1 client connections holding no HTTP state (only the TLS session)",
+            parked_connections.clone(),
+        );
         let cert_expiry = Family::<CertLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "certificate_expiry_seconds",
@@ -221,6 +228,7 @@ impl Metrics {
             spool_oldest,
             refused_connections,
             open_connections,
+            parked_connections,
             log_lines_dropped,
             spool_stored,
             spool_commits,
@@ -352,6 +360,14 @@ impl Metrics {
 
     pub fn connection_opened(&self) {
         self.open_connections.inc();
+    }
+
+    pub fn connection_parked(&self) {
+        self.parked_connections.inc();
+    }
+
+    pub fn connection_unparked(&self) {
+        self.parked_connections.dec();
     }
 
     pub fn connection_closed(&self) {

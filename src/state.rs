@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::sync::Semaphore;
@@ -37,6 +38,7 @@ pub struct Generation {
     config: Config,
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) http: auto::Builder<TokioExecutor>,
+    pub(crate) http1: http1::Builder,
     pub(crate) clients: ClientPolicy,
     pub(crate) routes: HashMap<String, RouteState>,
     /// The route label of requests to unknown paths.
@@ -62,6 +64,13 @@ impl Generation {
                 (r.path.clone(), state)
             })
             .collect();
+        // HTTP/1.1 (no ALPN, or `http/1.1`) is served by its own builder, so that an idle
+        // connection can be parked (see `listener::connection`); `h2` by the auto builder.
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.server.header_timeout)
+            .keep_alive(true);
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -74,6 +83,7 @@ impl Generation {
         Ok(Generation {
             acceptor: TlsAcceptor::from(tls),
             http,
+            http1,
             clients: ClientPolicy::new(&config, verifier),
             routes,
             no_route_label: Arc::new("-".to_owned()),

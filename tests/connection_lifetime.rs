@@ -142,3 +142,80 @@ async fn connection_of_a_client_that_never_reads_is_dropped() {
     }
     writer.abort();
 }
+
+/// Waits until `/metrics` shows this many parked connections.
+async fn parked(s: &Started, n: u32, within: Duration) {
+    let line = format!("hubgate_parked_connections {n}");
+    let deadline = std::time::Instant::now() + within;
+    while !s.metrics().lines().any(|l| l == line) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw {line}:\n{}",
+            s.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An idle HTTP/1.1 connection gives hyper's state back (parked) and serves the next request
+/// when it comes, on the same TLS session.
+#[tokio::test]
+async fn idle_connection_is_parked_and_serves_the_next_request() {
+    let s = Scenario::new()
+        .server(|s| s.idle_timeout = Some("30s".into()))
+        .start()
+        .await;
+    let mut tls = s.connect().await;
+    let host = s.gate.authority();
+    assert_eq!(keep_alive_post(&mut tls, &host).await, 200);
+    parked(&s, 1, Duration::from_secs(5)).await;
+    for _ in 0..3 {
+        assert_eq!(keep_alive_post(&mut tls, &host).await, 200);
+    }
+    parked(&s, 0, Duration::from_secs(1)).await;
+    parked(&s, 1, Duration::from_secs(5)).await;
+    // Parked again: a request split across the wake-up is read whole.
+    let body = br#"{"object":"page","entry":[{"id":"parked","time":1,"messaging":[]}]}"#.to_vec();
+    let request = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{SIG}: {}\r\n\r\n",
+        body.len(),
+        sign(SECRET, &body)
+    );
+    tls.write_all(&request.as_bytes()[..10]).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tls.write_all(&request.as_bytes()[10..]).await.unwrap();
+    tls.write_all(&body).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "closed: {head:?}");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // The same body four times is forwarded once (the sync route's de-duplication).
+    let seen = s.upstream.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].body, body);
+}
+
+/// The idle timeout still closes a parked connection.
+#[tokio::test]
+async fn parked_connection_is_closed_after_the_idle_timeout() {
+    let s = Scenario::new()
+        .server(|s| s.idle_timeout = Some("3s".into()))
+        .start()
+        .await;
+    let mut tls = s.connect().await;
+    assert_eq!(keep_alive_post(&mut tls, &s.gate.authority()).await, 200);
+    parked(&s, 1, Duration::from_secs(3)).await;
+    assert!(
+        closed_within(&mut tls, Duration::from_secs(5)).await,
+        "a parked connection must be closed after idle_timeout"
+    );
+    parked(&s, 0, Duration::from_secs(1)).await;
+}

@@ -4,15 +4,22 @@
 //! closes it gracefully.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
 use super::proxy_protocol;
@@ -35,7 +42,7 @@ pub(super) async fn serve(
     mut addr: SocketAddr,
     generation: Arc<Generation>,
     shared: Arc<Shared>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
     let metrics = &shared.metrics;
@@ -115,46 +122,232 @@ pub(super) async fn serve(
     };
     metrics.connection_opened();
     let _open = scopeguard(|| conn.shared.metrics.connection_closed());
-    let connection = generation.http.serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(connection);
-
-    // Close the connection once it has been idle (no request in flight) for idle_timeout, and
-    // on shutdown let in-flight requests finish: hyper's graceful_shutdown does both. (hyper-util's
-    // `GracefulShutdown` watcher would take the connection out of our hands, and the idle
-    // timeout and the per-connection closing deadline need it; the listener's semaphore counts
-    // what is still open.)
-    let idle = settings.idle_timeout;
-    let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Once closing, a peer gets `drain_timeout` to take what is still being written: one
-    // that stops reading must not hold its connection (and its max_connections slot) forever.
-    let mut closing = false;
-    let hard_stop = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(hard_stop);
-    let result = loop {
-        tokio::select! {
-            r = connection.as_mut() => break r,
-            _ = &mut hard_stop, if closing => {
-                debug!("closing deadline passed; dropping the connection");
+    let mut life = Life {
+        conn: &conn,
+        settings,
+        stopped,
+        closing: false,
+    };
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+        let connection = generation.http.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        life.drive(connection, |c| c.graceful_shutdown(), None)
+            .await;
+        return;
+    }
+    // HTTP/1.1 (RFC 9113 §3.3: over TLS, HTTP/2 is only ever chosen by ALPN).
+    let mut io = tls;
+    let mut prefix = Bytes::new();
+    loop {
+        let connection = generation
+            .http1
+            .serve_connection(TokioIo::new(Prefixed::new(prefix, io)), service.clone());
+        // Boxed: hyper's state (and its buffers) is freed while the connection is parked.
+        let mut connection = Box::pin(connection);
+        let park = Some(PARK_AFTER);
+        if life
+            .drive(connection.as_mut(), |c| c.graceful_shutdown(), park)
+            .await
+            == Ended::Closed
+        {
+            return;
+        }
+        // Idle with keep-alive switched off: hyper finishes at once and hands the socket back.
+        let parts = match Pin::into_inner(connection).without_shutdown().await {
+            Ok(parts) => parts,
+            Err(e) => {
+                debug!(error = %e, "connection ended with an error");
                 return;
             }
-            _ = stopped.changed(), if !closing => {
-                closing = true;
-                connection.as_mut().graceful_shutdown();
-                hard_stop.as_mut().reset(tokio::time::Instant::now() + settings.drain_timeout);
-            }
-            _ = tick.tick(), if !closing => {
-                if conn.activity.idle_for(opened) >= idle {
-                    debug!("closing idle connection");
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
+        };
+        let (rest, inner) = parts.io.into_inner().into_parts();
+        io = inner;
+        prefix = if rest.is_empty() {
+            parts.read_buf
+        } else {
+            [rest, parts.read_buf].concat().into()
+        };
+        if prefix.is_empty() && !life.park(&mut io).await {
+            return;
+        }
+    }
+}
+
+/// An idle HTTP/1.1 connection gives its HTTP state back after this long (hyper's read and
+/// write buffers, ~24 KiB): a parked connection holds only its socket and TLS session until
+/// the client sends again.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// The connection is over.
+    Closed,
+    /// Idle past the park delay: keep-alive is switched off, the caller takes the socket back.
+    Park,
+}
+
+/// What a connection's successive HTTP phases share: the idle timeout, the drain on shutdown.
+struct Life<'a> {
+    conn: &'a Connection,
+    settings: &'a crate::config::ServerSettings,
+    stopped: watch::Receiver<bool>,
+    /// A drain or the idle timeout is closing the connection.
+    closing: bool,
+}
+
+impl Life<'_> {
+    /// Drives an HTTP connection until it ends; with `park_after`, until it has been idle that
+    /// long (then it is told to finish, and `Park` returned).
+    ///
+    /// Closes the connection once it has been idle (no request in flight) for idle_timeout, and
+    /// on shutdown lets in-flight requests finish: hyper's graceful_shutdown does both.
+    /// (hyper-util's `GracefulShutdown` watcher would take the connection out of our hands, and
+    /// the idle timeout and the per-connection closing deadline need it; the listener's
+    /// semaphore counts what is still open.)
+    async fn drive<C, E>(
+        &mut self,
+        mut connection: Pin<&mut C>,
+        graceful: impl Fn(Pin<&mut C>),
+        park_after: Option<Duration>,
+    ) -> Ended
+    where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let settings = self.settings;
+        let idle = settings.idle_timeout;
+        let every = park_after.map_or(idle, |p| p.min(idle));
+        let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        // Once closing, a peer gets `drain_timeout` to take what is still being written: one
+        // that stops reading must not hold its connection (and its max_connections slot)
+        // forever.
+        let hard_stop = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(hard_stop);
+        if self.closing {
+            graceful(connection.as_mut());
+            hard_stop
+                .as_mut()
+                .reset(tokio::time::Instant::now() + settings.drain_timeout);
+        }
+        let result = loop {
+            tokio::select! {
+                r = connection.as_mut() => break r,
+                _ = &mut hard_stop, if self.closing => {
+                    debug!("closing deadline passed; dropping the connection");
+                    return Ended::Closed;
+                }
+                _ = self.stopped.changed(), if !self.closing => {
+                    self.closing = true;
+                    graceful(connection.as_mut());
                     hard_stop.as_mut().reset(tokio::time::Instant::now() + settings.drain_timeout);
                 }
+                _ = tick.tick(), if !self.closing => {
+                    let idle_for = self.conn.activity.idle_for(self.conn.opened);
+                    if idle_for >= idle {
+                        debug!("closing idle connection");
+                        self.closing = true;
+                        graceful(connection.as_mut());
+                        hard_stop.as_mut().reset(tokio::time::Instant::now() + settings.drain_timeout);
+                    } else if park_after.is_some_and(|p| idle_for >= p) {
+                        graceful(connection.as_mut());
+                        return Ended::Park;
+                    }
+                }
             }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        debug!(error = %e, "connection ended with an error");
+        Ended::Closed
+    }
+
+    /// Holds a parked connection until the client sends again (`true`: serve it), the idle
+    /// timeout passes or a drain starts (`false`: closed with a TLS close_notify).
+    async fn park(&mut self, io: &mut TlsStream<TcpStream>) -> bool {
+        let metrics = &self.conn.shared.metrics;
+        metrics.connection_parked();
+        let _parked = scopeguard(|| metrics.connection_unparked());
+        let idle_for = self.conn.activity.idle_for(self.conn.opened);
+        let rest = self.settings.idle_timeout.saturating_sub(idle_for);
+        // hyper read until the socket had nothing more (it was idle, and rustls holds no
+        // plaintext then), so readiness is what wakes a parked connection: a request, a
+        // close_notify or a FIN alike.
+        let wake = tokio::select! {
+            r = io.get_ref().0.readable() => r.is_ok(),
+            _ = self.stopped.changed() => false,
+            _ = tokio::time::sleep(rest) => {
+                debug!("closing idle connection");
+                false
+            }
+        };
+        if !wake {
+            let _ = tokio::time::timeout(self.settings.drain_timeout, io.shutdown()).await;
+        }
+        wake
+    }
+}
+
+/// An IO object that first yields bytes already read from it (what hyper had buffered when it
+/// handed a parked connection back).
+struct Prefixed<T> {
+    prefix: Bytes,
+    io: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(prefix: Bytes, io: T) -> Self {
+        Prefixed { prefix, io }
+    }
+
+    fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.io)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -931,6 +931,20 @@ impl SpoolOps {
 mod tests {
     use super::*;
 
+    /// Event `n`: body `[n]`, key `[n; 32]`, route `/w`.
+    fn prepared(n: u8) -> Prepared {
+        Prepared {
+            route: "/w".to_owned(),
+            body: Bytes::from(vec![n]),
+            headers: Vec::new(),
+            encoded_headers: Vec::new(),
+            query: None,
+            client_identity: None,
+            received_ms: 1,
+            key: [n; 32],
+        }
+    }
+
     #[test]
     fn claim_takes_due_events_oldest_due_first_and_counts_the_attempt() {
         let dir = tempfile::tempdir().unwrap();
@@ -938,17 +952,7 @@ mod tests {
         let conn = &opened.conn;
         let mut ids = Vec::new();
         for n in 0..4u8 {
-            let e = Prepared {
-                route: "/w".to_owned(),
-                body: Bytes::from(vec![n]),
-                headers: Vec::new(),
-                encoded_headers: Vec::new(),
-                query: None,
-                client_identity: None,
-                received_ms: 1,
-                key: [n; 32],
-            };
-            ids.push(insert_event(conn, &e, 100, true, false).unwrap());
+            ids.push(insert_event(conn, &prepared(n), 100, true, false).unwrap());
         }
         // Due times: the last event first, then the first; the third is not due yet.
         for (id, due) in [(ids[0], 50), (ids[1], 60), (ids[2], 500), (ids[3], 10)] {
@@ -979,17 +983,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
         let conn = &opened.conn;
-        let e = Prepared {
-            route: "/w".to_owned(),
-            body: Bytes::from_static(b"x"),
-            headers: Vec::new(),
-            encoded_headers: Vec::new(),
-            query: None,
-            client_identity: None,
-            received_ms: 1,
-            key: [7; 32],
-        };
-        let id = insert_event(conn, &e, 100, true, false).unwrap();
+        let id = insert_event(conn, &prepared(7), 100, true, false).unwrap();
         assert_eq!(claim(conn, "/w", 10, 100).unwrap()[0].attempt, 1);
         assert_eq!(
             next_due(conn, "/w").unwrap(),
@@ -1008,19 +1002,6 @@ mod tests {
         assert!(release(conn, id, 160).unwrap());
         assert!(!release(conn, id, 160).unwrap(), "released already");
         assert_eq!(claim(conn, "/w", 10, 160).unwrap()[0].attempt, 3);
-    }
-
-    fn prepared(n: u8) -> Prepared {
-        Prepared {
-            route: "/w".to_owned(),
-            body: Bytes::from(vec![n]),
-            headers: Vec::new(),
-            encoded_headers: Vec::new(),
-            query: None,
-            client_identity: None,
-            received_ms: 1,
-            key: [n; 32],
-        }
     }
 
     #[test]
