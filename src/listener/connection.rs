@@ -69,9 +69,13 @@ pub(super) async fn serve(
         warn!(reason = "source_not_allowed", client = %addr, "connection refused");
         return;
     }
-    let handshake = generation.acceptor.accept(stream);
+    // Boxed, as is the stream it gives: what a task holds for its whole life is the size of
+    // its largest state, and a connection spends nearly all of it after the handshake.
+    let handshake = Box::pin(generation.acceptor.accept(stream));
+    // Boxed: moved between the HTTP phases of a connection, the TLS stream (~1.2 KiB) would
+    // otherwise take a slot of its own in the task for each place it passes through.
     let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
             let reason = HandshakeFailure::classify(&e);
             metrics.handshake_failed(reason.as_str());
@@ -129,9 +133,9 @@ pub(super) async fn serve(
         closing: false,
     };
     if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
-        let connection = generation.http.serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(connection);
-        life.drive(connection, |c| c.graceful_shutdown(), None)
+        // Boxed like HTTP/1.1's: inline, this state would size every connection's task.
+        let mut connection = Box::pin(generation.http.serve_connection(TokioIo::new(tls), service));
+        life.drive(connection.as_mut(), |c| c.graceful_shutdown(), None)
             .await;
         return;
     }
@@ -153,7 +157,8 @@ pub(super) async fn serve(
             return;
         }
         // Idle with keep-alive switched off: hyper finishes at once and hands the socket back.
-        let parts = match Pin::into_inner(connection).without_shutdown().await {
+        // Boxed too: awaited inline, the connection it holds would size the task.
+        let parts = match Box::pin(Pin::into_inner(connection).without_shutdown()).await {
             Ok(parts) => parts,
             Err(e) => {
                 debug!(error = %e, "connection ended with an error");
@@ -265,7 +270,7 @@ impl Life<'_> {
 
     /// Holds a parked connection until the client sends again (`true`: serve it), the idle
     /// timeout passes or a drain starts (`false`: closed with a TLS close_notify).
-    async fn park(&mut self, io: &mut TlsStream<TcpStream>) -> bool {
+    async fn park(&mut self, io: &mut Box<TlsStream<TcpStream>>) -> bool {
         let metrics = &self.conn.shared.metrics;
         metrics.connection_parked();
         let _parked = scopeguard(|| metrics.connection_unparked());
