@@ -381,9 +381,9 @@ scenario_args() {
 }
 # One spool row: the load generator in the background, and around its timed window (after the
 # warm-up) readings of hubgate's and PostgreSQL's CPU ticks and of the database's counters,
-# written as a "spoolstat" line next to the load line. hubgate's own spool counters (events per
-# commit) are not exposed by the binary, so the SQLite row has CPU ticks only (and fsync calls
-# with BENCH_COUNT_FSYNC=1).
+# written as a "spoolstat" line next to the load line. For the SQLite row, hubgate's own spool
+# counters from its admin listener (stored events, durable commits and their time), and fsync
+# calls with BENCH_COUNT_FSYNC=1.
 LG_BG=
 PERF_BG=
 spool_run() { # SCENARIO SYSTEM REP (SCENARIO may carry the phase's suffix)
@@ -403,6 +403,8 @@ spool_run() { # SCENARIO SYSTEM REP (SCENARIO may carry the phase's suffix)
       -e 'syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync' -- sleep "$DURATION" >/dev/null 2>&1 &
     PERF_BG=$!
   fi
+  local m0="" m1=""
+  [ "$s" = hubgate-spool ] && m0=$(spool_metrics "$((PORT[$s] + 1000))")
   t0=$(date +%s%N)
   h0=$(proc_ticks "$hp")
   local waits=""
@@ -422,6 +424,7 @@ spool_run() { # SCENARIO SYSTEM REP (SCENARIO may carry the phase's suffix)
   fi
   t1=$(date +%s%N)
   h1=$(proc_ticks "$hp")
+  [ "$s" = hubgate-spool ] && m1=$(spool_metrics "$((PORT[$s] + 1000))")
   if [ "$s" = hubgate-spool-pg ]; then p1=$(pg_ticks); db1=$(pg_snapshot); fi
   local rc=0
   wait "$LG_BG" || rc=$?
@@ -436,6 +439,9 @@ spool_run() { # SCENARIO SYSTEM REP (SCENARIO may carry the phase's suffix)
     printf '{"kind":"spoolstat","system":"%s","scenario":"%s","rep":"%s","window_ns":%s,"hubgate_ticks":%s' \
       "$s" "$sc" "$rep" "$((t1 - t0))" "$((h1 - h0))"
     [ -n "$fsyncs" ] && printf ',"fsync_calls":%s' "$fsyncs"
+    if [ -n "$m0" ] && [ -n "$m1" ]; then
+      python3 -c 'import sys; a, b = (list(map(float, x.split())) for x in sys.argv[1:]); print(",\"hub_stored\":%d,\"hub_commits\":%d,\"hub_commit_s\":%.6f" % tuple(y - x for x, y in zip(a, b)), end="")' "$m0" "$m1"
+    fi
     [ -n "$waits" ] && printf ',"pg_waits":"%s"' "$(json_escape "${waits%,}")"
     if [ -n "$db0" ] && [ -n "$db1" ]; then
       local a b k i

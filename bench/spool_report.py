@@ -150,7 +150,9 @@ def main():
         "assigned (exact: every transaction that writes takes one, so this counts the COMMITs that must flush WAL — accepts, "
         "claims and the delivered events' DELETEs, which run during the load); `xact_commit`, `wal_sync`, `wal_write` and "
         "`wal_sync_time` from `pg_stat_database` / `pg_stat_wal` (published by each backend at most once a second, so good to "
-        "about a second's activity at each end of the window). Delivered in the window = events − growth of the table.\n"
+        "about a second's activity at each end of the window). Delivered in the window = events − growth of the table. "
+        "SQLite row: events per commit and per WAL flush = stored events ÷ durable commits (one fsync each), mean WAL "
+        "flush = time in COMMIT ÷ durable commits, from hubgate's `/metrics` around the window.\n"
     )
     w("| row | events in window | hubgate CPU µs/event | PostgreSQL CPU µs/event | both, µs/event | delivered in window, % of accepted | write transactions per event | events per xact_commit | events per WAL flush (`wal_sync`) | events per WAL write | mean WAL flush ms | WAL KiB per event | fsync+fdatasync calls per event (perf) |")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -179,6 +181,13 @@ def main():
                 c["write"].append(ev / num(st, "pg_wal_write") if num(st, "pg_wal_write") > 0 else float("nan"))
                 c["syncms"].append(num(st, "pg_wal_sync_ms") / num(st, "pg_wal_sync") if num(st, "pg_wal_sync") > 0 else float("nan"))
                 c["walkib"].append(per(num(st, "pg_wal_bytes") / 1024))
+            if "hub_commits" in st and num(st, "hub_commits") > 0:
+                # SQLite: every durable commit is one WAL fsync; the counters come from
+                # hubgate's /metrics (stored events, durable commits, time in COMMIT).
+                commits = num(st, "hub_commits")
+                c["commit"].append(num(st, "hub_stored") / commits)
+                c["sync"].append(num(st, "hub_stored") / commits)
+                c["syncms"].append(1000 * num(st, "hub_commit_s") / commits)
             if "fsync_calls" in st:
                 c["fsync"].append(per(num(st, "fsync_calls")))
         na = "not exposed by hubgate"
