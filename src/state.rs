@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
@@ -37,8 +36,8 @@ pub struct RouteState {
 pub struct Generation {
     config: Config,
     pub(crate) acceptor: TlsAcceptor,
-    pub(crate) http: auto::Builder<TokioExecutor>,
     pub(crate) http1: http1::Builder,
+    pub(crate) http2: http2::Builder<TokioExecutor>,
     pub(crate) clients: ClientPolicy,
     pub(crate) routes: HashMap<String, RouteState>,
     /// The route label of requests to unknown paths.
@@ -64,26 +63,22 @@ impl Generation {
                 (r.path.clone(), state)
             })
             .collect();
-        // HTTP/1.1 (no ALPN, or `http/1.1`) is served by its own builder, so that an idle
-        // connection can be parked (see `listener::connection`); `h2` by the auto builder.
+        // ALPN picks the protocol (see `listener::connection`): `h2` is served by the HTTP/2
+        // builder, anything else by the HTTP/1.1 one, whose idle connections can be parked.
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(config.server.header_timeout)
             .keep_alive(true);
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.server.header_timeout)
-            .keep_alive(true);
-        http.http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(100)
             .keep_alive_interval(Duration::from_secs(30));
         Ok(Generation {
             acceptor: TlsAcceptor::from(tls),
-            http,
             http1,
+            http2,
             clients: ClientPolicy::new(&config, verifier),
             routes,
             no_route_label: Arc::new("-".to_owned()),

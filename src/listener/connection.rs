@@ -1,7 +1,7 @@
 //! One connection's life: the PROXY protocol header (when enabled), the source allow-list,
-//! the TLS handshake with its deadline, the client's identity, then HTTP/1.1 or HTTP/2 through
-//! hyper-util's auto builder until the peer leaves, the connection idles out, or a drain
-//! closes it gracefully.
+//! the TLS handshake with its deadline, the client's identity, then hyper — HTTP/2 when ALPN
+//! chose it, else HTTP/1.1, parked while idle — until the peer leaves, the connection idles
+//! out, or a drain closes it gracefully.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -134,7 +134,11 @@ pub(super) async fn serve(
     };
     if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
         // Boxed like HTTP/1.1's: inline, this state would size every connection's task.
-        let mut connection = Box::pin(generation.http.serve_connection(TokioIo::new(tls), service));
+        let mut connection = Box::pin(
+            generation
+                .http2
+                .serve_connection(TokioIo::new(tls), service),
+        );
         life.drive(connection.as_mut(), |c| c.graceful_shutdown(), None)
             .await;
         return;

@@ -22,9 +22,8 @@
 //! # The fast path
 //!
 //! While a route's deliveries keep up (and once the delivery scheduler runs), an event is
-//! claimed in the transaction that stores it
-//! and handed to the delivery scheduler from memory ([`Handoff`]): no claim transaction, no
-//! read back of the body. The queue in the file is searched only when something may be
+//! claimed in the transaction that stores it and handed to the delivery scheduler from memory
+//! ([`Handoff`]): no claim transaction, no read back of the body. The queue in the file is searched only when something may be
 //! waiting there: events that arrived while the route had no room (then newer ones queue
 //! behind them, so acceptance order holds), retries once due, what a previous process left,
 //! and — every poll interval — replays made by `hubgate spool replay`.

@@ -62,7 +62,12 @@ impl Flight {
 
     pub fn claim(&mut self, id: i64, route: &str) {
         if self.claimed.insert(id, route.to_owned()).is_none() {
-            *self.per_route.entry(route.to_owned()).or_default() += 1;
+            match self.per_route.get_mut(route) {
+                Some(n) => *n += 1,
+                None => {
+                    self.per_route.insert(route.to_owned(), 1);
+                }
+            }
         }
     }
 
