@@ -43,6 +43,7 @@ fn event(body: String) -> NewEvent {
         query: None,
         client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),
         received_at: SystemTime::now(),
+        update_key: None,
     }
 }
 

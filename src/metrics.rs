@@ -70,6 +70,8 @@ pub struct Metrics {
     upstream_errors: Family<RouteReason, Counter>,
     reloads: Family<ResultLabel, Counter>,
     spool_deliveries: Family<RouteReason, Counter>,
+    batch_parts: Family<RouteReason, Counter>,
+    batches_unsplit: Family<RouteReason, Counter>,
     spool_events: Family<SpoolLabels, Gauge>,
     spool_oldest: Family<RouteOnly, Gauge<f64, std::sync::atomic::AtomicU64>>,
     refused_connections: Family<Reason, Counter>,
@@ -148,6 +150,18 @@ impl Metrics {
             "Spool delivery attempts by route and outcome (done, retry, dead)",
             spool_deliveries.clone(),
         );
+        let batch_parts = Family::<RouteReason, Counter>::default();
+        registry.register(
+            "batch_parts",
+            "Parts of split Meta batches by route and outcome (delivered, stored, duplicate, failed)",
+            batch_parts.clone(),
+        );
+        let batches_unsplit = Family::<RouteReason, Counter>::default();
+        registry.register(
+            "batches_unsplit",
+            "Bodies on splitting routes delivered whole, by reason (not_json, no_entry_array, empty_batch)",
+            batches_unsplit.clone(),
+        );
         let spool_events = Family::<SpoolLabels, Gauge>::default();
         registry.register(
             "spool_events",
@@ -224,6 +238,8 @@ impl Metrics {
             upstream_errors,
             reloads,
             spool_deliveries,
+            batch_parts,
+            batches_unsplit,
             spool_events,
             spool_oldest,
             refused_connections,
@@ -259,6 +275,23 @@ impl Metrics {
     /// Counts a verification request: `ok` or the refusal's reason.
     pub fn challenge(&self, route: &RouteLabel, outcome: &'static str) {
         Self::by_reason(&self.challenges, route, outcome);
+    }
+
+    /// Counts parts of a split batch: `delivered`, `stored`, `duplicate` or `failed`.
+    pub fn batch_parts(&self, route: &RouteLabel, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.batch_parts
+                .get_or_create(&RouteReason {
+                    route: route.clone(),
+                    reason: outcome,
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Counts a body a splitting route delivered whole, and why.
+    pub fn batch_unsplit(&self, route: &RouteLabel, reason: &'static str) {
+        Self::by_reason(&self.batches_unsplit, route, reason);
     }
 
     /// Counts a failed forward by its kind.

@@ -26,6 +26,8 @@ use crate::tls;
 pub struct RouteState {
     pub route: Route,
     pub signer: Signer,
+    /// Signs the parts of a split batch for the backend (routes with `split`).
+    pub resigner: Option<Signer>,
     pub label: RouteLabel,
 }
 
@@ -57,6 +59,10 @@ impl Generation {
             .map(|r| {
                 let state = RouteState {
                     signer: Signer::new(&r.app_secrets, r.legacy_sha1),
+                    resigner: r
+                        .backend_secret
+                        .as_ref()
+                        .map(|s| Signer::new(std::slice::from_ref(s), false)),
                     label: Arc::new(r.path.clone()),
                     route: r.clone(),
                 };

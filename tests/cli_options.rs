@@ -58,6 +58,7 @@ async fn fill_spool(db: &Path, bodies: &[&str]) {
                 query: None,
                 client_identity: None,
                 received_at: SystemTime::now(),
+                update_key: None,
             })
             .await
             .expect("the spool stores the event");

@@ -186,3 +186,70 @@ fn a_secret_given_as_a_number_is_refused_without_echoing_it() {
     assert!(!err.to_string().contains("918273645"), "{err}");
     assert!(err.message.contains("quoted string"), "{err}");
 }
+
+#[test]
+fn item_dedupe_needs_item_split() {
+    let (_, e) = load_err(|c| {
+        c.route().dedupe = Some(toml::Value::String("item".into()));
+    });
+    assert_eq!(e.key, "route[0].dedupe");
+    assert!(e.message.contains("split = \"item\""), "{}", e.message);
+    let (_, e) = load_err(|c| {
+        c.route().split("entry", "item");
+    });
+    assert_eq!(e.key, "route[0].dedupe");
+}
+
+#[test]
+fn backend_secret_needs_a_splitting_route() {
+    let (_, e) = load_err(|c| c.route().backend_secret = Some(Secret::inline("k")));
+    assert_eq!(e.key, "route[0].backend_secret");
+    assert!(e.message.contains("split"), "{}", e.message);
+}
+
+#[test]
+fn dedupe_takes_booleans_and_modes_and_names_the_bad_ones() {
+    let pki = Pki::new();
+    for (value, want) in [
+        (
+            toml::Value::Boolean(true),
+            hubgate::config::DedupeMode::Body,
+        ),
+        (
+            toml::Value::Boolean(false),
+            hubgate::config::DedupeMode::Off,
+        ),
+        (
+            toml::Value::String("off".into()),
+            hubgate::config::DedupeMode::Off,
+        ),
+        (
+            toml::Value::String("body".into()),
+            hubgate::config::DedupeMode::Body,
+        ),
+    ] {
+        let mut c = base();
+        c.route().dedupe = Some(value);
+        assert_eq!(c.load(&pki).unwrap().routes[0].dedupe, want);
+    }
+    let mut c = base();
+    c.route().split("item", "item");
+    let config = c.load(&pki).unwrap();
+    let route = &config.routes[0];
+    assert_eq!(route.dedupe, hubgate::config::DedupeMode::Item);
+    assert_eq!(route.split, hubgate::config::SplitMode::Item);
+    // The backend key defaults to the first app secret.
+    assert_eq!(route.backend_secret.as_ref(), Some(&route.app_secrets[0]));
+    let (_, e) = load_err(|c| c.route().dedupe = Some(toml::Value::String("items".into())));
+    assert_eq!(e.key, "route[0].dedupe");
+    assert!(e.message.contains("`item`"), "{}", e.message);
+    let (_, e) = load_err(|c| c.route().split = Some("changes".into()));
+    assert_eq!(e.key, "route[0].split");
+    // Off on a spool route is refused, whichever spelling.
+    let (_, e) = load_err(|c| {
+        c.with_spool();
+        c.route().delivery = Some(Delivery::Spool);
+        c.route().dedupe = Some(toml::Value::String("off".into()));
+    });
+    assert_eq!(e.key, "route[0].dedupe");
+}

@@ -42,6 +42,7 @@ fn event(body: &str) -> NewEvent {
         query: None,
         client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),
         received_at: SystemTime::now(),
+        update_key: None,
     }
 }
 
@@ -123,6 +124,50 @@ async fn accept_stores_once_and_a_second_gate_sees_the_duplicate() {
         "2",
         "the rows are in the database"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parts_of_a_batch_are_stored_in_one_transaction_and_known_by_update_at_every_gate() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let a = Spool::connect(settings(&db.url())).await.unwrap();
+    let b = Spool::connect(settings(&db.url())).await.unwrap();
+    let keyed = |body: &str, key: u8| NewEvent {
+        update_key: Some([key; 32]),
+        ..event(body)
+    };
+    let answers = a
+        .accept_all(vec![
+            keyed("b1 p1", 1),
+            keyed("b1 p2", 2),
+            keyed("b1 p3", 2),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(answers[0], Accepted::Stored(_)), "{answers:?}");
+    assert!(matches!(answers[1], Accepted::Stored(_)), "{answers:?}");
+    assert_eq!(
+        answers[2],
+        Accepted::Duplicate,
+        "the same update twice in one batch"
+    );
+    // Re-batched, at the other gate: only the new update is stored.
+    let answers = b
+        .accept_all(vec![keyed("b2 p1", 2), keyed("b2 p2", 3)])
+        .await
+        .unwrap();
+    assert_eq!(answers[0], Accepted::Duplicate);
+    assert!(matches!(answers[1], Accepted::Stored(_)), "{answers:?}");
+    assert_eq!(
+        db.psql("SELECT count(*) FROM hubgate.events").trim(),
+        "3",
+        "b1 p1, b1 p2, b2 p2"
+    );
+    // A batch with one invalid part is refused whole, before anything is written.
+    let mut broken = vec![keyed("b3 p1", 4), keyed("b3 p2", 5)];
+    broken[1].route.clear();
+    assert!(a.accept_all(broken).await.is_err());
+    assert_eq!(db.psql("SELECT count(*) FROM hubgate.events").trim(), "3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -440,6 +440,8 @@ fn merge_route(raw: &mut RawConfig, vars: RouteVars, file: &str) -> Result<(), C
                 legacy_sha1: legacy_sha1.unwrap_or(false),
                 delivery,
                 dedupe: None,
+                split: None,
+                backend_secret: None,
             });
         }
         [r] => {

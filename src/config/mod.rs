@@ -24,6 +24,8 @@ use std::time::Duration;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+pub use crate::gate::batch::SplitMode;
+
 use crate::pki::Anchor;
 pub use crate::secret::Secret;
 use crate::spool::SpoolSettings;
@@ -183,8 +185,29 @@ pub struct Route {
     pub client_cert: RouteClientCert,
     pub legacy_sha1: bool,
     pub delivery: Delivery,
-    /// Answer a repeat of an already accepted body 200 without delivering it again.
-    pub dedupe: bool,
+    /// What counts as "delivered already": a repeat is answered 200 and not delivered again.
+    pub dedupe: DedupeMode,
+    /// Deliver a Meta batch whole, entry by entry or update by update.
+    pub split: SplitMode,
+    /// The key that signs split parts for the backend: `backend_secret`, or the first of
+    /// `app_secrets`. Set when `split` is not `none`.
+    pub backend_secret: Option<Secret>,
+}
+
+/// A route's `dedupe`: `false`/`"off"`, `true`/`"body"` (the default), or `"item"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DedupeMode {
+    Off,
+    /// The same body again (the signature's MAC on sync routes; its SHA-256 in the spool).
+    Body,
+    /// The same update again, in whatever batch it comes back (needs `split = "item"`).
+    Item,
+}
+
+impl DedupeMode {
+    pub fn is_on(self) -> bool {
+        self != DedupeMode::Off
+    }
 }
 
 /// AWS ALB, mTLS verify mode: the verified leaf's subject.

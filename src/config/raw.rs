@@ -197,7 +197,45 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub legacy_sha1: bool,
     pub delivery: Option<Delivery>,
-    pub dedupe: Option<bool>,
+    pub dedupe: Option<RouteDedupe>,
+    pub split: Option<crate::gate::batch::SplitMode>,
+    pub backend_secret: Option<SecretSource>,
+}
+
+/// A route's `dedupe`: a boolean (the original spelling) or a mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RouteDedupe {
+    Off,
+    Body,
+    Item,
+}
+
+impl<'de> Deserialize<'de> for RouteDedupe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RouteDedupe;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"true, false, "off", "body" or "item""#)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RouteDedupe, E> {
+                Ok(if v {
+                    RouteDedupe::Body
+                } else {
+                    RouteDedupe::Off
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RouteDedupe, E> {
+                match v {
+                    "off" => Ok(RouteDedupe::Off),
+                    "body" => Ok(RouteDedupe::Body),
+                    "item" => Ok(RouteDedupe::Item),
+                    other => Err(E::unknown_variant(other, &["off", "body", "item"])),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Parses TOML text into the raw shape; errors carry the file, the key and the line.

@@ -18,11 +18,12 @@ use crate::spool::{Backend as SpoolBackend, PostgresSettings, SpoolSettings};
 
 use super::raw::{
     DedupeStoreName, OneOrMany, RawAdmin, RawClientAuth, RawConfig, RawDedupe, RawRoute, RawServer,
-    RawSpool, RawTrustedProxies, RawUpstream, SecretSource, SpoolBackendName,
+    RawSpool, RawTrustedProxies, RawUpstream, RouteDedupe, SecretSource, SpoolBackendName,
 };
 use super::{
-    ClientAuth, ClientAuthMode, Config, ConfigError, Delivery, Route, RouteClientCert, Secret,
-    ServerSettings, SyncDedupe, UpstreamSettings, DEFAULT_MAX_BODY_BYTES, META_CLIENT_CN,
+    ClientAuth, ClientAuthMode, Config, ConfigError, DedupeMode, Delivery, Route, RouteClientCert,
+    Secret, ServerSettings, SplitMode, SyncDedupe, UpstreamSettings, DEFAULT_MAX_BODY_BYTES,
+    META_CLIENT_CN,
 };
 
 /// What validation needs besides the raw configuration: names for errors, the folder relative
@@ -394,12 +395,38 @@ fn route(
         (_, c) => c.unwrap_or(RouteClientCert::Required),
     };
     let delivery = r.delivery.unwrap_or(Delivery::Sync);
-    if delivery == Delivery::Spool && r.dedupe == Some(false) {
+    let dedupe = match r.dedupe {
+        None | Some(RouteDedupe::Body) => DedupeMode::Body,
+        Some(RouteDedupe::Off) => DedupeMode::Off,
+        Some(RouteDedupe::Item) => DedupeMode::Item,
+    };
+    if delivery == Delivery::Spool && dedupe == DedupeMode::Off {
         return Err(cx.err(
             k("dedupe"),
-            "cannot be false on a spool route: the spool de-duplicates every route by [dedupe] window",
+            "cannot be off on a spool route: the spool de-duplicates every route by [dedupe] window",
         ));
     }
+    let split = r.split.unwrap_or_default();
+    if dedupe == DedupeMode::Item && split != SplitMode::Item {
+        return Err(cx.err(
+            k("dedupe"),
+            format!(
+                "\"item\" needs split = \"item\" (this route has split = \"{}\"): only a route that delivers updates one by one can skip the ones it delivered already",
+                split.as_str()
+            ),
+        ));
+    }
+    let backend_secret = match (&r.backend_secret, split) {
+        (Some(_), SplitMode::None) => {
+            return Err(cx.err(
+                k("backend_secret"),
+                "signs the parts of a split batch, but this route has split = \"none\" (its events reach the backend with Meta's own signature)",
+            ))
+        }
+        (Some(src), _) => Some(cx.secret(&k("backend_secret"), src)?),
+        (None, SplitMode::None) => None,
+        (None, _) => Some(app_secrets[0].clone()),
+    };
     Ok(Route {
         path: r.path,
         verify_token,
@@ -408,7 +435,9 @@ fn route(
         client_cert,
         legacy_sha1: r.legacy_sha1,
         delivery,
-        dedupe: r.dedupe.unwrap_or(true),
+        dedupe,
+        split,
+        backend_secret,
     })
 }
 

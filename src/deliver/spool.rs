@@ -29,19 +29,56 @@ pub async fn store(
     body: Bytes,
     client: &ClientContext,
 ) -> Result<Accepted, SpoolError> {
-    let headers = upstream_headers(parts, client)
-        .iter()
-        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+    let headers = upstream_headers(parts, client);
+    spool
+        .accept(new_event(route, parts, client, &headers, body, None))
+        .await
+}
+
+/// One part of a split batch, ready to store.
+pub struct StoredPart {
+    /// The headers it is delivered with (its own signature among them).
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    /// De-duplicate by this update key instead of by the body.
+    pub update_key: Option<[u8; 32]>,
+}
+
+/// Stores the parts of one batch in one commit: all or none.
+pub async fn store_parts(
+    spool: &Spool,
+    route: &str,
+    parts: &Parts,
+    client: &ClientContext,
+    pieces: Vec<StoredPart>,
+) -> Result<Vec<Accepted>, SpoolError> {
+    let events = pieces
+        .into_iter()
+        .map(|p| new_event(route, parts, client, &p.headers, p.body, p.update_key))
         .collect();
-    let event = NewEvent {
+    spool.accept_all(events).await
+}
+
+fn new_event(
+    route: &str,
+    parts: &Parts,
+    client: &ClientContext,
+    headers: &http::HeaderMap,
+    body: Bytes,
+    update_key: Option<[u8; 32]>,
+) -> NewEvent {
+    NewEvent {
         route: route.to_owned(),
         body,
-        headers,
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect(),
         query: parts.uri.query().map(str::to_owned),
         client_identity: client.cn().map(str::to_owned),
         received_at: std::time::SystemTime::now(),
-    };
-    spool.accept(event).await
+        update_key,
+    }
 }
 
 /// Where a route's stored events go now: resolved at each attempt, so that a reload's new

@@ -135,14 +135,28 @@ impl Upstream {
         body: Bytes,
         client: &ClientContext,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
-        let uri = match parts.uri.query() {
+        let headers = upstream_headers(parts, client);
+        self.forward_with(upstream, parts.uri.query(), headers, body)
+            .await
+    }
+
+    /// Sends `body` upstream with these headers (as [`upstream_headers`] makes them, perhaps
+    /// changed: the parts of a split batch carry their own signature).
+    pub async fn forward_with(
+        &self,
+        upstream: &Uri,
+        query: Option<&str>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Full<Bytes>>, ForwardError> {
+        let uri = match query {
             None => upstream.clone(),
             Some(q) => with_query(upstream, q)?,
         };
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
-        *request.headers_mut() = upstream_headers(parts, client);
+        *request.headers_mut() = headers;
         self.exchange(request).await
     }
 

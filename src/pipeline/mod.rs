@@ -11,6 +11,7 @@
 //! A stage that refuses returns `Err(Outcome)`; the refusal's response comes from the outcome.
 
 pub mod outcome;
+mod split;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +27,7 @@ use tracing::warn;
 
 pub use outcome::Outcome;
 
-use crate::config::{Delivery, RouteClientCert};
+use crate::config::{Delivery, RouteClientCert, SplitMode};
 use crate::deliver::spool as spooling;
 use crate::deliver::upstream::error_chain;
 use crate::deliver::ForwardError;
@@ -190,7 +191,10 @@ async fn deliver(
     shared: &Shared,
     event: Event<'_>,
 ) -> Result<Reply, Outcome> {
+    let splits = event.route.route.split != SplitMode::None;
     match event.route.route.delivery {
+        Delivery::Spool if splits => split::spool(shared, event).await,
+        Delivery::Sync if splits => split::forward(generation, shared, event).await,
         Delivery::Spool => spool(shared, event).await,
         Delivery::Sync => forward(generation, shared, event).await,
     }
@@ -211,7 +215,8 @@ async fn forward(
         signed,
     } = event;
     let recent = &shared.recent;
-    if route.route.dedupe && recent.contains(&route.label, &signed.mac).await {
+    let dedupe = route.route.dedupe.is_on();
+    if dedupe && recent.contains(&route.label, &signed.mac).await {
         return Ok((Outcome::Duplicate, outcome::event_received()));
     }
     let started = Instant::now();
@@ -224,21 +229,24 @@ async fn forward(
         .upstream_latency(&route.label, started.elapsed());
     match forwarded {
         Ok(resp) => {
-            if route.route.dedupe && resp.status().is_success() {
+            if dedupe && resp.status().is_success() {
                 recent.insert(&route.label, &signed.mac).await;
             }
             Ok((Outcome::Forwarded(resp.status()), resp))
         }
         Err(e) => {
             warn!(route = %route.route.path, error = %error_chain(&e), "forwarding failed");
-            Err(match e {
-                ForwardError::Unreachable(_) => Outcome::UpstreamUnreachable,
-                ForwardError::Timeout(_) => Outcome::UpstreamTimeout,
-                ForwardError::BadResponse(_) | ForwardError::Query(_) => {
-                    Outcome::UpstreamBadResponse
-                }
-            })
+            Err(forward_failure(&e))
         }
+    }
+}
+
+/// What a failed forward is answered with.
+fn forward_failure(e: &ForwardError) -> Outcome {
+    match e {
+        ForwardError::Unreachable(_) => Outcome::UpstreamUnreachable,
+        ForwardError::Timeout(_) => Outcome::UpstreamTimeout,
+        ForwardError::BadResponse(_) | ForwardError::Query(_) => Outcome::UpstreamBadResponse,
     }
 }
 
@@ -260,13 +268,18 @@ async fn spool(shared: &Shared, event: Event<'_>) -> Result<Reply, Outcome> {
         Ok(Accepted::Duplicate) => Ok((Outcome::Duplicate, outcome::event_received())),
         Err(e) => {
             warn!(route = %route.route.path, error = %e, "event not stored; answering 503 so that Meta retries");
-            Err(if e.is_full() {
-                Outcome::SpoolFull
-            } else if e.is_unavailable() {
-                Outcome::SpoolUnavailable
-            } else {
-                Outcome::SpoolError
-            })
+            Err(spool_failure(&e))
         }
+    }
+}
+
+/// What an event the spool could not store is answered with (503 all, for Meta to retry).
+fn spool_failure(e: &crate::spool::SpoolError) -> Outcome {
+    if e.is_full() {
+        Outcome::SpoolFull
+    } else if e.is_unavailable() {
+        Outcome::SpoolUnavailable
+    } else {
+        Outcome::SpoolError
     }
 }

@@ -19,6 +19,9 @@ pub enum Outcome {
     Forwarded(StatusCode),
     /// Authenticated and durably stored for delivery (200).
     Spooled,
+    /// Authenticated, split into parts, and every part delivered (2xx) or known delivered
+    /// already (200).
+    Split,
     /// Authenticated, and the same body was already accepted within the dedupe window (200).
     Duplicate,
     /// The spool could not store the event: disk or size cap full (503, Meta retries).
@@ -64,7 +67,7 @@ impl Outcome {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Forwarded(s) => *s,
-            Self::Spooled | Self::Duplicate => StatusCode::OK,
+            Self::Spooled | Self::Split | Self::Duplicate => StatusCode::OK,
             Self::SpoolFull | Self::SpoolError | Self::SpoolUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -90,6 +93,7 @@ impl Outcome {
         match self {
             Self::Forwarded(_) => "forwarded",
             Self::Spooled => "spooled",
+            Self::Split => "split",
             Self::Duplicate => "duplicate",
             Self::SpoolFull => "spool_full",
             Self::SpoolError => "spool_error",

@@ -226,6 +226,9 @@ pub struct NewEvent {
     pub client_identity: Option<String>,
     /// When the gate received it.
     pub received_at: SystemTime,
+    /// The update's own identity (a part of a split batch with `dedupe = "item"`): the
+    /// spool de-duplicates by it instead of by the body.
+    pub update_key: Option<[u8; 32]>,
 }
 
 /// What [`Spool::accept`] did. Either way the gate may answer 200.
@@ -488,6 +491,27 @@ impl Spool {
     pub async fn accept(&self, event: NewEvent) -> Result<Accepted, SpoolError> {
         let limit = self.inner.settings.accept_timeout;
         let result = match tokio::time::timeout(limit, self.inner.store.accept(event)).await {
+            Ok(r) => r,
+            Err(_) => Err(SpoolError::Timeout(limit)),
+        };
+        let stats = &self.inner.shared.stats;
+        match &result {
+            Err(SpoolError::Full { .. }) => {
+                stats.refused_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                stats.refused_error.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+        }
+        result
+    }
+
+    /// Stores several events at once — the parts of one batch — all or none, in one commit;
+    /// each is stored or recognised as a duplicate, in order.
+    pub async fn accept_all(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>, SpoolError> {
+        let limit = self.inner.settings.accept_timeout;
+        let result = match tokio::time::timeout(limit, self.inner.store.accept_all(events)).await {
             Ok(r) => r,
             Err(_) => Err(SpoolError::Timeout(limit)),
         };

@@ -31,6 +31,10 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub(crate) trait Store: Operations {
     /// Stores an event, or recognises it as a duplicate, durably.
     fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>>;
+    /// Stores several events in one transaction: all of them (each stored or a duplicate),
+    /// or none.
+    fn accept_all(&self, events: Vec<NewEvent>)
+        -> BoxFuture<'_, Result<Vec<Accepted>, SpoolError>>;
     /// Claims due events of every route with room, given what this process already runs.
     fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>>;
     /// Records an attempt's outcome.
@@ -241,6 +245,23 @@ pub(crate) fn dedupe_key(route: &str, body: &[u8]) -> [u8; 32] {
     h.update(route.as_bytes());
     h.update(body);
     h.finalize().into()
+}
+
+/// An event's key: by its update's identity when it has one, else by its body. The update
+/// form starts with a tag no route length can spell (a route is never 2^63 bytes long).
+pub(crate) fn event_key(event: &NewEvent) -> [u8; 32] {
+    match &event.update_key {
+        None => dedupe_key(&event.route, &event.body),
+        Some(update) => {
+            let mut h = Sha256::new();
+            h.update(u64::MAX.to_be_bytes());
+            h.update(b"update\0");
+            h.update((event.route.len() as u64).to_be_bytes());
+            h.update(event.route.as_bytes());
+            h.update(update);
+            h.finalize().into()
+        }
+    }
 }
 
 /// An event's state in the spool. A delivered event is no longer in the spool.

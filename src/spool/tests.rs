@@ -33,6 +33,7 @@ fn event(route: &str, body: &str) -> NewEvent {
         query: Some("a=1".to_owned()),
         client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),
         received_at: SystemTime::now(),
+        update_key: None,
     }
 }
 
@@ -793,4 +794,81 @@ async fn spool_files_are_private() {
             .mode();
         assert_eq!(mode & 0o077, 0, "{name}: {mode:o}");
     }
+}
+
+#[tokio::test]
+async fn the_parts_of_a_batch_are_stored_all_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&dir);
+    s.max_size_bytes = Some(256 * 1024);
+    let spool = Spool::open(s).unwrap();
+    let body = "x".repeat(40 * 1024);
+    let parts = |tag: &str, n: usize| -> Vec<NewEvent> {
+        (0..n)
+            .map(|i| event("/a", &format!("{tag} {i} {body}")))
+            .collect()
+    };
+    let first = spool.accept_all(parts("first", 3)).await.unwrap();
+    assert!(first.iter().all(|a| matches!(a, Accepted::Stored(_))));
+    // Three more fit on their own, but not with the rest of their batch: none is stored.
+    let e = spool.accept_all(parts("second", 5)).await.unwrap_err();
+    assert!(e.is_full(), "{e:?}");
+    let summary = spool.summary().await.unwrap();
+    assert_eq!(route_summary(&summary, "/a").unwrap().pending, 3);
+    // A batch whose new parts fit is stored; its known parts are duplicates, in order.
+    let mut mixed = parts("first", 1);
+    mixed.push(event("/a", "small"));
+    let answers = spool.accept_all(mixed).await.unwrap();
+    assert_eq!(answers[0], Accepted::Duplicate);
+    assert!(matches!(answers[1], Accepted::Stored(_)));
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn update_keys_recognise_an_update_whatever_its_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(&dir)).unwrap();
+    let keyed = |body: &str, key: u8| NewEvent {
+        update_key: Some([key; 32]),
+        ..event("/a", body)
+    };
+    // Two parts of one batch with the same update: the second is a duplicate.
+    let answers = spool
+        .accept_all(vec![
+            keyed("batch 1, part 1", 1),
+            keyed("batch 1, part 2", 1),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(answers[0], Accepted::Stored(_)));
+    assert_eq!(answers[1], Accepted::Duplicate);
+    // The update again in another batch (another envelope): a duplicate; a new one is stored.
+    let answers = spool
+        .accept_all(vec![keyed("batch 2", 1), keyed("batch 2", 2)])
+        .await
+        .unwrap();
+    assert_eq!(answers[0], Accepted::Duplicate);
+    assert!(matches!(answers[1], Accepted::Stored(_)));
+    // Keyed by update, not by body: the same body with another key is another update, and a
+    // key never matches a body's own key.
+    assert!(matches!(
+        spool.accept(keyed("batch 2", 3)).await.unwrap(),
+        Accepted::Stored(_)
+    ));
+    assert!(matches!(
+        spool.accept(event("/a", "batch 2")).await.unwrap(),
+        Accepted::Stored(_)
+    ));
+    // Keys are per route.
+    assert!(matches!(
+        spool
+            .accept(NewEvent {
+                update_key: Some([1; 32]),
+                ..event("/b", "batch 1, part 1")
+            })
+            .await
+            .unwrap(),
+        Accepted::Stored(_)
+    ));
+    spool.close().await;
 }

@@ -290,8 +290,13 @@ pub struct Route {
     pub legacy_sha1: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<Delivery>,
+    /// `true`/`false` or `"off"`/`"body"`/`"item"`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dedupe: Option<bool>,
+    pub dedupe: Option<toml::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_secret: Option<Secret>,
 }
 
 impl Route {
@@ -306,7 +311,16 @@ impl Route {
             legacy_sha1: false,
             delivery: None,
             dedupe: None,
+            split: None,
+            backend_secret: None,
         }
+    }
+
+    /// Splits batches by `mode` (`"entry"` or `"item"`), with `dedupe` (`"body"` or `"item"`).
+    pub fn split(&mut self, mode: &str, dedupe: &str) -> &mut Route {
+        self.split = Some(mode.to_owned());
+        self.dedupe = Some(toml::Value::String(dedupe.to_owned()));
+        self
     }
 }
 

@@ -40,7 +40,7 @@ use tracing::{info, warn};
 pub(crate) use connect::Target;
 
 use super::store::{
-    decode_headers, dedupe_key, duration_ms, encode_headers, from_unix_ms, now_ms, plan, unix_ms,
+    decode_headers, duration_ms, encode_headers, event_key, from_unix_ms, now_ms, plan, unix_ms,
     BoxFuture, Claimed, Disposition, EventDetail, EventInfo, EventState, ListFilter, Operations,
     Plan, ReplayTarget, Rng, Store, Summary,
 };
@@ -338,56 +338,92 @@ impl PgStore {
         Ok(self.routes.lock().expect("lock").iter().cloned().collect())
     }
 
-    async fn accept_event(&self, event: NewEvent) -> Result<Accepted, SpoolError> {
-        if event.route.is_empty() {
-            return Err(SpoolError::InvalidEvent("empty route".to_owned()));
+    /// Stores events, each or its duplicate recognised: one statement for one event (its own
+    /// commit), one transaction for several.
+    async fn accept_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>, SpoolError> {
+        struct Row {
+            key: [u8; 32],
+            received: i64,
+            headers: Vec<u8>,
+            event: NewEvent,
         }
-        let headers = encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?;
-        let key = dedupe_key(&event.route, &event.body);
-        let received = unix_ms(event.received_at);
+        let mut rows = Vec::with_capacity(events.len());
+        for event in events {
+            if event.route.is_empty() {
+                return Err(SpoolError::InvalidEvent("empty route".to_owned()));
+            }
+            rows.push(Row {
+                key: event_key(&event),
+                received: unix_ms(event.received_at),
+                headers: encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?,
+                event,
+            });
+        }
         let window = duration_ms(self.settings.dedupe_window);
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let started = Instant::now();
-        let body: &[u8] = &event.body;
         let stmt = client
             .prepare_cached(ACCEPT)
             .await
             .map_err(|e| self.failed(&e))?;
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &&key[..],
+        // `ACCEPT`'s parameters, borrowed from a row (the body is not copied).
+        macro_rules! accept_params {
+            ($r:expr) => {
+                [
+                    &&$r.key[..] as &(dyn tokio_postgres::types::ToSql + Sync),
                     &window,
-                    &event.route,
-                    &received,
-                    &event.client_identity,
-                    &event.query,
-                    &headers,
-                    &body,
-                ],
-            )
-            .await
-            .map_err(|e| self.failed(&e))?;
+                    &$r.event.route,
+                    &$r.received,
+                    &$r.event.client_identity,
+                    &$r.event.query,
+                    &$r.headers,
+                    &&$r.event.body[..],
+                ]
+            };
+        }
+        let mut ids: Vec<Option<i64>> = Vec::with_capacity(rows.len());
+        if let [row] = rows.as_slice() {
+            let found = client
+                .query(&stmt, &accept_params!(row))
+                .await
+                .map_err(|e| self.failed(&e))?;
+            ids.push(found.first().map(|r| r.get(0)));
+        } else {
+            let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+            for row in &rows {
+                let found = tx
+                    .query(&stmt, &accept_params!(row))
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                ids.push(found.first().map(|r| r.get(0)));
+            }
+            tx.commit().await.map_err(|e| self.failed(&e))?;
+        }
         self.note_success();
         let stats = &self.shared.stats;
         stats.commits.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         stats.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
-        stats.jobs.fetch_add(1, Ordering::Relaxed);
-        match rows.first() {
-            Some(row) => {
-                stats.accepted.fetch_add(1, Ordering::Relaxed);
-                self.shared.notify.notify_one();
-                let _ = self.stored.send(event.route.clone());
-                self.routes.lock().expect("lock").insert(event.route);
-                Ok(Accepted::Stored(row.get(0)))
-            }
-            None => {
-                stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                Ok(Accepted::Duplicate)
+        stats.jobs.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        let mut answers = Vec::with_capacity(ids.len());
+        for (row, id) in rows.into_iter().zip(ids) {
+            match id {
+                Some(id) => {
+                    stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.stored.send(row.event.route.clone());
+                    self.routes.lock().expect("lock").insert(row.event.route);
+                    answers.push(Accepted::Stored(id));
+                }
+                None => {
+                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    answers.push(Accepted::Duplicate);
+                }
             }
         }
+        if answers.iter().any(|a| matches!(a, Accepted::Stored(_))) {
+            self.shared.notify.notify_one();
+        }
+        Ok(answers)
     }
 
     async fn claim_due(&self, busy: HashMap<String, usize>) -> Result<Claimed, SpoolError> {
@@ -720,7 +756,18 @@ async fn prune(pool: Pool, window: Duration) {
 
 impl Store for PgStore {
     fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>> {
-        Box::pin(self.accept_event(event))
+        Box::pin(async move {
+            self.accept_events(vec![event])
+                .await
+                .map(|mut a| a.pop().expect("one answer per event"))
+        })
+    }
+
+    fn accept_all(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'_, Result<Vec<Accepted>, SpoolError>> {
+        Box::pin(self.accept_events(events))
     }
 
     fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>> {

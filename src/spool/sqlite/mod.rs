@@ -131,50 +131,107 @@ impl SqliteStore {
     }
 }
 
+/// Whether the event was accepted within the de-duplication window (this transaction's
+/// events included).
+fn is_duplicate(
+    ctx: &writer::Ctx,
+    conn: &rusqlite::Connection,
+    prepared: &sql::Prepared,
+) -> rusqlite::Result<bool> {
+    let window = super::store::duration_ms(ctx.settings.dedupe_window);
+    if window == 0 {
+        return Ok(false);
+    }
+    Ok(sql::dedupe_lookup(conn, &prepared.key)?
+        .is_some_and(|at| ctx.now.saturating_sub(at) < window))
+}
+
+/// Stores one event in the writer's transaction.
+fn insert_one(
+    ctx: &mut writer::Ctx,
+    conn: &rusqlite::Connection,
+    prepared: sql::Prepared,
+) -> rusqlite::Result<Accepted> {
+    let dedupe = !ctx.settings.dedupe_window.is_zero();
+    // Claimed at birth if the route can start a delivery now and nothing older waits in its
+    // queue; else queued.
+    let max = ctx.settings.max_concurrency_per_route.max(1);
+    let born = ctx.handoff.taking.load(Ordering::Relaxed)
+        && !ctx.flight.backlog.contains(&prepared.route)
+        && ctx.flight.room(&prepared.route, max) > 0;
+    let id = sql::insert_event(conn, &prepared, ctx.now, dedupe, born)?;
+    if !ctx.routes.contains(&prepared.route) {
+        ctx.routes.insert(prepared.route.clone());
+    }
+    if born {
+        ctx.flight.claim(id, &prepared.route);
+        ctx.born.push(prepared.into_stored(id));
+    } else {
+        ctx.flight.backlog.insert(prepared.route);
+    }
+    ctx.stored = true;
+    ctx.delta.accepted += 1;
+    Ok(Accepted::Stored(id))
+}
+
 impl Store for SqliteStore {
     fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>> {
         Box::pin(async move {
-            let prepared = sql::Prepared::new(event)?;
-            let weight = prepared.body.len();
-            let size = (prepared.body.len() + prepared.headers.len()) as u64;
+            self.accept_all(vec![event])
+                .await
+                .map(|mut a| a.pop().expect("one answer per event"))
+        })
+    }
+
+    fn accept_all(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'_, Result<Vec<Accepted>, SpoolError>> {
+        Box::pin(async move {
+            let prepared = events
+                .into_iter()
+                .map(sql::Prepared::new)
+                .collect::<Result<Vec<_>, _>>()?;
+            let weight = prepared.iter().map(|p| p.body.len()).sum();
+            // What the events from each one on would add: the size cap is checked once,
+            // before the first event that is not a duplicate.
+            let mut from: Vec<u64> = prepared
+                .iter()
+                .rev()
+                .scan(0u64, |sum, p| {
+                    *sum += (p.body.len() + p.headers.len()) as u64;
+                    Some(*sum)
+                })
+                .collect();
+            from.reverse();
             writer::call(&self.tx, weight, true, move |ctx, conn| {
-                let window = super::store::duration_ms(ctx.settings.dedupe_window);
-                let dedupe = window > 0;
-                if dedupe {
-                    if let Some(at) = sql::dedupe_lookup(conn, &prepared.key)? {
-                        if ctx.now.saturating_sub(at) < window {
-                            ctx.delta.duplicates += 1;
-                            return Ok(Ok(Accepted::Duplicate));
+                let mut answers = Vec::with_capacity(prepared.len());
+                let mut checked = false;
+                for (p, size) in prepared.into_iter().zip(from) {
+                    if is_duplicate(ctx, conn, &p)? {
+                        answers.push(Accepted::Duplicate);
+                        continue;
+                    }
+                    if !checked {
+                        checked = true;
+                        // The size cap refuses these events only (all of them: nothing of
+                        // theirs is written yet); the rest of the batch commits.
+                        if let Some(max) = ctx.settings.max_size_bytes {
+                            if sql::used_bytes(conn)? + size > max {
+                                return Ok(Err(SpoolError::Full {
+                                    path: ctx.settings.path.clone(),
+                                }));
+                            }
                         }
                     }
+                    answers.push(insert_one(ctx, conn, p)?);
                 }
-                // The size cap refuses this event only; the rest of the batch commits.
-                if let Some(max) = ctx.settings.max_size_bytes {
-                    if sql::used_bytes(conn)? + size > max {
-                        return Ok(Err(SpoolError::Full {
-                            path: ctx.settings.path.clone(),
-                        }));
-                    }
-                }
-                // Claimed at birth if the route can start a delivery now and nothing older
-                // waits in its queue; else queued.
-                let max = ctx.settings.max_concurrency_per_route.max(1);
-                let born = ctx.handoff.taking.load(Ordering::Relaxed)
-                    && !ctx.flight.backlog.contains(&prepared.route)
-                    && ctx.flight.room(&prepared.route, max) > 0;
-                let id = sql::insert_event(conn, &prepared, ctx.now, dedupe, born)?;
-                if !ctx.routes.contains(&prepared.route) {
-                    ctx.routes.insert(prepared.route.clone());
-                }
-                if born {
-                    ctx.flight.claim(id, &prepared.route);
-                    ctx.born.push(prepared.into_stored(id));
-                } else {
-                    ctx.flight.backlog.insert(prepared.route);
-                }
-                ctx.stored = true;
-                ctx.delta.accepted += 1;
-                Ok(Ok(Accepted::Stored(id)))
+                let duplicates = answers
+                    .iter()
+                    .filter(|a| **a == Accepted::Duplicate)
+                    .count();
+                ctx.delta.duplicates += duplicates as u64;
+                Ok(Ok(answers))
             })
             .await
             .and_then(|accepted| accepted)

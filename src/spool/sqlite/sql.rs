@@ -59,8 +59,8 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use crate::spool::store::{
-    decode_headers, dedupe_key, duration_ms, encode_headers, from_unix_ms, now_ms, unix_ms,
-    EventDetail, EventInfo, EventState, ListFilter, ReplayTarget, Summary,
+    decode_headers, duration_ms, encode_headers, from_unix_ms, now_ms, unix_ms, EventDetail,
+    EventInfo, EventState, ListFilter, ReplayTarget, Summary,
 };
 use crate::spool::{SpoolError, SpoolSettings, StoredEvent};
 
@@ -449,7 +449,7 @@ impl Prepared {
             return Err(SpoolError::InvalidEvent("empty route".to_owned()));
         }
         let encoded_headers = encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?;
-        let key = dedupe_key(&event.route, &event.body);
+        let key = crate::spool::store::event_key(&event);
         Ok(Prepared {
             route: event.route,
             body: event.body,
@@ -930,6 +930,7 @@ impl SpoolOps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::store::dedupe_key;
 
     /// Event `n`: body `[n]`, key `[n; 32]`, route `/w`.
     fn prepared(n: u8) -> Prepared {
