@@ -407,3 +407,149 @@ async fn spool_recognises_an_update_that_comes_back_in_another_batch() {
         1
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A real backend: pywa (PyPI), which checks Meta's signature itself and — like many
+// frameworks — reads only the first update of a batch.
+
+/// The Python with pywa installed (`.ci/run` makes one); `None` skips the test unless
+/// `HUBGATE_REQUIRE_PYWA=1`.
+fn pywa_python() -> Option<String> {
+    match hubgate::config::process_env("HUBGATE_PYWA_PYTHON") {
+        Some(p) if !p.is_empty() => Some(p),
+        _ => {
+            assert!(
+                hubgate::config::process_env("HUBGATE_REQUIRE_PYWA").as_deref() != Some("1"),
+                "HUBGATE_REQUIRE_PYWA=1 but HUBGATE_PYWA_PYTHON is not set"
+            );
+            eprintln!("skipped: set HUBGATE_PYWA_PYTHON to a Python with pywa (see .ci/run)");
+            None
+        }
+    }
+}
+
+/// The backend process, killed when dropped.
+struct Pywa {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Pywa {
+    fn start(python: &str, app_secret: &str) -> Pywa {
+        use std::io::BufRead;
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/backends/pywa_backend.py"
+        );
+        let mut child = std::process::Command::new(python)
+            .args([script, app_secret])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the pywa backend");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("pywa backend said {line:?}"))
+            .parse()
+            .unwrap();
+        Pywa { child, port }
+    }
+
+    async fn seen(&self) -> serde_json::Value {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let (status, text) = http_get(addr, "/seen").await.unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+impl Drop for Pywa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WhatsApp `changes[]` element as the Cloud API sends it to phone number 106540352242922.
+fn wa_change(inner: &str) -> String {
+    format!(
+        r#"{{"value":{{"messaging_product":"whatsapp","metadata":{{"display_phone_number":"15550783881","phone_number_id":"106540352242922"}},"contacts":[{{"profile":{{"name":"Sheena Nelson"}},"wa_id":"16505551234","user_id":"US.13491208655302741918"}}],{inner}}},"field":"messages"}}"#
+    )
+}
+
+fn wa_text(id: &str, text: &str) -> String {
+    wa_change(&format!(
+        r#""messages":[{{"from":"16505551234","id":"{id}","timestamp":"1749416383","text":{{"body":"{text}"}},"type":"text"}}]"#
+    ))
+}
+
+fn wa_status(id: &str, status: &str) -> String {
+    wa_change(&format!(
+        r#""statuses":[{{"id":"{id}","status":"{status}","timestamp":"1750263773","recipient_id":"16505551234"}}]"#
+    ))
+}
+
+fn wa_batch(changes: &[String]) -> Vec<u8> {
+    format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{{"id":"102290129340398","changes":[{}]}}]}}"#,
+        changes.join(",")
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn a_pywa_backend_checks_every_resigned_part_and_sees_each_update_exactly_once() {
+    let Some(python) = pywa_python() else { return };
+    let backend = Pywa::start(&python, BACKEND_KEY);
+    let url = format!("http://127.0.0.1:{}/", backend.port);
+    let s = splitting("item", "item").upstream_url(&url).start().await;
+    let first = wa_batch(&[
+        wa_text("wamid.A1=", r"h\u00e9llo"),
+        wa_text("wamid.A2=", "second"),
+        wa_status("wamid.S1=", "delivered"),
+    ]);
+    assert_eq!(s.post_signed(&first).await.status(), 200);
+    // Meta's retry, batched differently: two updates it already sent, two new ones.
+    let retry = wa_batch(&[
+        wa_status("wamid.S1=", "read"),
+        wa_text("wamid.A2=", "second"),
+        wa_text("wamid.A3=", "third"),
+        wa_status("wamid.S1=", "delivered"),
+    ]);
+    assert_eq!(s.post_signed(&retry).await.status(), 200);
+    assert_eq!(s.post_signed(&retry).await.status(), 200);
+    let seen = backend.seen().await;
+    assert_eq!(seen["refused"], 0, "pywa accepted every signature: {seen}");
+    assert_eq!(seen["requests"], 5, "{seen}");
+    let ids = |kind: &str, field: &str| -> Vec<String> {
+        seen[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m[field].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        ids("messages", "id"),
+        ["wamid.A1=", "wamid.A2=", "wamid.A3="]
+    );
+    // pywa decoded the escaped unicode of the bytes Meta signed.
+    assert_eq!(ids("messages", "text")[0], "héllo");
+    assert_eq!(ids("statuses", "status"), ["delivered", "read"]);
+    // A part with a forged signature would be refused by pywa itself: the check is real.
+    let forged = wa_batch(&[wa_text("wamid.F=", "forged")]);
+    let resp = s
+        .http()
+        .post(&url)
+        .header(SIG, sign("not-the-key", &forged))
+        .body(forged)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_client_error(), "{}", resp.status());
+    assert_eq!(backend.seen().await["refused"], 1);
+}
