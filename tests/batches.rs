@@ -553,3 +553,35 @@ async fn a_pywa_backend_checks_every_resigned_part_and_sees_each_update_exactly_
     assert!(resp.status().is_client_error(), "{}", resp.status());
     assert_eq!(backend.seen().await["refused"], 1);
 }
+
+#[tokio::test]
+async fn parts_count_against_the_memory_budget_like_the_body() {
+    // 64 KiB of request bytes in memory at once: a 40 KiB body fits, it and its parts do not.
+    let s = splitting("item", "item")
+        .server(|sv| {
+            sv.max_buffered_bytes = Some(64 * 1024);
+            sv.max_body_bytes = Some(64 * 1024);
+        })
+        .start()
+        .await;
+    let pad = "y".repeat(400);
+    let items: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"sender":{{"id":"1"}},"message":{{"mid":"m_{i}","text":"{pad}"}}}}"#))
+        .collect();
+    let body = messenger_batch(1, &items);
+    assert!(body.len() > 40 * 1024 && body.len() < 48 * 1024);
+    let resp = s.post_signed(&body).await;
+    assert_eq!(resp.status(), 503, "Meta retries later");
+    assert!(received(&s).is_empty());
+    assert_eq!(
+        metric(
+            &s,
+            r#"hubgate_requests_total{route="/webhook",verdict="overloaded",status="503"}"#
+        ),
+        1
+    );
+    // A smaller batch goes through.
+    let small = messenger_batch(1, &items[..10]);
+    assert_eq!(s.post_signed(&small).await.status(), 200);
+    assert_eq!(received(&s).len(), 10);
+}

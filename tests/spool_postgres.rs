@@ -399,3 +399,61 @@ async fn sync_routes_recognise_a_retry_at_another_gate_with_the_shared_store() {
     assert_eq!(fresh.status(), 200);
     assert_eq!(s.upstream.requests().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_sync_routes_recognise_an_update_rebatched_at_another_gate() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let url = db.url();
+    let s = Scenario::new()
+        .route(|r| {
+            r.split("item", "item");
+        })
+        .config(|c| {
+            let mut spool = common::Spool::default();
+            spool.on_postgres(&url);
+            c.spool = Some(spool);
+            c.dedupe = Some(Dedupe {
+                store: Some("postgres".into()),
+                ..Dedupe::default()
+            });
+        })
+        .start()
+        .await;
+    let other = Gate::run(s.config.load(&s.pki).unwrap()).await;
+    let item = |mid: &str| {
+        format!(
+            r#"{{"sender":{{"id":"1"}},"recipient":{{"id":"2"}},"message":{{"mid":"{mid}","text":"x"}}}}"#
+        )
+    };
+    let batch = |time: u32, mids: &[&str]| {
+        let items: Vec<String> = mids.iter().map(|m| item(m)).collect();
+        format!(
+            r#"{{"object":"page","entry":[{{"id":"2","time":{time},"messaging":[{}]}}]}}"#,
+            items.join(",")
+        )
+        .into_bytes()
+    };
+    assert_eq!(
+        s.post_signed(&batch(1, &["m_a", "m_b"])).await.status(),
+        200
+    );
+    // m_b again, re-batched with m_c, through the other gate.
+    let resp = post_signed(
+        &s.http(),
+        &other.url("/webhook"),
+        &batch(2, &["m_c", "m_b"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let delivered: Vec<String> = s
+        .upstream
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(delivered.len(), 3, "{delivered:#?}");
+    assert!(delivered[2].contains("m_c"));
+    assert_eq!(delivered.iter().filter(|b| b.contains("m_b")).count(), 1);
+}

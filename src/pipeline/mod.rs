@@ -152,13 +152,7 @@ async fn read_body(
         return Err(Outcome::BodyTooLarge);
     }
     // Reserve what the body may take: its declared length, or the limit when it has none.
-    let reserve = declared.unwrap_or(max as u64);
-    let kib = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let budget: &Arc<Semaphore> = &shared.body_budget;
-    let permit = budget
-        .clone()
-        .try_acquire_many_owned(kib)
-        .map_err(|_| Outcome::Overloaded)?;
+    let permit = reserve(shared, declared.unwrap_or(max as u64))?;
     let limited = Limited::new(body, max);
     match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
         Err(_) => Err(Outcome::BodyTimeout),
@@ -166,6 +160,17 @@ async fn read_body(
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Outcome::BodyTooLarge),
         Ok(Err(_)) => Err(Outcome::BodyError),
     }
+}
+
+/// Counts `bytes` against the process-wide budget of request bytes in memory
+/// (`server.max_buffered_bytes`) until the permit is dropped; `Overloaded` (503) when full.
+fn reserve(shared: &Shared, bytes: u64) -> Result<OwnedSemaphorePermit, Outcome> {
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let budget: &Arc<Semaphore> = &shared.body_budget;
+    budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| Outcome::Overloaded)
 }
 
 /// The signature over the raw body, under any of the route's secrets.

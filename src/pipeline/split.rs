@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
 
 use super::{forward_failure, outcome, spool_failure, Event, Outcome, Reply};
@@ -39,9 +40,18 @@ pub const PARTS: HeaderName = HeaderName::from_static("x-hubgate-parts");
 pub const BATCH_SHA256: HeaderName = HeaderName::from_static("x-hubgate-batch-sha256");
 
 /// The parts of a batch, or `None` when the body is delivered whole (logged and counted here).
-fn cut(route: &RouteState, shared: &Shared, body: &[u8]) -> Option<Vec<Part>> {
+/// The parts are about the body's size again: they count against `server.max_buffered_bytes`
+/// like the body, until the permit returned with them is dropped.
+fn cut(
+    route: &RouteState,
+    shared: &Shared,
+    body: &[u8],
+) -> Result<Option<(Vec<Part>, OwnedSemaphorePermit)>, Outcome> {
     match batch::split(body, route.route.split) {
-        Ok(parts) => Some(parts),
+        Ok(parts) => {
+            let size: usize = parts.iter().map(|p| p.body.len()).sum();
+            Ok(Some((parts, super::reserve(shared, size as u64)?)))
+        }
         Err(why) => {
             info!(
                 route = %route.route.path,
@@ -49,7 +59,7 @@ fn cut(route: &RouteState, shared: &Shared, body: &[u8]) -> Option<Vec<Part>> {
                 "not a Meta batch: delivered whole, with Meta's signature"
             );
             shared.metrics.batch_unsplit(&route.label, why.as_str());
-            None
+            Ok(None)
         }
     }
 }
@@ -100,7 +110,7 @@ pub(super) async fn forward(
     if dedupe.is_on() && recent.contains(label, &event.signed.mac).await {
         return Ok((Outcome::Duplicate, outcome::event_received()));
     }
-    let Some(parts) = cut(route, shared, &event.body) else {
+    let Some((parts, _reserved)) = cut(route, shared, &event.body)? else {
         return super::forward(generation, shared, event).await;
     };
     let base = upstream_headers(event.parts, event.client);
@@ -179,7 +189,7 @@ fn count_parts(shared: &Shared, route: &RouteState, delivered: u64, skipped: u64
 /// Spool delivery of a batch: every part stored in one commit, then delivered on its own.
 pub(super) async fn spool(shared: &Shared, event: Event<'_>) -> Result<Reply, Outcome> {
     let route = event.route;
-    let Some(parts) = cut(route, shared, &event.body) else {
+    let Some((parts, _reserved)) = cut(route, shared, &event.body)? else {
         return super::spool(shared, event).await;
     };
     // Validation makes a spool route without [spool] impossible.
