@@ -585,3 +585,27 @@ async fn parts_count_against_the_memory_budget_like_the_body() {
     assert_eq!(s.post_signed(&small).await.status(), 200);
     assert_eq!(received(&s).len(), 10);
 }
+
+#[tokio::test]
+async fn a_malformed_update_is_delivered_as_its_own_part_and_the_others_as_theirs() {
+    let s = splitting("item", "item").start().await;
+    // The second update is not an object; the third entry holds Messenger's standby array.
+    let good = message("m_1");
+    let body = format!(
+        r#"{{"object":"page","entry":[{{"id":"1234","time":9,"messaging":[{good},"oops",null]}},{{"id":"1234","time":9,"standby":[{{"sender":{{"id":"1"}}}}]}}]}}"#
+    );
+    assert_eq!(s.post_signed(body.as_bytes()).await.status(), 200);
+    let bodies: Vec<String> = received(&s)
+        .into_iter()
+        .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            String::from_utf8(messenger_part(9, &good)).unwrap(),
+            r#"{"object":"page","entry":[{"id":"1234","time":9,"messaging":["oops"]}]}"#.to_owned(),
+            r#"{"object":"page","entry":[{"id":"1234","time":9,"messaging":[null]}]}"#.to_owned(),
+            r#"{"object":"page","entry":[{"id":"1234","time":9,"standby":[{"sender":{"id":"1"}}]}]}"#.to_owned(),
+        ]
+    );
+}

@@ -515,6 +515,21 @@ mod tests {
     }
 
     #[test]
+    fn instagram_messaging_items_are_known_by_mid() {
+        let body = r#"{"object":"instagram","entry":[{"time":1569262486134,"id":"17841400000000000","messaging":[{"sender":{"id":"9000"},"recipient":{"id":"17841400000000000"},"timestamp":1569262485349,"message":{"mid":"aWdfZAG1faXRlbTo1","text":"\u2764\ufe0f"}},{"sender":{"id":"9000"},"recipient":{"id":"17841400000000000"},"timestamp":1569262485350,"reaction":{"mid":"aWdfZAG1faXRlbTo1","action":"react","reaction":"love","emoji":"\u2764"}}]}]}"#;
+        let parts = split(body.as_bytes(), SplitMode::Item).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_slices(body, &parts);
+        assert!(text(&parts[0]).starts_with(
+            r#"{"object":"instagram","entry":[{"time":1569262486134,"id":"17841400000000000","messaging":[{"sender""#
+        ));
+        assert_eq!(parts[0].key_kind, KeyKind::Mid);
+        // A reaction names the message it reacts to: known by its bytes, not taken for it.
+        assert_eq!(parts[1].key_kind, KeyKind::Bytes);
+        assert_ne!(parts[0].key, parts[1].key);
+    }
+
+    #[test]
     fn graph_changes_keep_the_originals_spacing_and_the_entrys_other_fields() {
         let parts = split(GRAPH_USER.as_bytes(), SplitMode::Item).unwrap();
         assert_eq!(parts.len(), 1);
