@@ -21,6 +21,7 @@ pub mod config;
 pub mod deliver;
 pub mod gate;
 pub mod identity;
+pub mod inspect;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -112,6 +112,8 @@ pub(crate) struct Shared {
     pub(crate) recent: Recent,
     /// Request body bytes held in memory at once, in KiB permits (`server.max_buffered_bytes`).
     pub(crate) body_budget: Arc<Semaphore>,
+    /// Recent requests for the inspector (`[admin] inspector = true`).
+    pub(crate) inspector: Option<Arc<crate::inspect::Inspector>>,
     /// Set when the drain starts: `/readyz` answers 503 from then on.
     draining: AtomicBool,
 }
@@ -123,6 +125,10 @@ impl Shared {
         spool: Option<Spool>,
     ) -> Shared {
         let config = generation.config();
+        let inspector = config
+            .inspector
+            .as_ref()
+            .map(|i| Arc::new(crate::inspect::Inspector::new(i.capacity)));
         let dedupe = config.sync_dedupe;
         let budget_kib = usize::try_from(config.server.max_buffered_bytes.div_ceil(1024))
             .unwrap_or(usize::MAX)
@@ -140,6 +146,7 @@ impl Shared {
             current: ArcSwap::from_pointee(generation),
             metrics,
             spool,
+            inspector,
             draining: AtomicBool::new(false),
         }
     }

@@ -253,3 +253,40 @@ fn dedupe_takes_booleans_and_modes_and_names_the_bad_ones() {
     });
     assert_eq!(e.key, "route[0].dedupe");
 }
+
+#[test]
+fn the_inspector_off_loopback_needs_a_token_and_bounds_its_capacity() {
+    let (_, e) = load_err(|c| {
+        c.with_inspector(None);
+        c.admin.as_mut().unwrap().listen = "0.0.0.0:0".into();
+    });
+    assert_eq!(e.key, "admin.token");
+    assert!(
+        e.message.contains("not a loopback address"),
+        "{}",
+        e.message
+    );
+    let (_, e) = load_err(|c| c.with_inspector(Some("short")));
+    assert_eq!(e.key, "admin.token");
+    let (_, e) = load_err(|c| {
+        c.with_inspector(None);
+        c.admin.as_mut().unwrap().inspector_capacity = Some(0);
+    });
+    assert_eq!(e.key, "admin.inspector_capacity");
+    let (_, e) = load_err(|c| {
+        c.with_admin();
+        c.admin.as_mut().unwrap().inspector_capacity = Some(10);
+    });
+    assert_eq!(e.key, "admin.inspector_capacity");
+    // With a token, any address will do; off loopback without the inspector, none is needed.
+    let pki = Pki::new();
+    let mut c = base();
+    c.with_inspector(Some("a-long-enough-token"));
+    c.admin.as_mut().unwrap().listen = "0.0.0.0:0".into();
+    let config = c.load(&pki).unwrap();
+    assert_eq!(config.inspector.unwrap().capacity, 500);
+    let mut c = base();
+    c.with_admin();
+    c.admin.as_mut().unwrap().listen = "0.0.0.0:0".into();
+    assert!(c.load(&pki).unwrap().inspector.is_none());
+}

@@ -153,6 +153,18 @@ pub(super) const TABLE: &[EnvVar] = &[
         doc: "the admin listener (health, readiness, metrics)",
     },
     EnvVar {
+        name: "HUBGATE_INSPECTOR",
+        key: "admin.inspector",
+        set: Set::Bool(|t| &mut t.raw.admin.get_or_insert_with(Default::default).inspector),
+        doc: "the live event inspector on the admin listener (true/false; shows bodies)",
+    },
+    EnvVar {
+        name: "HUBGATE_ADMIN_TOKEN",
+        key: "admin.token",
+        set: Set::Secret(|t| &mut t.raw.admin.get_or_insert_with(Default::default).token),
+        doc: "the token the inspector and its API ask for (required off loopback)",
+    },
+    EnvVar {
         name: "HUBGATE_UPSTREAM_TIMEOUT",
         key: "upstream.timeout",
         set: Set::Text(|t| &mut upstream(t).timeout),

@@ -114,6 +114,8 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     /// The admin listener (health, readiness, metrics); off unless `[admin]` is configured.
     pub admin: Option<SocketAddr>,
+    /// The live event inspector on the admin listener; off unless `[admin] inspector = true`.
+    pub inspector: Option<InspectorSettings>,
     /// Whose forwarding and identity headers are believed.
     pub trusted_proxies: TrustedProxies,
     /// The durable spool, when any route has `delivery = "spool"` (or `[spool]` is given).
@@ -173,6 +175,15 @@ pub struct UpstreamSettings {
     /// Extra CA for `https://` upstreams; the system store is used when absent.
     pub ca: Option<(PathBuf, Vec<CertificateDer<'static>>)>,
     pub max_response_bytes: usize,
+}
+
+/// `[admin] inspector`: recent requests kept in memory for the inspector page and its API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InspectorSettings {
+    /// Requests kept (the oldest forgotten first).
+    pub capacity: usize,
+    /// Asked of every inspector and API request when set (`[admin] token`).
+    pub token: Option<Secret>,
 }
 
 /// A webhook route: one exact path.

@@ -132,6 +132,9 @@ pub(super) struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub listen: Option<String>,
+    pub inspector: Option<bool>,
+    pub inspector_capacity: Option<usize>,
+    pub token: Option<SecretSource>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -21,9 +21,9 @@ use super::raw::{
     RawSpool, RawTrustedProxies, RawUpstream, RouteDedupe, SecretSource, SpoolBackendName,
 };
 use super::{
-    ClientAuth, ClientAuthMode, Config, ConfigError, DedupeMode, Delivery, Route, RouteClientCert,
-    Secret, ServerSettings, SplitMode, SyncDedupe, UpstreamSettings, DEFAULT_MAX_BODY_BYTES,
-    META_CLIENT_CN,
+    ClientAuth, ClientAuthMode, Config, ConfigError, DedupeMode, Delivery, InspectorSettings,
+    Route, RouteClientCert, Secret, ServerSettings, SplitMode, SyncDedupe, UpstreamSettings,
+    DEFAULT_MAX_BODY_BYTES, META_CLIENT_CN,
 };
 
 /// What validation needs besides the raw configuration: names for errors, the folder relative
@@ -158,7 +158,7 @@ pub(super) fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> 
     let client_auth = client_auth(raw.client_auth, cx)?;
     let upstream = upstream(raw.upstream, cx)?;
     let routes = routes(raw.route, client_auth.mode, cx)?;
-    let admin = admin(raw.admin, &server, cx)?;
+    let (admin, inspector) = admin(raw.admin, &server, cx)?;
     let trusted_proxies = trusted_proxies(raw.trusted_proxies, &client_auth, cx)?;
     let dedupe = raw.dedupe.unwrap_or_default();
     let spool = spool(raw.spool, dedupe.window.as_deref(), &routes, cx)?;
@@ -170,6 +170,7 @@ pub(super) fn validate(raw: RawConfig, cx: &Ctx) -> Result<Config, ConfigError> 
         client_auth,
         upstream,
         admin,
+        inspector,
         trusted_proxies,
         spool,
         sync_dedupe,
@@ -441,14 +442,16 @@ fn route(
     })
 }
 
-/// `[admin]`: off unless the section is there; its address differs from the listener's.
+/// `[admin]`: off unless the section is there; its address differs from the listener's. The
+/// inspector shows request bodies (personal data): off unless asked for, and refused on an
+/// address other than loopback without a token.
 fn admin(
     raw: Option<RawAdmin>,
     server: &ServerSettings,
     cx: &Ctx,
-) -> Result<Option<SocketAddr>, ConfigError> {
+) -> Result<(Option<SocketAddr>, Option<InspectorSettings>), ConfigError> {
     let Some(a) = raw else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let text = a.listen.as_deref().unwrap_or("127.0.0.1:9901");
     let addr: SocketAddr = text.parse().map_err(|_| {
@@ -460,7 +463,44 @@ fn admin(
     if addr == server.listen && addr.port() != 0 {
         return Err(cx.err("admin.listen", "must differ from server.listen"));
     }
-    Ok(Some(addr))
+    let token = match &a.token {
+        Some(src) => {
+            let t = cx.secret("admin.token", src)?;
+            if t.expose().len() < 16 {
+                return Err(cx.err(
+                    "admin.token",
+                    "must be at least 16 characters (it guards request bodies)",
+                ));
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    if a.inspector != Some(true) {
+        if a.inspector_capacity.is_some() {
+            return Err(cx.err(
+                "admin.inspector_capacity",
+                "is set but the inspector is off (admin.inspector = true turns it on)",
+            ));
+        }
+        return Ok((Some(addr), None));
+    }
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(cx.err(
+            "admin.token",
+            format!(
+                "is required: the inspector shows request bodies, and admin.listen ({addr}) is not a loopback address"
+            ),
+        ));
+    }
+    let capacity = a.inspector_capacity.unwrap_or(500);
+    if !(1..=100_000).contains(&capacity) {
+        return Err(cx.err(
+            "admin.inspector_capacity",
+            format!("{capacity} is not between 1 and 100000"),
+        ));
+    }
+    Ok((Some(addr), Some(InspectorSettings { capacity, token })))
 }
 
 /// `[trusted_proxies]`: the networks, and which identity header they vouch with.

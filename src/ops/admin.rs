@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (serving, not draining,
-//! certificates in date, spool readable) and `/metrics` (OpenMetrics text). Plain HTTP/1.1, meant for loopback or a pod
+//! certificates in date, spool readable) and `/metrics` (OpenMetrics text); with the inspector
+//! on, its page and API too ([`crate::inspect::api`]). Plain HTTP/1.1, meant for loopback or a pod
 //! network; it never serves webhook routes, and the webhook listener never serves these paths.
 
 use std::convert::Infallible;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::config::ClientAuthMode;
+use crate::inspect::{self, api::AdminBody};
 use crate::pki::{unix_now, CertInfo};
 use crate::state::Shared;
 
@@ -40,7 +42,7 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(respond(&shared, &req).await) }
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -49,6 +51,24 @@ pub(crate) async fn serve(
                 .await;
         });
     }
+}
+
+/// The inspector's paths (when it is on), else the admin listener's own.
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<AdminBody> {
+    if let Some(inspector) = shared
+        .inspector
+        .as_ref()
+        .filter(|_| inspect::api::owns(req.uri().path()))
+    {
+        let settings = shared.started_with.inspector.as_ref();
+        let api = inspect::api::Api {
+            inspector,
+            token: settings.and_then(|s| s.token.as_ref()),
+            spool: shared.spool.as_ref(),
+        };
+        return api.handle(req).await;
+    }
+    respond(shared, &req).await.map(Either::Left)
 }
 
 async fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -178,6 +178,7 @@ impl Running {
         let fixed = [
             ("server.listen", new.server.listen != old.server.listen),
             ("admin.listen", new.admin != old.admin),
+            ("[admin] inspector settings", new.inspector != old.inspector),
             (
                 "server.max_connections",
                 new.server.max_connections != old.server.max_connections,

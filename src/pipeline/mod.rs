@@ -34,6 +34,7 @@ use crate::deliver::ForwardError;
 use crate::gate::challenge;
 use crate::gate::signature::SignatureMatch;
 use crate::identity::{ClientContext, Peer};
+use crate::inspect::{Capture, Finished};
 use crate::logging::AccessLine;
 use crate::spool::Accepted;
 use crate::state::{Generation, RouteState, Shared};
@@ -51,9 +52,18 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     let mut client = generation.clients.client(peer, req.headers());
     let route = generation.routes.get(req.uri().path());
+    // Only with the inspector on: the request's headers and path, and what serving it learns.
+    let mut inspected = shared.inspector.as_ref().map(|_| {
+        (
+            Capture::new(req.headers()),
+            req.uri().path().to_owned(),
+            std::time::SystemTime::now(),
+        )
+    });
+    let capture = inspected.as_mut().map(|(c, _, _)| c);
     let result = match route {
         None => Err(Outcome::NotFound),
-        Some(route) => serve_route(generation, shared, route, &mut client, req).await,
+        Some(route) => serve_route(generation, shared, route, &mut client, req, capture).await,
     };
     let (outcome, response) = result.unwrap_or_else(|o| {
         let r = o.refusal();
@@ -74,6 +84,27 @@ pub(crate) async fn handle(
     .log();
     let label = route.map_or(&generation.no_route_label, |r| &r.label);
     outcome.record(&shared.metrics, label, status);
+    if let (Some(inspector), Some((mut capture, path, received))) = (&shared.inspector, inspected) {
+        if let Outcome::Forwarded(s) = outcome {
+            capture.backend_status = Some(s.as_u16());
+        }
+        capture.secrets = route.map_or(0, |r| r.route.app_secrets.len());
+        inspector.record(
+            Finished {
+                received,
+                route: route.map(|r| r.route.path.as_str()),
+                path: &path,
+                method: method.as_str(),
+                verdict: outcome.verdict(),
+                reason: outcome.reason(),
+                status: status.as_u16(),
+                latency: started.elapsed(),
+                client: client.address,
+                cn: client.cn(),
+            },
+            capture,
+        );
+    }
     response
 }
 
@@ -84,6 +115,7 @@ async fn serve_route(
     route: &RouteState,
     client: &mut ClientContext,
     req: Request<Incoming>,
+    mut capture: Option<&mut Capture>,
 ) -> Result<Reply, Outcome> {
     admit(generation, route, client, req.headers())?;
     match *req.method() {
@@ -91,13 +123,20 @@ async fn serve_route(
         Method::POST => {
             let (parts, body) = req.into_parts();
             let (body, _reserved) = read_body(generation, shared, &parts.headers, body).await?;
+            if let Some(c) = capture.as_deref_mut() {
+                c.body = Some(body.clone());
+            }
             let signed = verify(route, &parts.headers, &body)?;
+            if let Some(c) = capture.as_deref_mut() {
+                c.signature = Some(signed);
+            }
             let event = Event {
                 route,
                 client,
                 parts: &parts,
                 body,
                 signed,
+                capture,
             };
             deliver(generation, shared, event).await
         }
@@ -188,6 +227,8 @@ struct Event<'a> {
     parts: &'a Parts,
     body: Bytes,
     signed: SignatureMatch,
+    /// The inspector's record of the request, when the inspector is on.
+    capture: Option<&'a mut Capture>,
 }
 
 /// Hands the authenticated event to the route's delivery.
@@ -218,6 +259,7 @@ async fn forward(
         parts,
         body,
         signed,
+        capture: _,
     } = event;
     let recent = &shared.recent;
     let dedupe = route.route.dedupe.is_on();
@@ -269,7 +311,12 @@ async fn spool(shared: &Shared, event: Event<'_>) -> Result<Reply, Outcome> {
         event.client,
     );
     match stored.await {
-        Ok(Accepted::Stored(_)) => Ok((Outcome::Spooled, outcome::event_received())),
+        Ok(Accepted::Stored(id)) => {
+            if let Some(c) = event.capture {
+                c.spool_ids.push(id);
+            }
+            Ok((Outcome::Spooled, outcome::event_received()))
+        }
         Ok(Accepted::Duplicate) => Ok((Outcome::Duplicate, outcome::event_received())),
         Err(e) => {
             warn!(route = %route.route.path, error = %e, "event not stored; answering 503 so that Meta retries");

@@ -211,6 +211,12 @@ pub(super) async fn spool(shared: &Shared, event: Event<'_>) -> Result<Reply, Ou
         spooling::store_parts(spool, &route.route.path, event.parts, event.client, pieces).await;
     match stored {
         Ok(answers) => {
+            if let Some(c) = event.capture {
+                c.spool_ids.extend(answers.iter().filter_map(|a| match a {
+                    Accepted::Stored(id) => Some(*id),
+                    Accepted::Duplicate => None,
+                }));
+            }
             let new = answers
                 .iter()
                 .filter(|a| matches!(a, Accepted::Stored(_)))

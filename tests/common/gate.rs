@@ -143,6 +143,12 @@ impl ClientAuth {
 #[derive(Clone, Debug, Serialize)]
 pub struct Admin {
     pub listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspector: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspector_capacity: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
 }
 
 /// `[trusted_proxies]`.
@@ -360,7 +366,18 @@ impl GateConfig {
     pub fn with_admin(&mut self) {
         self.admin = Some(Admin {
             listen: "127.0.0.1:0".into(),
+            inspector: None,
+            inspector_capacity: None,
+            token: None,
         });
+    }
+
+    /// The admin listener on 127.0.0.1:0 with the inspector on (and `token`, if given).
+    pub fn with_inspector(&mut self, token: Option<&str>) {
+        self.with_admin();
+        let admin = self.admin.as_mut().expect("just set");
+        admin.inspector = Some(true);
+        admin.token = token.map(Secret::inline);
     }
 
     /// Every route delivers through the spool at `spool.db` (short back-off, 4 deliveries at a
