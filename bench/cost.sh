@@ -14,6 +14,8 @@
 #        and delivered from it: the figure is accept + delivery).
 # Logs:  off (RUST_LOG=warn: no access log), on (the default: one access line per request,
 #        stderr to a file).
+# COST_ENV="VAR=value ..." adds to the gate's environment (e.g. HUBGATE_INSPECTOR=1 to price
+# the inspector).
 # Output: a markdown table on stdout and in bench/results/cost-latest.md, JSON lines in
 # bench/results/cost-latest.jsonl. Needs valgrind (Debian's package; installed if missing).
 set -euo pipefail
@@ -84,7 +86,8 @@ for case in $CASES; do
     rm -rf "$WORK/spool" && mkdir -p "$WORK/spool"
     render "$BENCH_DIR/conf/$template" "$GATE_PORT" >"$WORK/hubgate.toml"
     out="$WORK/callgrind-$case-$logs.out"
-    env TOKIO_WORKER_THREADS=1 RUST_LOG=$level taskset -c 0 \
+    read -r -a extra_env <<<"${COST_ENV:-COST=1}"
+    env "${extra_env[@]}" TOKIO_WORKER_THREADS=1 RUST_LOG=$level taskset -c 0 \
       valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
       "$BIN/hubgate" run --config "$WORK/hubgate.toml" >"$WORK/gate-$case-$logs.log" 2>&1 &
     vpid=$!
@@ -120,7 +123,9 @@ by = {(r["case"], r["access_log"]): r for r in rows}
 cases = list(dict.fromkeys(r["case"] for r in rows))
 names = {"ka1k": "POST 1 KiB, forwarded", "ka64k": "POST 64 KiB, forwarded",
          "get": "GET hub.challenge", "spool1k": "POST 1 KiB, spool accept + delivery"}
-print(f"Instructions per request (callgrind, 1 worker; git {rows[0]['rev']}; {rows[0]['requests']} requests per case, an eighth for 64 KiB)\n")
+import os
+extra = os.environ.get("COST_ENV")
+print(f"Instructions per request (callgrind, 1 worker; git {rows[0]['rev']}; {rows[0]['requests']} requests per case, an eighth for 64 KiB{'; gate environment: ' + extra if extra else ''})\n")
 print("| case | access log off | access log on | log's share | of which SHA-256 (software under valgrind) | off, without SHA-256 |")
 print("|---|---:|---:|---:|---:|---:|")
 for c in cases:

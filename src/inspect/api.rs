@@ -354,14 +354,13 @@ fn event_path(path: &str) -> Option<(u64, Option<&str>)> {
     Some((id.parse().ok()?, action))
 }
 
-/// A browser's POST must come from this listener's own page; a request without `Origin` and
-/// `Sec-Fetch-Site` is not a browser's (curl, scripts) and is judged by its token alone.
+/// A browser's POST must come from this listener's own page. Browsers say where a request
+/// comes from in `Sec-Fetch-Site`; older ones only in `Origin`. A request with neither is not a
+/// browser's (curl, scripts) and is judged by its token alone.
 fn same_origin(req: &Request<Incoming>) -> bool {
     let h = req.headers();
     if let Some(site) = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if site != "same-origin" && site != "none" {
-            return false;
-        }
+        return site == "same-origin";
     }
     match h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         None => true,
@@ -385,7 +384,7 @@ fn with_security_headers(mut r: Response<AdminBody>) -> Response<AdminBody> {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r

@@ -5,13 +5,15 @@
 //! - [`client`]: reqwest and raw HTTP/1.1-over-TLS clients;
 //! - [`gate`]: the configuration as typed serde structs, and a gate started from it;
 //! - [`scenario`]: one builder that puts the above together for a test;
-//! - [`bin`]: the `hubgate` binary as a command or a signalled child process.
+//! - [`bin`]: the `hubgate` binary as a command or a signalled child process;
+//! - [`browser`]: a headless Chromium driven over the DevTools protocol.
 //!
 //! This file holds what requests are made of: the constants, signing, and sample bodies.
 
 #![allow(dead_code, unused_imports)] // every test binary uses a different subset
 
 pub mod bin;
+pub mod browser;
 pub mod client;
 pub mod gate;
 pub mod pki;
@@ -20,6 +22,7 @@ pub mod scenario;
 pub mod upstream;
 
 pub use bin::*;
+pub use browser::*;
 pub use client::*;
 pub use gate::*;
 pub use pki::*;

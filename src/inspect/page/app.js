@@ -9,6 +9,8 @@ const state = {
   routes: new Set(),
   verdicts: new Set(),
   refetch: null,
+  loads: 0,
+  follow: null,
 };
 
 // An element with attributes and children; strings become text nodes.
@@ -102,9 +104,12 @@ function render() {
 }
 
 async function load() {
+  // Answers can come back out of order: only the latest request's is shown.
+  const seq = ++state.loads;
   const r = await fetch('/api/events?' + query(filters()), { credentials: 'same-origin' });
-  if (!r.ok) return;
+  if (!r.ok || seq !== state.loads) return;
   const list = await r.json();
+  if (seq !== state.loads) return;
   state.events = list.events;
   list.events.forEach(remember);
   render();
@@ -201,7 +206,7 @@ async function select(id) {
   pair(dl, 'client', d.client);
   pair(dl, 'certificate', d.cn === null ? 'no certificate' : d.cn);
   pair(dl, 'signature', d.signature
-    ? d.signature.algorithm + ' with secret #' + d.signature.secret_index + ' of ' + d.secrets
+    ? d.signature.algorithm + ', app_secrets[' + d.signature.secret_index + '] (' + d.secrets + ' configured)'
     : (d.method === 'POST' ? 'did not match' : 'not asked (verification request)'));
   if (d.backend_status !== null) pair(dl, 'backend answered', String(d.backend_status));
   pair(dl, 'body', size(d.body_size) + (d.body_truncated ? ' (first 64 KiB kept)' : ''));
@@ -241,6 +246,11 @@ async function select(id) {
     el('h3', {}, 'Body, as received'), el('pre', { id: 'd-body-raw' }, d.body_text),
     el('h3', {}, 'Body, as JSON'), el('pre', { id: 'd-body-json' }, pretty));
   pane.replaceChildren(...parts);
+  // While the spool still works on it, the state is followed.
+  if (d.spool.some((s) => s.state === 'pending' || s.state === 'in_flight')) {
+    clearTimeout(state.follow);
+    state.follow = setTimeout(() => { if (state.selected === id) select(id); }, 1000);
+  }
 }
 
 function build() {
