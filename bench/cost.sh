@@ -15,7 +15,7 @@
 # Logs:  off (RUST_LOG=warn: no access log), on (the default: one access line per request,
 #        stderr to a file).
 # COST_ENV="VAR=value ..." adds to the gate's environment (e.g. HUBGATE_INSPECTOR=1 to price
-# the inspector).
+# the inspector); COST_HUBGATE=path measures another hubgate binary (an older build).
 # Output: a markdown table on stdout and in bench/results/cost-latest.md, JSON lines in
 # bench/results/cost-latest.jsonl. Needs valgrind (Debian's package; installed if missing).
 set -euo pipefail
@@ -89,7 +89,7 @@ for case in $CASES; do
     read -r -a extra_env <<<"${COST_ENV:-COST=1}"
     env "${extra_env[@]}" TOKIO_WORKER_THREADS=1 RUST_LOG=$level taskset -c 0 \
       valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
-      "$BIN/hubgate" run --config "$WORK/hubgate.toml" >"$WORK/gate-$case-$logs.log" 2>&1 &
+      "${COST_HUBGATE:-$BIN/hubgate}" run --config "$WORK/hubgate.toml" >"$WORK/gate-$case-$logs.log" 2>&1 &
     vpid=$!
     PIDS+=("$vpid")
     for _ in $(seq 600); do port_busy "$GATE_PORT" && break; sleep 0.1; done

@@ -371,9 +371,12 @@ fn apply(
             *slot(t) = Some(n);
         }
         Set::Bool(slot) => {
-            let b = text
-                .parse()
-                .map_err(|_| err(format!("`{text}` is not true or false")))?;
+            // `1`/`0` as well: the spelling shell users and container manifests reach for.
+            let b = match text.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(err(format!("`{text}` is not true or false (or 1 or 0)"))),
+            };
             *slot(t) = Some(b);
         }
         // An unknown name is reported against the environment as a whole, file or not (as it

@@ -161,6 +161,16 @@ fn cases() -> Vec<(&'static str, &'static str, String)> {
             ),
         ),
         ("HUBGATE_LEGACY_SHA1", "true", add("legacy_sha1 = true")),
+        (
+            "HUBGATE_INSPECTOR",
+            "1",
+            add("[admin]\ninspector = true"),
+        ),
+        (
+            "HUBGATE_ADMIN_TOKEN",
+            "a-long-admin-token",
+            add("[admin]\ntoken = \"a-long-admin-token\""),
+        ),
         ("HUBGATE_CLIENT_CERT", "none", add("client_cert = \"none\"")),
         ("HUBGATE_DELIVERY", "spool", add("delivery = \"spool\"")),
     ]
@@ -193,7 +203,7 @@ fn a_bad_number_boolean_or_name_names_the_variable() {
         let expected = match var.set {
             Set::Count(_) => "`x1` is not a number",
             Set::Bytes(_) => "`x1` is not a number of bytes",
-            Set::Bool(_) => "`x1` is not true or false",
+            Set::Bool(_) => "`x1` is not true or false (or 1 or 0)",
             Set::Enum(_) => "unknown variant `x1`",
             _ => continue,
         };
@@ -209,8 +219,8 @@ fn a_bad_number_boolean_or_name_names_the_variable() {
         checked += 1;
     }
     assert_eq!(
-        checked, 7,
-        "max connections, body bytes, legacy SHA-1 and four names"
+        checked, 8,
+        "max connections, body bytes, legacy SHA-1, the inspector and four names"
     );
 }
 
@@ -346,4 +356,14 @@ fn validation_errors_name_the_variable() {
         err.message,
         "`nowhere` is not an address like 127.0.0.1:8443"
     );
+}
+
+#[test]
+fn booleans_take_one_and_zero_too() {
+    for (value, want) in [("1", true), ("0", false), ("true", true), ("false", false)] {
+        let (raw, _) = run(ONE_ROUTE, &[("HUBGATE_LEGACY_SHA1", value)]).unwrap();
+        let toml = format!("{ONE_ROUTE}legacy_sha1 = {want}\n");
+        let expected = parse(&toml, "want.toml").unwrap();
+        assert_eq!(format!("{raw:?}"), format!("{expected:?}"), "{value}");
+    }
 }
