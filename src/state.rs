@@ -71,15 +71,24 @@ impl Generation {
             .collect();
         // ALPN picks the protocol (see `listener::connection`): `h2` is served by the HTTP/2
         // builder, anything else by the HTTP/1.1 one, whose idle connections can be parked.
+        // The head limits: `pipeline::check_head` enforces them exactly, with its 431, log line
+        // and metric; hyper's own limits sit just above them, so that a head far larger is
+        // refused while it is read (hyper answers 431; `listener::connection` logs and counts).
+        let server = &config.server;
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(config.server.header_timeout)
+            .header_read_timeout(server.header_timeout)
+            .max_headers(server.max_headers + 1)
+            .max_buf_size((server.max_header_bytes + 16 * 1024).max(8192))
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
+        // HPACK counts 32 bytes more per field than the names and values.
+        let h2_list = server.max_header_bytes + 32 * (server.max_headers + 1) + 4096;
         http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(100)
+            .max_header_list_size(u32::try_from(h2_list).unwrap_or(u32::MAX))
             .keep_alive_interval(Duration::from_secs(30));
         Ok(Generation {
             acceptor: TlsAcceptor::from(tls),

@@ -403,3 +403,107 @@ async fn buffered_body_budget_answers_503_when_exhausted() {
     }
     assert_eq!(s.upstream.only().body, Bytes::from_static(b"{\"n\":2}"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The request head: Host, size and count (server.max_header_bytes, server.max_headers)
+
+/// A signed POST to `/webhook` whose head carries `extra` (lines ending in `\r\n`).
+fn post_with_head(s: &Started, extra: &str) -> Vec<u8> {
+    signed_post(&s.gate.authority(), "/webhook", &sample_body(), extra)
+}
+
+async fn raw(s: &Started, request: &[u8]) -> RawResponse {
+    raw_exchange(&s.pki, Some(&s.cert), s.gate.addr, request)
+        .await
+        .expect("an answer")
+}
+
+fn count(s: &Started, route: &str, verdict: &str, status: u16) -> u64 {
+    let needle = format!(
+        "hubgate_requests_total{{route=\"{route}\",verdict=\"{verdict}\",status=\"{status}\"}} "
+    );
+    s.metrics()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&needle)
+                .map(|v| v.parse::<f64>().unwrap() as u64)
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_http11_request_without_host_is_400_and_http10_needs_none() {
+    let s = Scenario::new().admin().start().await;
+    let body = sample_body();
+    let no_host = format!(
+        "POST /webhook HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{SIG}: {}\r\nConnection: close\r\n\r\n",
+        body.len(),
+        sign(SECRET, &body)
+    );
+    let mut req = no_host.into_bytes();
+    req.extend_from_slice(&body);
+    let r = raw(&s, &req).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(count(&s, "/webhook", "bad_request", 400), 1);
+    assert!(s.upstream.requests().is_empty());
+    // HTTP/1.0 has no Host requirement.
+    let old = format!(
+        "POST /webhook HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{SIG}: {}\r\n\r\n",
+        body.len(),
+        sign(SECRET, &body)
+    );
+    let mut req = old.into_bytes();
+    req.extend_from_slice(&body);
+    assert_eq!(raw(&s, &req).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_head_over_max_header_bytes_is_431_on_both_protocols() {
+    let s = Scenario::new()
+        .admin()
+        .server(|sv| sv.max_header_bytes = Some(8192))
+        .start()
+        .await;
+    // Just under: served.
+    let fits = format!("X-Pad: {}\r\n", "a".repeat(6000));
+    assert_eq!(raw(&s, &post_with_head(&s, &fits)).await.status, 200);
+    // Over the limit, within hyper's read buffer: the pipeline refuses it, on the route.
+    let over = format!("X-Pad: {}\r\n", "a".repeat(9000));
+    assert_eq!(raw(&s, &post_with_head(&s, &over)).await.status, 431);
+    assert_eq!(count(&s, "/webhook", "head_too_large", 431), 1);
+    // Far over (500 KB, what was once accepted and forwarded): refused while it is read.
+    let huge = format!("X-Pad: {}\r\n", "a".repeat(500_000));
+    assert_eq!(raw(&s, &post_with_head(&s, &huge)).await.status, 431);
+    assert_eq!(count(&s, "-", "head_too_large", 431), 1);
+    // HTTP/2 alike.
+    let body = sample_body();
+    let h2 = s
+        .http_proto(Proto::H2)
+        .post(s.url("/webhook"))
+        .header(SIG, sign(SECRET, &body))
+        .header("x-pad", "a".repeat(9000))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(h2.status(), 431);
+    assert_eq!(count(&s, "/webhook", "head_too_large", 431), 2);
+    assert_eq!(s.upstream.requests().len(), 1, "only the request that fit");
+}
+
+#[tokio::test]
+async fn more_header_fields_than_max_headers_is_431() {
+    let s = Scenario::new()
+        .admin()
+        .server(|sv| sv.max_headers = Some(20))
+        .start()
+        .await;
+    let fields = |n: usize| (0..n).map(|i| format!("X-F{i}: v\r\n")).collect::<String>();
+    // signed_post writes 5 fields itself.
+    assert_eq!(raw(&s, &post_with_head(&s, &fields(15))).await.status, 200);
+    assert_eq!(raw(&s, &post_with_head(&s, &fields(16))).await.status, 431);
+    assert_eq!(count(&s, "/webhook", "head_too_large", 431), 1);
+    assert_eq!(raw(&s, &post_with_head(&s, &fields(200))).await.status, 431);
+    assert_eq!(count(&s, "-", "head_too_large", 431), 1);
+}

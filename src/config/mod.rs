@@ -134,6 +134,10 @@ pub struct ServerSettings {
     pub cert_chain: Vec<CertificateDer<'static>>,
     pub key: Arc<PrivateKeyDer<'static>>,
     pub max_body_bytes: usize,
+    /// A request's head (header names and values) larger than this is answered 431.
+    pub max_header_bytes: usize,
+    /// A request with more header fields than this is answered 431.
+    pub max_headers: usize,
     /// Request body bytes held in memory at once across all connections.
     pub max_buffered_bytes: u64,
     pub handshake_timeout: Duration,

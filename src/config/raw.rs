@@ -100,6 +100,8 @@ pub(super) struct RawServer {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub max_body_bytes: Option<u64>,
+    pub max_header_bytes: Option<u64>,
+    pub max_headers: Option<usize>,
     pub max_buffered_bytes: Option<u64>,
     pub handshake_timeout: Option<String>,
     pub header_timeout: Option<String>,

@@ -216,6 +216,20 @@ fn server(s: RawServer, cx: &Ctx) -> Result<ServerSettings, ConfigError> {
         }
         Some(list) => Some(cx.cidrs("server.allow_sources", &list)?),
     };
+    let max_header_bytes = cx.bytes("server.max_header_bytes", s.max_header_bytes, 64 * 1024)?;
+    if !(4096..=1 << 20).contains(&max_header_bytes) {
+        return Err(cx.err(
+            "server.max_header_bytes",
+            format!("{max_header_bytes} is not between 4096 and 1048576"),
+        ));
+    }
+    let max_headers = cx.positive("server.max_headers", s.max_headers, 100)?;
+    if max_headers > 1000 {
+        return Err(cx.err(
+            "server.max_headers",
+            format!("{max_headers} is more than 1000"),
+        ));
+    }
     let max_buffered_bytes = s.max_buffered_bytes.unwrap_or(256 * 1024 * 1024);
     if max_buffered_bytes < max_body_bytes as u64 {
         return Err(cx.err(
@@ -231,6 +245,8 @@ fn server(s: RawServer, cx: &Ctx) -> Result<ServerSettings, ConfigError> {
         cert_chain,
         key: Arc::new(key),
         max_body_bytes,
+        max_header_bytes,
+        max_headers,
         max_buffered_bytes,
         handshake_timeout: cx.duration(
             "server.handshake_timeout",

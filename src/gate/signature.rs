@@ -257,4 +257,44 @@ mod tests {
             Algorithm::Sha1
         );
     }
+
+    /// The accepted spellings (the README's table), the same for SHA-256 and the legacy SHA-1.
+    #[test]
+    fn spellings_are_judged_alike_for_sha256_and_sha1() {
+        let body = b"{}";
+        let secret = Secret::new("k");
+        let s = Signer::new(std::slice::from_ref(&secret), true);
+        let mac256 = {
+            let mut m = Hmac::<Sha256>::new_from_slice(b"k").unwrap();
+            m.update(body);
+            hex::encode(m.finalize().into_bytes())
+        };
+        let mac1 = {
+            let mut m = Hmac::<Sha1>::new_from_slice(b"k").unwrap();
+            m.update(body);
+            hex::encode(m.finalize().into_bytes())
+        };
+        for (name, prefix, mac) in [
+            (SHA256_HEADER, "sha256=", &mac256),
+            (SHA1_HEADER, "sha1=", &mac1),
+        ] {
+            let upper_prefix = prefix.to_uppercase();
+            let cases: [(String, Result<(), SignatureError>); 7] = [
+                (format!("{prefix}{mac}"), Ok(())),
+                (format!("  {prefix}{mac}\t"), Ok(())),
+                (format!("{prefix}{}", mac.to_uppercase()), Ok(())),
+                (
+                    format!("{upper_prefix}{mac}"),
+                    Err(SignatureError::NoPrefix),
+                ),
+                (format!("{prefix} {mac}"), Err(SignatureError::NotHex)),
+                (format!("{prefix}{mac}00"), Err(SignatureError::WrongLength)),
+                (mac.clone(), Err(SignatureError::NoPrefix)),
+            ];
+            for (value, want) in cases {
+                let got = s.verify(&headers(name, &value), body).map(|_| ());
+                assert_eq!(got, want, "{name}: {value:?}");
+            }
+        }
+    }
 }

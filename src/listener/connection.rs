@@ -213,15 +213,14 @@ impl Life<'_> {
     /// (hyper-util's `GracefulShutdown` watcher would take the connection out of our hands, and
     /// the idle timeout and the per-connection closing deadline need it; the listener's
     /// semaphore counts what is still open.)
-    async fn drive<C, E>(
+    async fn drive<C>(
         &mut self,
         mut connection: Pin<&mut C>,
         graceful: impl Fn(Pin<&mut C>),
         park_after: Option<Duration>,
     ) -> Ended
     where
-        C: Future<Output = Result<(), E>>,
-        E: std::fmt::Display,
+        C: Future<Output = Result<(), hyper::Error>>,
     {
         let settings = self.settings;
         let idle = settings.idle_timeout;
@@ -266,8 +265,23 @@ impl Life<'_> {
                 }
             }
         };
-        if let Err(e) = result {
-            debug!(error = %e, "connection ended with an error");
+        match result {
+            // hyper refused a head far over the limits while reading it (431, connection
+            // closed): it never reached the pipeline, so it is logged and counted here.
+            Err(e) if e.is_parse_too_large() => {
+                warn!(
+                    client = %self.conn.peer.addr,
+                    reason = "head_too_large",
+                    "request head over server.max_header_bytes or server.max_headers: answered 431"
+                );
+                let label: crate::metrics::RouteLabel = Arc::new("-".to_owned());
+                self.conn
+                    .shared
+                    .metrics
+                    .request(&label, "head_too_large", 431);
+            }
+            Err(e) => debug!(error = %e, "connection ended with an error"),
+            Ok(()) => {}
         }
         Ended::Closed
     }

@@ -52,6 +52,7 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     let mut client = generation.clients.client(peer, req.headers());
     let route = generation.routes.get(req.uri().path());
+    let head = check_head(generation, &req);
     // Only with the inspector on: the request's headers and path, and what serving it learns.
     let mut inspected = shared.inspector.as_ref().map(|_| {
         (
@@ -61,9 +62,12 @@ pub(crate) async fn handle(
         )
     });
     let capture = inspected.as_mut().map(|(c, _, _)| c);
-    let result = match route {
-        None => Err(Outcome::NotFound),
-        Some(route) => serve_route(generation, shared, route, &mut client, req, capture).await,
+    let result = match (head, route) {
+        (Err(refused), _) => Err(refused),
+        (Ok(()), None) => Err(Outcome::NotFound),
+        (Ok(()), Some(route)) => {
+            serve_route(generation, shared, route, &mut client, req, capture).await
+        }
     };
     let (outcome, response) = result.unwrap_or_else(|o| {
         let r = o.refusal();
@@ -106,6 +110,28 @@ pub(crate) async fn handle(
         );
     }
     response
+}
+
+/// The request's head within the limits: `Host` on HTTP/1.1 (RFC 9112 §3.2), at most
+/// `server.max_headers` fields and `server.max_header_bytes` of names and values, whatever the
+/// protocol.
+fn check_head(generation: &Generation, req: &Request<Incoming>) -> Result<(), Outcome> {
+    let headers = req.headers();
+    if req.version() == http::Version::HTTP_11 && !headers.contains_key(header::HOST) {
+        return Err(Outcome::MissingHost);
+    }
+    let server = &generation.config().server;
+    if headers.len() > server.max_headers {
+        return Err(Outcome::HeadTooLarge(outcome::HeadLimit::Count));
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    if bytes > server.max_header_bytes {
+        return Err(Outcome::HeadTooLarge(outcome::HeadLimit::Bytes));
+    }
+    Ok(())
 }
 
 /// A request to a known route: admit the client, then the challenge or the event.

@@ -39,6 +39,10 @@ pub enum Outcome {
     Challenge(ChallengeError),
     Signature(SignatureError),
     BodyTooLarge,
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    MissingHost,
+    /// The request's head is over `server.max_header_bytes` or `server.max_headers` (431).
+    HeadTooLarge(HeadLimit),
     /// Too many request bytes are held in memory at once (`server.max_buffered_bytes`): 503.
     Overloaded,
     BodyTimeout,
@@ -50,6 +54,24 @@ pub enum Outcome {
     SourceNotAllowed,
     /// A trusted proxy's identity header was malformed or did not pass verification.
     IdentityHeader(HeaderIdentityError),
+}
+
+/// Which head limit a request crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadLimit {
+    /// `server.max_header_bytes`.
+    Bytes,
+    /// `server.max_headers`.
+    Count,
+}
+
+impl HeadLimit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bytes => "header_bytes",
+            Self::Count => "header_count",
+        }
+    }
 }
 
 impl From<Refusal> for Outcome {
@@ -79,6 +101,8 @@ impl Outcome {
             Self::Challenge(_) => StatusCode::BAD_REQUEST,
             Self::Signature(_) => StatusCode::FORBIDDEN,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MissingHost => StatusCode::BAD_REQUEST,
+            Self::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyError => StatusCode::BAD_REQUEST,
@@ -105,6 +129,8 @@ impl Outcome {
             Self::Challenge(_) => "bad_challenge",
             Self::Signature(_) => "bad_signature",
             Self::BodyTooLarge => "body_too_large",
+            Self::MissingHost => "bad_request",
+            Self::HeadTooLarge(_) => "head_too_large",
             Self::Overloaded => "overloaded",
             Self::BodyTimeout => "body_timeout",
             Self::BodyError => "body_error",
@@ -122,6 +148,8 @@ impl Outcome {
             Self::Challenge(e) => e.as_str(),
             Self::Signature(e) => e.as_str(),
             Self::IdentityHeader(e) => e.as_str(),
+            Self::MissingHost => "missing_host",
+            Self::HeadTooLarge(l) => l.as_str(),
             _ => "-",
         }
     }

@@ -43,6 +43,10 @@ pub struct Server {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_buffered_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake_timeout: Option<String>,

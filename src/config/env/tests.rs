@@ -161,11 +161,7 @@ fn cases() -> Vec<(&'static str, &'static str, String)> {
             ),
         ),
         ("HUBGATE_LEGACY_SHA1", "true", add("legacy_sha1 = true")),
-        (
-            "HUBGATE_INSPECTOR",
-            "1",
-            add("[admin]\ninspector = true"),
-        ),
+        ("HUBGATE_INSPECTOR", "1", add("[admin]\ninspector = true")),
         (
             "HUBGATE_ADMIN_TOKEN",
             "a-long-admin-token",
