@@ -365,21 +365,24 @@ async fn tls_follows_sslmode_as_libpq_does() {
     assert!(Spool::connect(with("disable", false)).await.is_err());
 }
 
+/// Sync routes remember their deliveries in the PostgreSQL spool at `url` (`[dedupe] store`).
+fn sync_dedupe_in(c: &mut GateConfig, url: &str) {
+    let mut spool = common::Spool::default();
+    spool.on_postgres(url);
+    c.spool = Some(spool);
+    c.dedupe = Some(Dedupe {
+        store: Some("postgres".into()),
+        ..Dedupe::default()
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_routes_recognise_a_retry_at_another_gate_with_the_shared_store() {
     let Some(pg) = postgres() else { return };
     let db = pg.fresh_database();
     let url = db.url();
     let s = Scenario::new()
-        .config(|c| {
-            let mut spool = common::Spool::default();
-            spool.on_postgres(&url);
-            c.spool = Some(spool);
-            c.dedupe = Some(Dedupe {
-                store: Some("postgres".into()),
-                ..Dedupe::default()
-            });
-        })
+        .config(|c| sync_dedupe_in(c, &url))
         .start()
         .await;
     // A second gate, same configuration, same database.
@@ -409,15 +412,7 @@ async fn split_sync_routes_recognise_an_update_rebatched_at_another_gate() {
         .route(|r| {
             r.split("item", "item");
         })
-        .config(|c| {
-            let mut spool = common::Spool::default();
-            spool.on_postgres(&url);
-            c.spool = Some(spool);
-            c.dedupe = Some(Dedupe {
-                store: Some("postgres".into()),
-                ..Dedupe::default()
-            });
-        })
+        .config(|c| sync_dedupe_in(c, &url))
         .start()
         .await;
     let other = Gate::run(s.config.load(&s.pki).unwrap()).await;

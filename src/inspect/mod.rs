@@ -19,7 +19,6 @@ pub mod api;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -27,6 +26,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::gate::signature::SignatureMatch;
+use crate::logging::AccessLine;
 
 /// Body bytes kept per request.
 pub const BODY_CAP: usize = 64 * 1024;
@@ -120,17 +120,14 @@ pub struct Record {
     pub body: Bytes,
 }
 
-/// What [`Inspector::record`] is given besides the capture.
+/// What [`Inspector::record`] is given besides the capture: the request's access line, and
+/// what the line leaves out.
 pub struct Finished<'a> {
+    pub line: &'a AccessLine<'a>,
     pub received: std::time::SystemTime,
-    pub route: Option<&'a str>,
+    /// The request's path (the line has the route's, `-` for none).
     pub path: &'a str,
-    pub method: &'a str,
-    pub verdict: &'static str,
-    pub reason: &'static str,
-    pub status: u16,
-    pub latency: Duration,
-    pub client: std::net::IpAddr,
+    /// The verified client CN (the line writes `-` for none).
     pub cn: Option<&'a str>,
 }
 
@@ -155,6 +152,7 @@ impl Inspector {
 
     /// Keeps a finished request (forgetting the oldest past the capacity) and sends it live.
     pub fn record(&self, done: Finished<'_>, capture: Capture) {
+        let line = done.line;
         let (body, body_size, body_truncated) = match &capture.body {
             Some(b) => (
                 b.slice(..b.len().min(BODY_CAP)),
@@ -170,15 +168,15 @@ impl Inspector {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),
-            route: done.route.unwrap_or("-").to_owned(),
+            route: line.route.to_owned(),
             path: done.path.to_owned(),
-            method: done.method.to_owned(),
-            verdict: done.verdict,
-            reason: done.reason,
-            explanation: explain(done.verdict, done.reason, capture.secrets, done.cn),
-            status: done.status,
-            latency_us: u64::try_from(done.latency.as_micros()).unwrap_or(u64::MAX),
-            client: done.client.to_string(),
+            method: line.method.to_owned(),
+            verdict: line.verdict,
+            reason: line.reason,
+            explanation: explain(line.verdict, line.reason, capture.secrets, done.cn),
+            status: line.status,
+            latency_us: u64::try_from(line.latency.as_micros()).unwrap_or(u64::MAX),
+            client: line.client.to_string(),
             cn: done.cn.map(str::to_owned),
             body_size,
             body_truncated,
@@ -339,19 +337,29 @@ pub fn body_text(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    fn finished(verdict: &'static str) -> Finished<'static> {
-        Finished {
-            received: std::time::SystemTime::now(),
-            route: Some("/webhook"),
-            path: "/webhook",
+    fn line(verdict: &'static str) -> AccessLine<'static> {
+        AccessLine {
+            peer: ([127, 0, 0, 1], 40000).into(),
+            client: [127, 0, 0, 1].into(),
+            route: "/webhook",
             method: "POST",
             verdict,
             reason: "-",
             status: 200,
             latency: Duration::from_micros(250),
-            client: [127, 0, 0, 1].into(),
+            client_cn: "-",
+        }
+    }
+
+    fn finished<'a>(line: &'a AccessLine<'a>) -> Finished<'a> {
+        Finished {
+            line,
+            received: std::time::SystemTime::now(),
+            path: "/webhook",
             cn: None,
         }
     }
@@ -364,7 +372,7 @@ mod tests {
                 body: Some(Bytes::from(vec![i])),
                 ..Capture::default()
             };
-            inspector.record(finished("forwarded"), c);
+            inspector.record(finished(&line("forwarded")), c);
         }
         let all = inspector.list(&Filter::default(), 100);
         assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), [5, 4, 3]);
@@ -385,7 +393,7 @@ mod tests {
         }
         let mut c = Capture::new(&headers);
         c.body = Some(Bytes::from(vec![b'a'; BODY_CAP + 10]));
-        inspector.record(finished("forwarded"), c);
+        inspector.record(finished(&line("forwarded")), c);
         let r = inspector.get(1).unwrap();
         assert_eq!(r.body.len(), BODY_CAP);
         assert_eq!(r.body_size, BODY_CAP + 10);
@@ -413,15 +421,13 @@ mod tests {
             body: Some(Bytes::from_static(b"{\"needle\":1}")),
             ..Capture::default()
         };
-        inspector.record(finished("forwarded"), c);
-        inspector.record(
-            Finished {
-                status: 403,
-                reason: "mismatch",
-                ..finished("bad_signature")
-            },
-            Capture::default(),
-        );
+        inspector.record(finished(&line("forwarded")), c);
+        let refused = AccessLine {
+            status: 403,
+            reason: "mismatch",
+            ..line("bad_signature")
+        };
+        inspector.record(finished(&refused), Capture::default());
         let f = |verdict: Option<&str>, status: Option<u16>, q: Option<&str>| Filter {
             route: Some("/webhook".into()),
             verdict: verdict.map(str::to_owned),

@@ -74,7 +74,7 @@ pub(crate) async fn handle(
         (o, r)
     });
     let status = response.status();
-    AccessLine {
+    let line = AccessLine {
         peer: client.peer,
         client: client.address,
         route: route.map_or("-", |r| r.route.path.as_str()),
@@ -84,8 +84,8 @@ pub(crate) async fn handle(
         status: status.as_u16(),
         latency: started.elapsed(),
         client_cn: client.cn().unwrap_or("-"),
-    }
-    .log();
+    };
+    line.log();
     let label = route.map_or(&generation.no_route_label, |r| &r.label);
     outcome.record(&shared.metrics, label, status);
     if let (Some(inspector), Some((mut capture, path, received))) = (&shared.inspector, inspected) {
@@ -93,21 +93,13 @@ pub(crate) async fn handle(
             capture.backend_status = Some(s.as_u16());
         }
         capture.secrets = route.map_or(0, |r| r.route.app_secrets.len());
-        inspector.record(
-            Finished {
-                received,
-                route: route.map(|r| r.route.path.as_str()),
-                path: &path,
-                method: method.as_str(),
-                verdict: outcome.verdict(),
-                reason: outcome.reason(),
-                status: status.as_u16(),
-                latency: started.elapsed(),
-                client: client.address,
-                cn: client.cn(),
-            },
-            capture,
-        );
+        let done = Finished {
+            line: &line,
+            received,
+            path: &path,
+            cn: client.cn(),
+        };
+        inspector.record(done, capture);
     }
     response
 }

@@ -489,22 +489,8 @@ impl Spool {
     /// not acknowledged: answer 503 ([`SpoolError::is_full`] tells a full disk apart). Bounded
     /// by `accept_timeout`. Dropping the future does not cancel a write already queued.
     pub async fn accept(&self, event: NewEvent) -> Result<Accepted, SpoolError> {
-        let limit = self.inner.settings.accept_timeout;
-        let result = match tokio::time::timeout(limit, self.inner.store.accept(event)).await {
-            Ok(r) => r,
-            Err(_) => Err(SpoolError::Timeout(limit)),
-        };
-        let stats = &self.inner.shared.stats;
-        match &result {
-            Err(SpoolError::Full { .. }) => {
-                stats.refused_full.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                stats.refused_error.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(_) => {}
-        }
-        result
+        let mut answers = self.accept_all(vec![event]).await?;
+        Ok(answers.pop().expect("one answer per event"))
     }
 
     /// Stores several events at once — the parts of one batch — all or none, in one commit;

@@ -29,10 +29,8 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A spool's storage engine; see the module docs for the contract.
 pub(crate) trait Store: Operations {
-    /// Stores an event, or recognises it as a duplicate, durably.
-    fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>>;
-    /// Stores several events in one transaction: all of them (each stored or a duplicate),
-    /// or none.
+    /// Stores events durably in one transaction, each or its duplicate recognised: all of
+    /// them, or none (one event is the common case).
     fn accept_all(&self, events: Vec<NewEvent>)
         -> BoxFuture<'_, Result<Vec<Accepted>, SpoolError>>;
     /// Claims due events of every route with room, given what this process already runs.

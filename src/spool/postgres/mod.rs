@@ -755,14 +755,6 @@ async fn prune(pool: Pool, window: Duration) {
 }
 
 impl Store for PgStore {
-    fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>> {
-        Box::pin(async move {
-            self.accept_events(vec![event])
-                .await
-                .map(|mut a| a.pop().expect("one answer per event"))
-        })
-    }
-
     fn accept_all(
         &self,
         events: Vec<NewEvent>,

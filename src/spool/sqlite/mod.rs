@@ -175,14 +175,6 @@ fn insert_one(
 }
 
 impl Store for SqliteStore {
-    fn accept(&self, event: NewEvent) -> BoxFuture<'_, Result<Accepted, SpoolError>> {
-        Box::pin(async move {
-            self.accept_all(vec![event])
-                .await
-                .map(|mut a| a.pop().expect("one answer per event"))
-        })
-    }
-
     fn accept_all(
         &self,
         events: Vec<NewEvent>,
