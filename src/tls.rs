@@ -26,6 +26,7 @@ use rustls::server::NoServerSessionStorage;
 use rustls::{CertificateError, OtherError, ServerConfig};
 
 use crate::config::ServerSettings;
+use crate::identity::constraints::CnOutsideNameConstraints;
 use crate::identity::verifier::CnNotAllowed;
 use crate::pki::PkiError;
 
@@ -62,6 +63,8 @@ pub enum HandshakeFailure {
     UntrustedChain,
     WrongKeyUsage,
     CnNotAllowed,
+    /// The CN is outside a CA's name constraints.
+    CnNameConstraint,
     BadCertificate,
     Protocol,
     Io,
@@ -77,6 +80,7 @@ impl HandshakeFailure {
             Self::UntrustedChain => "untrusted_chain",
             Self::WrongKeyUsage => "wrong_key_usage",
             Self::CnNotAllowed => "cn_not_allowed",
+            Self::CnNameConstraint => "cn_name_constraint",
             Self::BadCertificate => "bad_certificate",
             Self::Protocol => "protocol",
             Self::Io => "io",
@@ -109,6 +113,9 @@ impl HandshakeFailure {
                 | CertificateError::InvalidPurposeContext { .. } => Self::WrongKeyUsage,
                 CertificateError::Other(OtherError(e)) if e.is::<CnNotAllowed>() => {
                     Self::CnNotAllowed
+                }
+                CertificateError::Other(OtherError(e)) if e.is::<CnOutsideNameConstraints>() => {
+                    Self::CnNameConstraint
                 }
                 _ => Self::BadCertificate,
             },

@@ -430,3 +430,53 @@ async fn resumed_session_keeps_the_verified_identity() {
     assert_eq!(got[0].header("x-forwarded-client-cert"), expected);
     assert_eq!(got[1].header("x-forwarded-client-cert"), expected);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Name constraints apply to the CN (WebPKI applies them to SANs only)
+
+#[tokio::test]
+async fn a_cn_outside_an_intermediates_permitted_names_is_refused() {
+    let s = Scenario::new().admin().start().await;
+    // The CA may issue for example.com only; the leaf claims Meta's CN with no SAN.
+    let cert =
+        s.pki
+            .constrained_client(&LeafSpec::meta(|l| l.no_san = true), &["example.com"], &[]);
+    assert_refused(&s, Some(&cert), "CertificateUnknown").await;
+    assert!(s
+        .metrics()
+        .contains("hubgate_tls_handshake_failures_total{reason=\"cn_name_constraint\"} 1"));
+    // With the SAN too, WebPKI itself refuses it (its own name-constraint check).
+    let with_san = s
+        .pki
+        .constrained_client(&LeafSpec::meta(|_| {}), &["example.com"], &[]);
+    let result = post_signed(
+        &s.client(Some(&with_san)),
+        &s.url("/webhook"),
+        &sample_body(),
+    )
+    .await;
+    assert!(result.is_err(), "refused in the handshake");
+    s.upstream.assert_nothing_received();
+}
+
+#[tokio::test]
+async fn a_cn_in_an_excluded_subtree_is_refused() {
+    let s = require_gate().await;
+    let cert = s.pki.constrained_client(
+        &LeafSpec::meta(|l| l.no_san = true),
+        &[],
+        &["fbclientcerts.com"],
+    );
+    assert_refused(&s, Some(&cert), "CertificateUnknown").await;
+}
+
+#[tokio::test]
+async fn a_cn_within_the_permitted_names_is_admitted() {
+    let s = require_gate().await;
+    let cert = s.pki.constrained_client(
+        &LeafSpec::meta(|l| l.no_san = true),
+        &[".fbclientcerts.com"],
+        &["example.com"],
+    );
+    assert_admitted(&s, Some(&cert)).await;
+}

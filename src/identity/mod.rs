@@ -13,6 +13,7 @@
 //! and allowed; an identity header carrying a certificate is verified like a TLS client
 //! certificate; an empty CN allow-list admits nobody.
 
+pub mod constraints;
 mod peer;
 pub mod proxy;
 pub mod verifier;

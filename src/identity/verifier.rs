@@ -14,6 +14,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, UnixTime};
 
+use super::constraints::check_cn;
 use super::peer::single_common_name;
 use crate::config::{ClientAuth, ClientAuthMode};
 use crate::pki::PkiError;
@@ -38,6 +39,7 @@ pub fn client_verifier(
     Ok(Some(Arc::new(MetaClientVerifier {
         inner: b.build()?,
         allowed_cn: client_auth.allowed_cn.clone(),
+        anchors: client_auth.anchors.iter().map(|a| a.der.clone()).collect(),
     })))
 }
 
@@ -45,12 +47,16 @@ pub fn client_verifier(
 ///
 /// The chain, signatures, validity dates and the clientAuth EKU are checked by the wrapped
 /// `WebPkiClientVerifier`, unchanged. What this adds: the verified leaf must carry exactly one
-/// subject CN and it must be in the allow-list (an empty list admits nobody). The chain alone
-/// proves nothing about Meta: the same DigiCert intermediate signed graph.facebook.com.
+/// subject CN and it must be in the allow-list (an empty list admits nobody), and that CN must
+/// satisfy the name constraints of every CA above it ([`super::constraints`]: WebPKI applies
+/// them to SANs only). The chain alone proves nothing about Meta: the same DigiCert
+/// intermediate signed graph.facebook.com.
 #[derive(Debug)]
 struct MetaClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     allowed_cn: Vec<String>,
+    /// The trust anchors, for their name constraints.
+    anchors: Vec<CertificateDer<'static>>,
 }
 
 /// The verified leaf's CN is not in `client_auth.allowed_cn`.
@@ -85,13 +91,15 @@ impl ClientCertVerifier for MetaClientVerifier {
         let cn = single_common_name(end_entity).ok_or(rustls::Error::InvalidCertificate(
             CertificateError::BadEncoding,
         ))?;
-        if self.allowed_cn.contains(&cn) {
-            Ok(verified)
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+        if !self.allowed_cn.contains(&cn) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(CnNotAllowed { cn })),
-            )))
+            )));
         }
+        check_cn(&cn, end_entity, intermediates, &self.anchors).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        })?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

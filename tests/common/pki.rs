@@ -90,6 +90,8 @@ pub struct LeafSpec {
     pub extra_cn: Option<String>,
     /// More subject attributes, placed before the CN.
     pub subject_extra: Vec<(DnType, String)>,
+    /// No subjectAltName at all (the identity is then the CN alone).
+    pub no_san: bool,
 }
 
 impl LeafSpec {
@@ -104,6 +106,7 @@ impl LeafSpec {
             omit_cn: false,
             extra_cn: None,
             subject_extra: Vec::new(),
+            no_san: false,
         }
     }
 
@@ -138,9 +141,11 @@ impl LeafSpec {
             p.distinguished_name
                 .push(DnType::CustomDnType(vec![2, 5, 4, 3]), extra.as_str());
         }
-        p.subject_alt_names = vec![rcgen::SanType::DnsName(
-            self.cn.clone().try_into().expect("CN is a valid DNS name"),
-        )];
+        if !self.no_san {
+            p.subject_alt_names = vec![rcgen::SanType::DnsName(
+                self.cn.clone().try_into().expect("CN is a valid DNS name"),
+            )];
+        }
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = self.eku.clone();
@@ -312,6 +317,30 @@ impl Pki {
     /// Platforms\, Inc.,L=Menlo Park,ST=California,C=US`).
     pub fn meta_client(&self) -> ClientCert {
         self.client(&LeafSpec::meta(|s| s.full_meta_dn = true))
+    }
+
+    /// A leaf under a new intermediate, itself under the test root, whose name constraints
+    /// permit and exclude these DNS subtrees; chain = [leaf, constrained intermediate].
+    pub fn constrained_client(
+        &self,
+        spec: &LeafSpec,
+        permitted: &[&str],
+        excluded: &[&str],
+    ) -> ClientCert {
+        let mut params = ca_params("hubgate test constrained intermediate");
+        let subtree = |d: &&str| rcgen::GeneralSubtree::DnsName((*d).to_owned());
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: permitted.iter().map(subtree).collect(),
+            excluded_subtrees: excluded.iter().map(subtree).collect(),
+        });
+        let ca = CertifiedIssuer::signed_by(params, KeyPair::generate().unwrap(), &self.ca.root)
+            .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = spec.params().signed_by(&key, &ca).unwrap();
+        ClientCert {
+            chain: vec![leaf.der().clone(), ca.der().clone()],
+            key_pkcs8: key.serialize_der(),
+        }
     }
 
     /// A self-signed leaf (no chain to any configured anchor).
