@@ -431,6 +431,17 @@ impl Metrics {
             };
             certs.push((labels, a.not_after));
         }
+        // A CRL's nextUpdate, the same way: seconds left before it is stale.
+        for c in &config.client_auth.crls {
+            if let Some(next) = c.next_update {
+                let labels = CertLabels {
+                    kind: "crl",
+                    path: c.path.display().to_string(),
+                    subject: c.issuer.clone(),
+                };
+                certs.push((labels, next));
+            }
+        }
         *self.certs.lock().expect("metrics lock") = certs;
     }
 

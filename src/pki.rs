@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -84,6 +84,53 @@ pub fn check_key_matches(
 ) -> Result<(), rustls::Error> {
     rustls::sign::CertifiedKey::from_der(chain.to_vec(), key.clone_key(), &crypto_provider())
         .map(drop)
+}
+
+/// A certificate revocation list, with what an operator needs to know about it.
+#[derive(Clone, Debug)]
+pub struct Crl {
+    pub path: PathBuf,
+    pub der: CertificateRevocationListDer<'static>,
+    /// The issuing CA, RFC 4514 form.
+    pub issuer: String,
+    /// How many certificates it revokes.
+    pub revoked: usize,
+    /// `nextUpdate` (Unix seconds): past it, the list is stale. `None`: the CRL has none.
+    pub next_update: Option<i64>,
+}
+
+/// Loads every CRL in a file: PEM (`-----BEGIN X509 CRL-----`, one or more) or one DER list.
+pub fn load_crls(path: &Path) -> Result<Vec<Crl>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let ders: Vec<CertificateRevocationListDer<'static>> = if bytes.starts_with(b"-----") {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+    } else {
+        vec![CertificateRevocationListDer::from(bytes)]
+    };
+    if ders.is_empty() {
+        return Err(format!("{} holds no CRL", path.display()));
+    }
+    ders.into_iter()
+        .enumerate()
+        .map(|(i, der)| {
+            let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+                .map_err(|e| {
+                    format!("{}: CRL #{i} is not a valid X.509 CRL: {e}", path.display())
+                })?;
+            let issuer = crl.issuer().to_string();
+            let revoked = crl.iter_revoked_certificates().count();
+            let next_update = crl.next_update().map(|t| t.timestamp());
+            Ok(Crl {
+                path: path.to_owned(),
+                issuer,
+                revoked,
+                next_update,
+                der: der.clone(),
+            })
+        })
+        .collect()
 }
 
 /// A trust anchor for client certificates, with what an operator needs to know about it.

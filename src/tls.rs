@@ -65,6 +65,12 @@ pub enum HandshakeFailure {
     CnNotAllowed,
     /// The CN is outside a CA's name constraints.
     CnNameConstraint,
+    /// A CRL revokes a certificate of the chain.
+    Revoked,
+    /// No CRL covers a CA of the chain (`crl_policy = "hard"`).
+    RevocationUnknown,
+    /// A CRL is past its nextUpdate (`crl_policy = "hard"`).
+    CrlExpired,
     BadCertificate,
     Protocol,
     Io,
@@ -81,6 +87,9 @@ impl HandshakeFailure {
             Self::WrongKeyUsage => "wrong_key_usage",
             Self::CnNotAllowed => "cn_not_allowed",
             Self::CnNameConstraint => "cn_name_constraint",
+            Self::Revoked => "cert_revoked",
+            Self::RevocationUnknown => "revocation_unknown",
+            Self::CrlExpired => "crl_expired",
             Self::BadCertificate => "bad_certificate",
             Self::Protocol => "protocol",
             Self::Io => "io",
@@ -109,6 +118,10 @@ impl HandshakeFailure {
                     Self::NotYetValid
                 }
                 CertificateError::UnknownIssuer => Self::UntrustedChain,
+                CertificateError::Revoked => Self::Revoked,
+                CertificateError::UnknownRevocationStatus => Self::RevocationUnknown,
+                CertificateError::ExpiredRevocationList
+                | CertificateError::ExpiredRevocationListContext { .. } => Self::CrlExpired,
                 CertificateError::InvalidPurpose
                 | CertificateError::InvalidPurposeContext { .. } => Self::WrongKeyUsage,
                 CertificateError::Other(OtherError(e)) if e.is::<CnNotAllowed>() => {

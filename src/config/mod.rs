@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 pub use crate::gate::batch::SplitMode;
 
-use crate::pki::Anchor;
+use crate::pki::{Anchor, Crl};
 pub use crate::secret::Secret;
 use crate::spool::SpoolSettings;
 
@@ -159,6 +159,30 @@ pub struct ClientAuth {
     pub mode: ClientAuthMode,
     pub anchors: Vec<Anchor>,
     pub allowed_cn: Vec<String>,
+    /// Revocation lists checked for every chain (`crls`), and what a missing or stale one means.
+    pub crls: Vec<Crl>,
+    pub crl_policy: CrlPolicy,
+}
+
+/// `[client_auth] crl_policy`: what happens when a CA of a chain has no CRL loaded, or its CRL
+/// is past `nextUpdate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlPolicy {
+    /// Refuse the client (fail closed; the default once `crls` is set).
+    #[default]
+    Hard,
+    /// Admit it, with a warning and a metric (a revoked certificate is still refused).
+    Soft,
+}
+
+impl CrlPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hard => "hard",
+            Self::Soft => "soft",
+        }
+    }
 }
 
 /// The in-memory de-duplication of sync routes: how long and how many keys are remembered.

@@ -119,6 +119,8 @@ pub(super) struct RawClientAuth {
     pub mode: Option<ClientAuthMode>,
     pub roots: Option<OneOrMany>,
     pub allowed_cn: Option<Vec<String>>,
+    pub crls: Option<OneOrMany>,
+    pub crl_policy: Option<crate::config::CrlPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]

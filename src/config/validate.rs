@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{IdentityHeader, TrustedProxies, ALB_CERT, ALB_SUBJECT};
-use crate::pki::{check_key_matches, load_anchors, load_certs, load_key};
+use crate::pki::{check_key_matches, load_anchors, load_certs, load_crls, load_key};
 use crate::spool::{Backend as SpoolBackend, PostgresSettings, SpoolSettings};
 
 use super::raw::{
@@ -21,9 +21,9 @@ use super::raw::{
     RawSpool, RawTrustedProxies, RawUpstream, RouteDedupe, SecretSource, SpoolBackendName,
 };
 use super::{
-    ClientAuth, ClientAuthMode, Config, ConfigError, DedupeMode, Delivery, InspectorSettings,
-    Route, RouteClientCert, Secret, ServerSettings, SplitMode, SyncDedupe, UpstreamSettings,
-    DEFAULT_MAX_BODY_BYTES, META_CLIENT_CN,
+    ClientAuth, ClientAuthMode, Config, ConfigError, CrlPolicy, DedupeMode, Delivery,
+    InspectorSettings, Route, RouteClientCert, Secret, ServerSettings, SplitMode, SyncDedupe,
+    UpstreamSettings, DEFAULT_MAX_BODY_BYTES, META_CLIENT_CN,
 };
 
 /// What validation needs besides the raw configuration: names for errors, the folder relative
@@ -279,12 +279,40 @@ fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, Confi
         Some(OneOrMany::One(p)) => vec![p],
         Some(OneOrMany::Many(v)) => v,
     };
+    let crl_files = match raw.crls {
+        None => vec![],
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    };
     if mode == ClientAuthMode::Off {
+        if !crl_files.is_empty() {
+            return Err(cx.err(
+                "client_auth.crls",
+                "is set but client_auth.mode = \"off\" checks no certificates",
+            ));
+        }
         return Ok(ClientAuth {
             mode,
             anchors: vec![],
             allowed_cn,
+            crls: vec![],
+            crl_policy: CrlPolicy::Hard,
         });
+    }
+    if raw.crl_policy.is_some() && crl_files.is_empty() {
+        return Err(cx.err(
+            "client_auth.crl_policy",
+            "is set but client_auth.crls names no revocation list",
+        ));
+    }
+    let mut crls = Vec::new();
+    for (i, p) in crl_files.iter().enumerate() {
+        let key = if crl_files.len() == 1 {
+            "client_auth.crls".to_owned()
+        } else {
+            format!("client_auth.crls[{i}]")
+        };
+        crls.extend(load_crls(&cx.path(p)).map_err(|e| cx.err(key, e))?);
     }
     if roots.is_empty() {
         return Err(cx.err(
@@ -308,6 +336,8 @@ fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, Confi
         mode,
         anchors,
         allowed_cn,
+        crls,
+        crl_policy: raw.crl_policy.unwrap_or_default(),
     })
 }
 

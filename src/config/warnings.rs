@@ -30,6 +30,26 @@ impl Config {
                 w.push("client_auth.allowed_cn is empty: no client certificate is admitted".into());
             }
             w.extend(anchor_warnings(&self.client_auth.anchors, now_unix));
+            let policy = self.client_auth.crl_policy;
+            for c in &self.client_auth.crls {
+                match c.next_update {
+                    Some(next) if next <= now_unix => w.push(format!(
+                        "client_auth.crls {} ({}) is past its nextUpdate: {}",
+                        c.path.display(),
+                        c.issuer,
+                        match policy {
+                            super::CrlPolicy::Hard => "crl_policy = \"hard\" refuses every chain of that CA until a fresh list is loaded (SIGHUP)",
+                            super::CrlPolicy::Soft => "crl_policy = \"soft\" admits on a stale list",
+                        }
+                    )),
+                    Some(next) if next - now_unix < 24 * 3600 => w.push(format!(
+                        "client_auth.crls {} ({}) goes stale within a day: load a fresh list",
+                        c.path.display(),
+                        c.issuer
+                    )),
+                    _ => {}
+                }
+            }
         }
         w
     }

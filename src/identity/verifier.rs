@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 
 use super::constraints::check_cn;
 use super::peer::single_common_name;
-use crate::config::{ClientAuth, ClientAuthMode};
+use crate::config::{ClientAuth, ClientAuthMode, CrlPolicy};
 use crate::pki::PkiError;
 
 /// The client-certificate verifier for `client_auth` (`None` when mode is off). The listener
@@ -35,6 +35,16 @@ pub fn client_verifier(
     let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     if client_auth.mode == ClientAuthMode::Optional {
         b = b.allow_unauthenticated();
+    }
+    // Revocation, for every certificate of the chain. `hard`: a CA of the chain without a
+    // loaded CRL, or a CRL past its nextUpdate, refuses the client; `soft`: admits it (the
+    // stale list still refuses what it revokes).
+    if !client_auth.crls.is_empty() {
+        b = b.with_crls(client_auth.crls.iter().map(|c| c.der.clone()));
+        b = match client_auth.crl_policy {
+            CrlPolicy::Hard => b.enforce_revocation_expiration(),
+            CrlPolicy::Soft => b.allow_unknown_revocation_status(),
+        };
     }
     Ok(Some(Arc::new(MetaClientVerifier {
         inner: b.build()?,

@@ -131,6 +131,21 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
     {
         return Err("every client_auth trust anchor has expired".into());
     }
+    // A stale CRL under the hard policy refuses every chain its CA signs.
+    if config.client_auth.crl_policy == crate::config::CrlPolicy::Hard {
+        if let Some(c) = config
+            .client_auth
+            .crls
+            .iter()
+            .find(|c| c.next_update.is_some_and(|n| n <= now))
+        {
+            return Err(format!(
+                "the CRL {} of {} is past its nextUpdate (crl_policy = \"hard\" refuses its chains)",
+                c.path.display(),
+                c.issuer
+            ));
+        }
+    }
     Ok(())
 }
 

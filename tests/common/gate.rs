@@ -105,6 +105,11 @@ pub struct ClientAuth {
     /// `None` leaves the key out: Meta's CN.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_cn: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crls: Option<Vec<String>>,
+    /// `"hard"` or `"soft"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crl_policy: Option<String>,
 }
 
 impl ClientAuth {
@@ -114,6 +119,8 @@ impl ClientAuth {
             mode: Some(mode),
             roots: Some(Paths::One("root.pem".into())),
             allowed_cn: None,
+            crls: None,
+            crl_policy: None,
         }
     }
 
@@ -133,6 +140,8 @@ impl ClientAuth {
             mode: Some(Mode::Off),
             roots: None,
             allowed_cn: None,
+            crls: None,
+            crl_policy: None,
         }
     }
 

@@ -343,6 +343,43 @@ impl Pki {
         }
     }
 
+    /// A CRL (PEM) signed by the test root (`by_root`) or its intermediate, revoking the
+    /// certificates with these DER serial numbers, stale after `next_update`.
+    pub fn crl(
+        &self,
+        by_root: bool,
+        revoked: &[Vec<u8>],
+        next_update: std::time::SystemTime,
+    ) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: next_update.into(),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let issuer = if by_root {
+            &self.ca.root
+        } else {
+            &self.ca.intermediate
+        };
+        params.signed_by(issuer).unwrap().pem().unwrap()
+    }
+
+    /// The DER serial number of the test intermediate.
+    pub fn intermediate_serial(&self) -> Vec<u8> {
+        serial_of(self.ca.intermediate.der())
+    }
+
     /// A self-signed leaf (no chain to any configured anchor).
     pub fn self_signed_client(&self, spec: &LeafSpec) -> ClientCert {
         let key = KeyPair::generate().unwrap();
@@ -386,6 +423,13 @@ fn base64(data: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A certificate's serial number, as DER writes it.
+pub fn serial_of(der: &[u8]) -> Vec<u8> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+    cert.raw_serial().to_vec()
 }
 
 /// One DER certificate as a PEM block.
