@@ -216,6 +216,35 @@ fn without_separator_spaces(dn: &str) -> String {
     out
 }
 
+/// The fuzz target's entry point (`fuzz/`): every parser here over headers a client chose —
+/// `X-Forwarded-For` walked against a trusted network, a subject header and a certificate
+/// header read without a verifier (parsing only). Results are checked for what must hold.
+#[doc(hidden)]
+pub fn fuzz_headers(headers: &HeaderMap) {
+    let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("a network")];
+    let peer = IpAddr::from([10, 0, 0, 1]);
+    let xff = ForwardedFor::read(headers);
+    let _ = xff.client(peer, &trusted);
+    if let Some(v) = xff.extended(peer) {
+        assert!(v.to_str().is_ok_and(|t| t.ends_with(&peer.to_string())));
+    }
+    let allowed = ["client.webhooks.fbclientcerts.com".to_owned()];
+    let subject = IdentityHeader::Subject(http::HeaderName::from_static("x-client-subject"));
+    if let Ok(Some(id)) = identity_from_headers(&subject, headers, None, &allowed) {
+        assert!(
+            allowed.contains(&id.cn),
+            "only an allowed CN is an identity"
+        );
+    }
+    let cert = IdentityHeader::Certificate(http::HeaderName::from_static("x-client-cert"));
+    // Without a verifier a certificate header is never an identity.
+    let r = identity_from_headers(&cert, headers, None, &allowed);
+    assert!(
+        !matches!(r, Ok(Some(_))),
+        "a certificate header verified by nothing"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

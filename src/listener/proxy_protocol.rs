@@ -22,7 +22,60 @@ pub enum ProxyHeaderError {
 }
 
 /// Longest PROXY header accepted: v1 is at most 107 bytes; v2 with modest TLVs fits easily.
-const MAX_PROXY_HEADER: usize = 1024;
+pub const MAX_PROXY_HEADER: usize = 1024;
+
+/// What the bytes at the start of a connection are, as a PROXY header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A prefix of a header: read more (up to [`MAX_PROXY_HEADER`]).
+    Incomplete,
+    /// Not a PROXY header.
+    Invalid,
+    /// A header of `len` bytes naming this client (`None` for LOCAL/UNKNOWN).
+    Header {
+        len: usize,
+        client: Option<SocketAddr>,
+    },
+}
+
+/// Parses the start of `buf` as a PROXY v1 or v2 header. Pure: the fuzz target's entry point.
+pub fn parse(buf: &[u8]) -> Parsed {
+    let parsed = HeaderResult::parse(buf);
+    if parsed.is_incomplete() {
+        return Parsed::Incomplete;
+    }
+    let (len, client) = match parsed {
+        HeaderResult::V1(Ok(h)) => {
+            let addr = match h.addresses {
+                ppp::v1::Addresses::Tcp4(a) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                ppp::v1::Addresses::Tcp6(a) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                ppp::v1::Addresses::Unknown => None,
+            };
+            (h.header.len(), addr)
+        }
+        HeaderResult::V2(Ok(h)) => {
+            let addr = match h.addresses {
+                ppp::v2::Addresses::IPv4(a) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                ppp::v2::Addresses::IPv6(a) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                _ => None,
+            };
+            (h.len(), addr)
+        }
+        _ => return Parsed::Invalid,
+    };
+    if len == 0 || len > buf.len() {
+        return Parsed::Invalid;
+    }
+    Parsed::Header { len, client }
+}
 
 /// Reads a PROXY protocol v1 or v2 header from the start of `stream`, consuming exactly its
 /// bytes, and returns the client address it names (`None` for LOCAL/UNKNOWN: use the peer's).
@@ -43,45 +96,21 @@ pub async fn read_proxy_header(
             if n == 0 {
                 return Err(ProxyHeaderError::Invalid);
             }
-            let parsed = HeaderResult::parse(&buf[..n]);
-            if parsed.is_incomplete() {
-                if n == MAX_PROXY_HEADER {
-                    return Err(ProxyHeaderError::Invalid);
+            match parse(&buf[..n]) {
+                Parsed::Incomplete => {
+                    if n == MAX_PROXY_HEADER {
+                        return Err(ProxyHeaderError::Invalid);
+                    }
+                    stream.readable().await?;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                stream.readable().await?;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
+                Parsed::Invalid => return Err(ProxyHeaderError::Invalid),
+                Parsed::Header { len, client } => {
+                    let mut consumed = vec![0u8; len];
+                    tokio::io::AsyncReadExt::read_exact(stream, &mut consumed).await?;
+                    return Ok(client);
+                }
             }
-            let (len, addr) = match parsed {
-                HeaderResult::V1(Ok(h)) => {
-                    let addr = match h.addresses {
-                        ppp::v1::Addresses::Tcp4(a) => {
-                            Some(SocketAddr::from((a.source_address, a.source_port)))
-                        }
-                        ppp::v1::Addresses::Tcp6(a) => {
-                            Some(SocketAddr::from((a.source_address, a.source_port)))
-                        }
-                        ppp::v1::Addresses::Unknown => None,
-                    };
-                    (h.header.len(), addr)
-                }
-                HeaderResult::V2(Ok(h)) => {
-                    let addr = match h.addresses {
-                        ppp::v2::Addresses::IPv4(a) => {
-                            Some(SocketAddr::from((a.source_address, a.source_port)))
-                        }
-                        ppp::v2::Addresses::IPv6(a) => {
-                            Some(SocketAddr::from((a.source_address, a.source_port)))
-                        }
-                        _ => None,
-                    };
-                    (h.len(), addr)
-                }
-                _ => return Err(ProxyHeaderError::Invalid),
-            };
-            let mut consumed = vec![0u8; len];
-            tokio::io::AsyncReadExt::read_exact(stream, &mut consumed).await?;
-            return Ok(addr);
         }
     };
     tokio::time::timeout(deadline, read)
