@@ -167,7 +167,11 @@ fn single<'h>(
 /// RFC 2253 §4 lets implementations accept spaces around the `,` `+` and `=` separators, as
 /// OpenSSL's one-line format writes them (`C = US, CN = x`); they are dropped before parsing.
 fn single_cn(subject: &str) -> Option<String> {
-    let dn = RdnSequence::from_str(&without_separator_spaces(subject)).ok()?;
+    let dn = without_separator_spaces(subject);
+    if !numeric_types_fit(&dn) {
+        return None;
+    }
+    let dn = RdnSequence::from_str(&dn).ok()?;
     let mut cns =
         dn.0.iter()
             .flat_map(|rdn| rdn.0.iter())
@@ -183,6 +187,43 @@ fn single_cn(subject: &str) -> Option<String> {
 }
 
 /// Drops unescaped spaces next to unescaped `,` `+` `=` (see [`single_cn`]).
+/// Whether every attribute type written as an OID (`2.5.4.3=…`) has arcs of at most 9 digits.
+/// The OID parser underneath (const-oid 0.9) adds digits to a `u32` unchecked: a longer arc
+/// overflows, which panics where overflow checks are on. Found by the `identity_headers` fuzz
+/// target; such a subject is malformed here.
+fn numeric_types_fit(dn: &str) -> bool {
+    let mut escaped = false;
+    let mut start = 0;
+    let mut in_value = false;
+    let bytes = dn.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match b {
+            b'\\' => escaped = true,
+            b'=' if !in_value => {
+                let ty = &dn[start..i];
+                if ty.starts_with(|c: char| c.is_ascii_digit())
+                    && !ty.split('.').all(|arc| {
+                        (1..=9).contains(&arc.len()) && arc.bytes().all(|d| d.is_ascii_digit())
+                    })
+                {
+                    return false;
+                }
+                in_value = true;
+            }
+            b',' | b'+' => {
+                start = i + 1;
+                in_value = false;
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
 fn without_separator_spaces(dn: &str) -> String {
     let mut out = String::with_capacity(dn.len());
     let mut escaped = false;
@@ -288,5 +329,21 @@ mod tests {
             xff.extended("10.0.0.2".parse().unwrap()).unwrap(),
             "6.6.6.6, 31.13.1.1, 10.1.1.1, 10.0.0.2"
         );
+    }
+
+    /// The `identity_headers` fuzz target's crash: an attribute type written as an OID with an
+    /// arc too long for the OID parser. Malformed, not a panic.
+    #[test]
+    fn an_oid_attribute_type_with_a_huge_arc_is_malformed_not_a_panic() {
+        let subject =
+            "CN=clientms\\, cCINn=clientms\\, Inc.,44444444444444444444444444444L=Men Park,C=US";
+        assert_eq!(single_cn(subject), None);
+        assert_eq!(
+            single_cn("2.5.4.3=client.webhooks.fbclientcerts.com").as_deref(),
+            Some("client.webhooks.fbclientcerts.com")
+        );
+        assert_eq!(single_cn("1.2.3456789012=x,CN=a"), None);
+        // An escaped `=` or `,` in a value is not a type.
+        assert_eq!(single_cn("O=a\\,99999999999=b,CN=c").as_deref(), Some("c"));
     }
 }
