@@ -66,15 +66,6 @@ fn assert_part(r: &Recorded, index: usize, count: usize, original: &[u8]) {
     );
 }
 
-fn metric(s: &Started, name_and_labels: &str) -> u64 {
-    s.metrics()
-        .lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn sync_item_split_delivers_each_update_alone_resigned_and_byte_exact() {
     let s = splitting("item", "item").start().await;
@@ -91,10 +82,7 @@ async fn sync_item_split_delivers_each_update_alone_resigned_and_byte_exact() {
         assert_eq!(r.uri, "/hook");
     }
     assert_eq!(
-        metric(
-            &s,
-            r#"hubgate_batch_parts_total{route="/webhook",reason="delivered"}"#
-        ),
+        s.counter(r#"hubgate_batch_parts_total{route="/webhook",reason="delivered"}"#),
         3
     );
 }
@@ -149,17 +137,11 @@ async fn a_retry_batched_differently_delivers_only_its_new_updates() {
         ]
     );
     assert_eq!(
-        metric(
-            &s,
-            r#"hubgate_batch_parts_total{route="/webhook",reason="duplicate"}"#
-        ),
+        s.counter(r#"hubgate_batch_parts_total{route="/webhook",reason="duplicate"}"#),
         1
     );
     assert_eq!(
-        metric(
-            &s,
-            r#"hubgate_requests_total{route="/webhook",verdict="duplicate",status="200"}"#
-        ),
+        s.counter(r#"hubgate_requests_total{route="/webhook",verdict="duplicate",status="200"}"#),
         1
     );
 }
@@ -182,10 +164,7 @@ async fn a_refused_part_fails_the_batch_and_metas_retry_sends_only_the_rest() {
     let part = |m: &str| messenger_part(100, &message(m));
     assert_eq!(bodies, [part("m_1"), part("m_2"), part("m_2"), part("m_3")]);
     assert_eq!(
-        metric(
-            &s,
-            r#"hubgate_batch_parts_total{route="/webhook",reason="failed"}"#
-        ),
+        s.counter(r#"hubgate_batch_parts_total{route="/webhook",reason="failed"}"#),
         1
     );
 }
@@ -245,10 +224,9 @@ async fn a_body_that_is_not_a_batch_is_forwarded_whole_with_metas_signature() {
         );
         assert_eq!(r.header("x-hubgate-part"), None);
         assert_eq!(
-            metric(
-                &s,
-                &format!(r#"hubgate_batches_unsplit_total{{route="/webhook",reason="{reason}"}}"#)
-            ),
+            s.counter(&format!(
+                r#"hubgate_batches_unsplit_total{{route="/webhook",reason="{reason}"}}"#
+            )),
             1
         );
     }
@@ -371,10 +349,7 @@ async fn spool_parts_are_stored_together_and_delivered_on_their_own() {
         assert_part(r, index + 1, 3, &body);
     }
     assert_eq!(
-        metric(
-            &s,
-            r#"hubgate_batch_parts_total{route="/webhook",reason="stored"}"#
-        ),
+        s.counter(r#"hubgate_batch_parts_total{route="/webhook",reason="stored"}"#),
         3
     );
 }
@@ -400,10 +375,7 @@ async fn spool_recognises_an_update_that_comes_back_in_another_batch() {
     assert!(bodies.contains(&messenger_part(300, &message("m_4"))));
     assert!(!bodies.contains(&messenger_part(300, &message("m_2"))));
     assert_eq!(
-        metric(
-            &s,
-            r#"hubgate_batch_parts_total{route="/webhook",reason="duplicate"}"#
-        ),
+        s.counter(r#"hubgate_batch_parts_total{route="/webhook",reason="duplicate"}"#),
         1
     );
 }
@@ -574,10 +546,7 @@ async fn parts_count_against_the_memory_budget_like_the_body() {
     assert_eq!(resp.status(), 503, "Meta retries later");
     assert!(received(&s).is_empty());
     assert_eq!(
-        metric(
-            &s,
-            r#"hubgate_requests_total{route="/webhook",verdict="overloaded",status="503"}"#
-        ),
+        s.counter(r#"hubgate_requests_total{route="/webhook",verdict="overloaded",status="503"}"#),
         1
     );
     // A smaller batch goes through.

@@ -419,16 +419,9 @@ async fn raw(s: &Started, request: &[u8]) -> RawResponse {
 }
 
 fn count(s: &Started, route: &str, verdict: &str, status: u16) -> u64 {
-    let needle = format!(
-        "hubgate_requests_total{{route=\"{route}\",verdict=\"{verdict}\",status=\"{status}\"}} "
-    );
-    s.metrics()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&needle)
-                .map(|v| v.parse::<f64>().unwrap() as u64)
-        })
-        .unwrap_or(0)
+    s.counter(&format!(
+        "hubgate_requests_total{{route=\"{route}\",verdict=\"{verdict}\",status=\"{status}\"}}"
+    ))
 }
 
 #[tokio::test]

@@ -62,14 +62,9 @@ async fn admitted(s: &Started, cert: &ClientCert) -> bool {
 }
 
 fn failures(s: &Started, reason: &str) -> u64 {
-    let needle = format!("hubgate_tls_handshake_failures_total{{reason=\"{reason}\"}} ");
-    s.metrics()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&needle)
-                .map(|v| v.parse::<f64>().unwrap() as u64)
-        })
-        .unwrap_or(0)
+    s.counter(&format!(
+        "hubgate_tls_handshake_failures_total{{reason=\"{reason}\"}}"
+    ))
 }
 
 async fn ready(s: &Started) -> (u16, String) {

@@ -299,6 +299,19 @@ impl Started {
         self.gate.metrics()
     }
 
+    /// The value of one counter or gauge series, `name{labels}` exactly as the metrics write
+    /// it; 0 when the series does not exist (yet).
+    pub fn counter(&self, series: &str) -> u64 {
+        let prefix = format!("{series} ");
+        self.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&prefix)
+                    .map(|v| v.parse::<f64>().unwrap() as u64)
+            })
+            .unwrap_or(0)
+    }
+
     /// Waits (bounded) until the metrics contain `needle`.
     pub async fn metrics_eventually_contain(&self, needle: &str) {
         eventually_contains(|| async { self.metrics() }, needle).await;
