@@ -78,6 +78,7 @@ pub struct Metrics {
     open_connections: Gauge,
     parked_connections: Gauge,
     log_lines_dropped: Counter,
+    crl_fetch_failures: Counter,
     spool_stored: Counter,
     spool_commits: Counter,
     spool_commit_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -180,6 +181,12 @@ impl Metrics {
             "Connections closed before TLS (bad PROXY header, source not allowed)",
             refused_connections.clone(),
         );
+        let crl_fetch_failures = Counter::default();
+        registry.register(
+            "crl_fetch_failures",
+            "Failed fetches of revocation lists from client_auth.crl_urls",
+            crl_fetch_failures.clone(),
+        );
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -246,6 +253,7 @@ impl Metrics {
             open_connections,
             parked_connections,
             log_lines_dropped,
+            crl_fetch_failures,
             spool_stored,
             spool_commits,
             spool_commit_seconds,
@@ -292,6 +300,11 @@ impl Metrics {
     /// Counts a body a splitting route delivered whole, and why.
     pub fn batch_unsplit(&self, route: &RouteLabel, reason: &'static str) {
         Self::by_reason(&self.batches_unsplit, route, reason);
+    }
+
+    /// Counts a failed fetch of a revocation list (`crl_urls`).
+    pub fn crl_fetch_failed(&self) {
+        self.crl_fetch_failures.inc();
     }
 
     /// Counts a failed forward by its kind.

@@ -97,17 +97,24 @@ pub struct Crl {
     pub revoked: usize,
     /// `nextUpdate` (Unix seconds): past it, the list is stale. `None`: the CRL has none.
     pub next_update: Option<i64>,
+    /// Where it was fetched from (`crl_urls`); `None` for a file.
+    pub url: Option<String>,
 }
 
 /// Loads every CRL in a file: PEM (`-----BEGIN X509 CRL-----`, one or more) or one DER list.
 pub fn load_crls(path: &Path) -> Result<Vec<Crl>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_crls(&bytes, path)
+}
+
+/// CRLs from bytes (PEM or DER); `path` names them in messages and metrics.
+pub fn parse_crls(bytes: &[u8], path: &Path) -> Result<Vec<Crl>, String> {
     let ders: Vec<CertificateRevocationListDer<'static>> = if bytes.starts_with(b"-----") {
-        CertificateRevocationListDer::pem_slice_iter(&bytes)
+        CertificateRevocationListDer::pem_slice_iter(bytes)
             .collect::<Result<_, _>>()
             .map_err(|e| format!("{}: {e}", path.display()))?
     } else {
-        vec![CertificateRevocationListDer::from(bytes)]
+        vec![CertificateRevocationListDer::from(bytes.to_vec())]
     };
     if ders.is_empty() {
         return Err(format!("{} holds no CRL", path.display()));
@@ -128,6 +135,7 @@ pub fn load_crls(path: &Path) -> Result<Vec<Crl>, String> {
                 revoked,
                 next_update,
                 der: der.clone(),
+                url: None,
             })
         })
         .collect()

@@ -123,11 +123,25 @@ pub(crate) struct Shared {
     pub(crate) body_budget: Arc<Semaphore>,
     /// Recent requests for the inspector (`[admin] inspector = true`).
     pub(crate) inspector: Option<Arc<crate::inspect::Inspector>>,
+    /// Revocation lists fetched from `crl_urls` (see `ops::crls`).
+    fetched_crls: std::sync::Mutex<Vec<crate::pki::Crl>>,
     /// Set when the drain starts: `/readyz` answers 503 from then on.
     draining: AtomicBool,
 }
 
 impl Shared {
+    /// The lists fetched from `crl_urls` so far.
+    pub(crate) fn fetched_crls(&self) -> Vec<crate::pki::Crl> {
+        self.fetched_crls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_fetched_crls(&self, crls: Vec<crate::pki::Crl>) {
+        *self.fetched_crls.lock().unwrap_or_else(|e| e.into_inner()) = crls;
+    }
+
     pub(crate) fn new(
         generation: Generation,
         metrics: Arc<Metrics>,
@@ -156,6 +170,7 @@ impl Shared {
             metrics,
             spool,
             inspector,
+            fetched_crls: std::sync::Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
         }
     }

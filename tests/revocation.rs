@@ -230,3 +230,80 @@ fn a_crl_that_is_not_one_is_a_config_error_naming_the_key() {
         "client_auth.crl_policy"
     );
 }
+
+#[tokio::test]
+async fn lists_fetched_from_a_url_are_refreshed_and_kept_when_a_fetch_fails() {
+    // The intermediate's list comes from an HTTP server; the root's from a file.
+    let server = Upstream::start().await;
+    let s = Scenario::new().admin().start().await;
+    let victim = s.pki.meta_client();
+    let revoking = s.pki.crl(false, &[serial_of(victim.leaf())], fresh());
+    server.set_body(revoking.as_bytes());
+    s.pki.write("root.crl", &s.pki.crl(true, &[], fresh()));
+    let url = server.url("/intermediate.crl");
+    s.reload(move |c| {
+        c.client_auth.crls = Some(vec!["root.crl".into()]);
+        c.client_auth.crl_urls = Some(vec![url]);
+        c.client_auth.crl_refresh = Some("300ms".into());
+    });
+    // Fetched: the victim is refused, another leaf admitted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while admitted(&s, &victim).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetched list never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted(&s, &s.pki.meta_client()).await);
+    // The server's list changes: the next refresh lifts the revocation.
+    server.set_body(s.pki.crl(false, &[], fresh()).as_bytes());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !admitted(&s, &victim).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refreshed list never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The server fails: counted, and the last list stays in force.
+    server.set_status(500);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.counter("hubgate_crl_fetch_failures_total") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed fetch counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted(&s, &victim).await, "the last good list stays");
+    assert_eq!(ready(&s).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_list_never_fetched_keeps_the_gate_unready_under_hard() {
+    let (_socket, closed) = closed_port();
+    let s = Scenario::new().admin().start().await;
+    s.pki.write("root.crl", &s.pki.crl(true, &[], fresh()));
+    let url = format!("http://{closed}/intermediate.crl");
+    s.reload(move |c| {
+        c.client_auth.crls = Some(vec!["root.crl".into()]);
+        c.client_auth.crl_urls = Some(vec![url]);
+        c.client_auth.crl_refresh = Some("200ms".into());
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.counter("hubgate_crl_fetch_failures_total") < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fetch failures not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, text) = ready(&s).await;
+    assert_eq!(status, 503);
+    assert!(text.contains("has not been fetched yet"), "{text}");
+    assert!(
+        !admitted(&s, &s.cert).await,
+        "no list for the intermediate: refused"
+    );
+}

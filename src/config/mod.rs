@@ -162,6 +162,11 @@ pub struct ClientAuth {
     /// Revocation lists checked for every chain (`crls`), and what a missing or stale one means.
     pub crls: Vec<Crl>,
     pub crl_policy: CrlPolicy,
+    /// Lists fetched over HTTP(S) every `crl_refresh` (`crl_urls`), within `crl_fetch_timeout`;
+    /// once fetched they join `crls` (marked [`Crl::url`]).
+    pub crl_urls: Vec<http::Uri>,
+    pub crl_refresh: Duration,
+    pub crl_fetch_timeout: Duration,
 }
 
 /// `[client_auth] crl_policy`: what happens when a CA of a chain has no CRL loaded, or its CRL

@@ -121,6 +121,9 @@ pub(super) struct RawClientAuth {
     pub allowed_cn: Option<Vec<String>>,
     pub crls: Option<OneOrMany>,
     pub crl_policy: Option<crate::config::CrlPolicy>,
+    pub crl_urls: Option<Vec<String>>,
+    pub crl_refresh: Option<String>,
+    pub crl_fetch_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -297,9 +297,33 @@ fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, Confi
             allowed_cn,
             crls: vec![],
             crl_policy: CrlPolicy::Hard,
+            crl_urls: vec![],
+            crl_refresh: Duration::from_secs(3600),
+            crl_fetch_timeout: Duration::from_secs(10),
         });
     }
-    if raw.crl_policy.is_some() && crl_files.is_empty() {
+    let mut crl_urls = Vec::new();
+    for (i, u) in raw.crl_urls.iter().flatten().enumerate() {
+        let key = format!("client_auth.crl_urls[{i}]");
+        let uri: http::Uri = u
+            .parse()
+            .map_err(|e| cx.err(&key, format!("`{u}` is not a URL: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(cx.err(key, format!("`{u}` must be an http:// or https:// URL")));
+        }
+        crl_urls.push(uri);
+    }
+    let crl_refresh = cx.duration(
+        "client_auth.crl_refresh",
+        raw.crl_refresh.as_deref(),
+        Duration::from_secs(3600),
+    )?;
+    let crl_fetch_timeout = cx.duration(
+        "client_auth.crl_fetch_timeout",
+        raw.crl_fetch_timeout.as_deref(),
+        Duration::from_secs(10),
+    )?;
+    if raw.crl_policy.is_some() && crl_files.is_empty() && crl_urls.is_empty() {
         return Err(cx.err(
             "client_auth.crl_policy",
             "is set but client_auth.crls names no revocation list",
@@ -338,6 +362,9 @@ fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, Confi
         allowed_cn,
         crls,
         crl_policy: raw.crl_policy.unwrap_or_default(),
+        crl_urls,
+        crl_refresh,
+        crl_fetch_timeout,
     })
 }
 

@@ -133,6 +133,11 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
     }
     // A stale CRL under the hard policy refuses every chain its CA signs.
     if config.client_auth.crl_policy == crate::config::CrlPolicy::Hard {
+        if let Some(url) = crate::ops::crls::unfetched(config, &shared.fetched_crls()) {
+            return Err(format!(
+                "the revocation list at {url} has not been fetched yet (crl_policy = \"hard\")"
+            ));
+        }
         if let Some(c) = config
             .client_auth
             .crls

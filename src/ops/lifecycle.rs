@@ -116,6 +116,7 @@ pub async fn start(generation: Generation) -> Result<Running, Error> {
             Some(a)
         }
     };
+    tokio::spawn(super::crls::keep_fresh(shared.clone(), stopped.clone()));
     let task = tokio::spawn(listener::serve(listener, shared.clone(), stopped));
     info!(listen = %local_addr, "hubgate listening");
     Ok(Running {
@@ -202,6 +203,8 @@ impl Running {
 
     /// Builds the generation a reload would swap in, refusing changes that need a restart.
     fn prepare(&self, config: Config) -> Result<Generation, Error> {
+        // Lists fetched from crl_urls stay in force across reloads (the fetcher replaces them).
+        let config = super::crls::with_fetched(config, &self.shared.fetched_crls());
         let generation = Generation::new(config)?;
         let config = generation.config();
         let open = self.shared.spool.as_ref().map(Spool::settings);

@@ -2,4 +2,5 @@
 //! listener (health, readiness, metrics).
 
 pub mod admin;
+pub mod crls;
 pub mod lifecycle;

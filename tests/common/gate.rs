@@ -110,6 +110,10 @@ pub struct ClientAuth {
     /// `"hard"` or `"soft"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub crl_policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crl_urls: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crl_refresh: Option<String>,
 }
 
 impl ClientAuth {
@@ -121,6 +125,8 @@ impl ClientAuth {
             allowed_cn: None,
             crls: None,
             crl_policy: None,
+            crl_urls: None,
+            crl_refresh: None,
         }
     }
 
@@ -142,6 +148,8 @@ impl ClientAuth {
             allowed_cn: None,
             crls: None,
             crl_policy: None,
+            crl_urls: None,
+            crl_refresh: None,
         }
     }
 

@@ -189,6 +189,11 @@ impl Upstream {
         self.respond(move |_, _| status);
     }
 
+    /// The body of every answer from now on.
+    pub fn set_body(&self, body: &[u8]) {
+        self.state.reply.lock().unwrap().body = bytes::Bytes::copy_from_slice(body);
+    }
+
     /// Time between receiving a request (it is recorded then) and answering it.
     pub fn set_delay(&self, delay: Duration) {
         self.state.reply.lock().unwrap().delay = delay;
