@@ -22,6 +22,15 @@ render() { # TEMPLATE PORT > OUT   (an admin listener, where a template has one:
     -e "s|@LOG_OFF@|$([ "${LOGS:-off}" = on ] && echo '# ')|g" "$1"
 }
 
+# A fresh benchmark PKI in DIR/pki and the names render() fills in: PKI, TOKEN, SECRET, CN.
+new_pki() { # DIR PREFIX
+  "$BENCH_DIR/pki.sh" "$1/pki" >/dev/null
+  PKI="$1/pki"
+  TOKEN="$2-token-$RANDOM$RANDOM"
+  SECRET="$2-secret-$RANDOM$RANDOM$RANDOM"
+  CN=client.webhooks.fbclientcerts.com
+}
+
 # Background processes to stop on exit (start_upstream adds to it; callers may too).
 PIDS=()
 cleanup_pids() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }

@@ -57,11 +57,7 @@ mkdir -p "$WORK" "$RESULTS_DIR"
 BASE=${BENCH_PORT_BASE:-28640}
 GATE_PORT=$((BASE + 3))
 UPSTREAM_ADDR="127.0.0.1:$((BASE + 10))"
-"$BENCH_DIR/pki.sh" "$WORK/pki" >/dev/null
-PKI="$WORK/pki"
-TOKEN="cost-token-$RANDOM$RANDOM"
-SECRET="cost-secret-$RANDOM$RANDOM$RANDOM"
-CN=client.webhooks.fbclientcerts.com
+new_pki "$WORK" cost
 
 trap cleanup_pids EXIT
 start_upstream 1 "$UPSTREAM_ADDR" 1800 "$WORK/upstream.log"

@@ -33,11 +33,7 @@ BASE=${BENCH_PORT_BASE:-28740}
 GATE_PORT=$((BASE + 3))
 ADMIN_PORT=$((GATE_PORT + 1000))
 UPSTREAM_ADDR="127.0.0.1:$((BASE + 10))"
-"$BENCH_DIR/pki.sh" "$WORK/pki" >/dev/null
-PKI="$WORK/pki"
-TOKEN="soak-token-$RANDOM$RANDOM"
-SECRET="soak-secret-$RANDOM$RANDOM$RANDOM"
-CN=client.webhooks.fbclientcerts.com
+new_pki "$WORK" soak
 {
   render "$BENCH_DIR/conf/hubgate.toml.tmpl" "$GATE_PORT" | sed "s|^\[server\]|[server]\nmax_connections = $((CONNS + 2000))\nidle_timeout = \"120s\"|"
   printf '\n[admin]\nlisten = "127.0.0.1:%s"\n' "$ADMIN_PORT"

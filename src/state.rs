@@ -123,6 +123,8 @@ pub(crate) struct Shared {
     pub(crate) body_budget: Arc<Semaphore>,
     /// Recent requests for the inspector (`[admin] inspector = true`).
     pub(crate) inspector: Option<Arc<crate::inspect::Inspector>>,
+    /// Told after each reload (the CRL fetcher looks at the new `crl_urls` then).
+    pub(crate) reloaded: tokio::sync::Notify,
     /// Revocation lists fetched from `crl_urls` (see `ops::crls`).
     fetched_crls: std::sync::Mutex<Vec<crate::pki::Crl>>,
     /// Set when the drain starts: `/readyz` answers 503 from then on.
@@ -170,6 +172,7 @@ impl Shared {
             metrics,
             spool,
             inspector,
+            reloaded: tokio::sync::Notify::new(),
             fetched_crls: std::sync::Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
         }

@@ -97,6 +97,17 @@ impl Ctx<'_> {
         }
     }
 
+    /// An `http://` or `https://` URL with a host.
+    fn http_url(&self, key: &str, text: &str) -> Result<http::Uri, ConfigError> {
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|e| self.err(key, format!("`{text}` is not a URL: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(self.err(key, format!("`{text}` must be an http:// or https:// URL")));
+        }
+        Ok(uri)
+    }
+
     /// A byte size greater than zero that fits in memory; `default` when absent.
     fn bytes(&self, key: &str, v: Option<u64>, default: usize) -> Result<usize, ConfigError> {
         match v {
@@ -267,6 +278,35 @@ fn server(s: RawServer, cx: &Ctx) -> Result<ServerSettings, ConfigError> {
     })
 }
 
+/// A key that takes one path or a list, as a list.
+fn paths(raw: Option<OneOrMany>) -> Vec<PathBuf> {
+    match raw {
+        None => vec![],
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    }
+}
+
+/// Everything `load` finds in each of `files`; an error names `key` (with the file's index
+/// when there are several).
+fn load_each<T>(
+    cx: &Ctx,
+    key: &str,
+    files: &[PathBuf],
+    load: impl Fn(&Path) -> Result<Vec<T>, String>,
+) -> Result<Vec<T>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, p) in files.iter().enumerate() {
+        let key = if files.len() == 1 {
+            key.to_owned()
+        } else {
+            format!("{key}[{i}]")
+        };
+        out.extend(load(&cx.path(p)).map_err(|e| cx.err(key, e))?);
+    }
+    Ok(out)
+}
+
 /// `[client_auth]`: the mode, the trust anchors (loaded) and the allowed CNs.
 fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, ConfigError> {
     let raw = raw.unwrap_or_default();
@@ -274,16 +314,8 @@ fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, Confi
     let allowed_cn = raw
         .allowed_cn
         .unwrap_or_else(|| vec![META_CLIENT_CN.to_owned()]);
-    let roots = match raw.roots {
-        None => vec![],
-        Some(OneOrMany::One(p)) => vec![p],
-        Some(OneOrMany::Many(v)) => v,
-    };
-    let crl_files = match raw.crls {
-        None => vec![],
-        Some(OneOrMany::One(p)) => vec![p],
-        Some(OneOrMany::Many(v)) => v,
-    };
+    let roots = paths(raw.roots);
+    let crl_files = paths(raw.crls);
     if mode == ClientAuthMode::Off {
         if !crl_files.is_empty() {
             return Err(cx.err(
@@ -304,14 +336,7 @@ fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, Confi
     }
     let mut crl_urls = Vec::new();
     for (i, u) in raw.crl_urls.iter().flatten().enumerate() {
-        let key = format!("client_auth.crl_urls[{i}]");
-        let uri: http::Uri = u
-            .parse()
-            .map_err(|e| cx.err(&key, format!("`{u}` is not a URL: {e}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(cx.err(key, format!("`{u}` must be an http:// or https:// URL")));
-        }
-        crl_urls.push(uri);
+        crl_urls.push(cx.http_url(&format!("client_auth.crl_urls[{i}]"), u)?);
     }
     let crl_refresh = cx.duration(
         "client_auth.crl_refresh",
@@ -329,30 +354,16 @@ fn client_auth(raw: Option<RawClientAuth>, cx: &Ctx) -> Result<ClientAuth, Confi
             "is set but client_auth.crls names no revocation list",
         ));
     }
-    let mut crls = Vec::new();
-    for (i, p) in crl_files.iter().enumerate() {
-        let key = if crl_files.len() == 1 {
-            "client_auth.crls".to_owned()
-        } else {
-            format!("client_auth.crls[{i}]")
-        };
-        crls.extend(load_crls(&cx.path(p)).map_err(|e| cx.err(key, e))?);
-    }
+    let crls = load_each(cx, "client_auth.crls", &crl_files, load_crls)?;
     if roots.is_empty() {
         return Err(cx.err(
             "client_auth.roots",
             format!("mode = \"{mode}\" needs at least one trust anchor file (see certs/README.md)"),
         ));
     }
-    let mut anchors = Vec::new();
-    for (i, p) in roots.iter().enumerate() {
-        let key = if roots.len() == 1 {
-            "client_auth.roots".to_owned()
-        } else {
-            format!("client_auth.roots[{i}]")
-        };
-        anchors.extend(load_anchors(&cx.path(p)).map_err(|e| cx.err(key, e.to_string()))?);
-    }
+    let anchors = load_each(cx, "client_auth.roots", &roots, |p| {
+        load_anchors(p).map_err(|e| e.to_string())
+    })?;
     if let Some(i) = allowed_cn.iter().position(String::is_empty) {
         return Err(cx.err(format!("client_auth.allowed_cn[{i}]"), "is empty"));
     }
@@ -448,16 +459,7 @@ fn route(
         .enumerate()
         .map(|(j, s)| cx.secret(&format!("route[{i}].app_secrets[{j}]"), s))
         .collect::<Result<Vec<_>, _>>()?;
-    let upstream: http::Uri = r
-        .upstream
-        .parse()
-        .map_err(|e| cx.err(k("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
-    if !matches!(upstream.scheme_str(), Some("http" | "https")) || upstream.host().is_none() {
-        return Err(cx.err(
-            k("upstream"),
-            format!("`{}` must be an http:// or https:// URL", r.upstream),
-        ));
-    }
+    let upstream = cx.http_url(&k("upstream"), &r.upstream)?;
     let client_cert = match (mode, r.client_cert) {
         (ClientAuthMode::Off, Some(RouteClientCert::Required)) => {
             return Err(cx.err(

@@ -1,5 +1,5 @@
 //! Revocation lists fetched over HTTP(S) (`[client_auth] crl_urls`): the first round right at
-//! start, then every `crl_refresh`, each fetch within `crl_fetch_timeout` and 16 MiB. A list
+//! start, then every `crl_refresh` and after each reload, each fetch within `crl_fetch_timeout` and 16 MiB. A list
 //! that changed rebuilds the configuration generation (the TLS verifier with it), the way a
 //! reload does; a fetch that fails keeps the last list from that URL, with a warning and a
 //! metric. Lists fetched join the file lists (`crls`) and are held to the same `crl_policy`.
@@ -104,9 +104,9 @@ pub(crate) async fn keep_fresh(shared: Arc<Shared>, mut stopped: watch::Receiver
         let config = current.config();
         let auth = &config.client_auth;
         if auth.crl_urls.is_empty() {
-            // None configured (a reload may add some): look again in a second.
+            // None configured: wait for a reload that may add some.
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = shared.reloaded.notified() => continue,
                 _ = stopped.changed() => return,
             }
         }
@@ -149,8 +149,10 @@ pub(crate) async fn keep_fresh(shared: Arc<Shared>, mut stopped: watch::Receiver
                 }
             }
         }
+        // The next round after crl_refresh, or at once after a reload (new URLs, new policy).
         tokio::select! {
             _ = tokio::time::sleep(auth.crl_refresh) => {}
+            _ = shared.reloaded.notified() => {}
             _ = stopped.changed() => return,
         }
     }

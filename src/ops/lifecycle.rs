@@ -197,6 +197,7 @@ impl Running {
         self.shared.metrics.set_certificates(new);
         let routes = new.routes.len();
         self.shared.current.store(Arc::new(generation));
+        self.shared.reloaded.notify_one();
         info!(routes, "configuration reloaded");
         Ok(())
     }
