@@ -2,7 +2,8 @@
 //! provider, and hands over to the library. Exit codes: 0 success, 1 runtime failure,
 //! 2 configuration error.
 
-#![forbid(unsafe_code)]
+// One unsafe call, to the allocator (`return_freed_memory`); the library forbids unsafe code.
+#![deny(unsafe_code)]
 
 mod demo;
 mod spool_cli;
@@ -182,8 +183,47 @@ fn init_logging(format: LogFormat) -> Logging {
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(return_freed_memory)
         .build()
         .expect("cannot start the async runtime")
+}
+
+/// Called by each runtime thread as it runs out of work: at most once a second, freed memory
+/// goes back to the operating system.
+///
+/// Both allocators in the process keep what they free: mimalloc (Rust's allocations) purges
+/// freed pages only when the thread that owns them calls into it again, and glibc's malloc (the
+/// C code: aws-lc's keys and handshakes, SQLite) keeps them in its per-thread arenas. A gate that
+/// goes quiet after a burst (a storm of handshakes, parked connections giving back hyper's
+/// buffers) would otherwise hold its peak until the next burst. Measured (README, Performance):
+/// 1,000 parked mTLS connections 28 MiB instead of up to 36; after the 10,000-connection soak,
+/// RSS back to within a few MiB of its baseline. Cheap when busy: one clock read per park, one
+/// collection per second per thread.
+fn return_freed_memory() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    let now = Instant::now();
+    if LAST
+        .get()
+        .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+    {
+        return;
+    }
+    LAST.set(Some(now));
+    // SAFETY: mi_collect takes no pointers and may be called from any thread at any time;
+    // `false`: only memory free for longer than mimalloc's purge delay (1 s) is returned.
+    #[cfg(feature = "mimalloc")]
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(false)
+    };
+    // SAFETY: malloc_trim takes no pointers and is thread-safe (it locks each arena in turn).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 fn sign(secret: &str) -> ExitCode {

@@ -169,12 +169,20 @@ pub(super) async fn serve(
                 return;
             }
         };
-        let (rest, inner) = parts.io.into_inner().into_parts();
-        io = inner;
-        prefix = if rest.is_empty() {
-            parts.read_buf
-        } else {
-            [rest, parts.read_buf].concat().into()
+        // Taken apart here, so that nothing of hyper's outlives this statement: what is left of
+        // `parts` would otherwise be dropped at the end of the loop body, after the park.
+        (io, prefix) = {
+            let (rest, inner) = parts.io.into_inner().into_parts();
+            let read_buf = parts.read_buf;
+            // Even empty, a `Bytes` view holds the whole buffer it came from (hyper's read
+            // buffer, 8 KiB): what a parked connection keeps must be a fresh empty one.
+            let prefix = match (rest.is_empty(), read_buf.is_empty()) {
+                (true, true) => Bytes::new(),
+                (false, true) => rest,
+                (true, false) => read_buf,
+                (false, false) => [rest, read_buf].concat().into(),
+            };
+            (inner, prefix)
         };
         if prefix.is_empty() && !life.park(&mut io).await {
             return;
