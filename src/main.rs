@@ -396,6 +396,15 @@ async fn run(path: Option<&Path>) -> ExitCode {
     }
     let config = generation.config();
     info!(config = %config.source, routes = config.routes.len(), client_auth = %config.client_auth.mode, "starting");
+    // A runtime thread passes through `return_freed_memory` when it runs out of work; this
+    // wakes one once a second, so that a gate gone quiet (every connection parked, nothing
+    // else due for minutes) still gives back what its last connections freed.
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+        }
+    });
     let running = match hubgate::ops::lifecycle::start(generation).await {
         Ok(r) => r,
         Err(e) => {

@@ -232,10 +232,12 @@ impl Life<'_> {
     {
         let settings = self.settings;
         let idle = settings.idle_timeout;
-        let every = park_after.map_or(idle, |p| p.min(idle));
-        let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.reset();
+        // The nearer of the two deadlines, the park and the idle timeout. The check sleeps until
+        // this connection would reach it if it stayed idle from its last request, so that it
+        // parks (or closes) on time, with one timer wake per deadline while it is busy.
+        let target = park_after.map_or(idle, |p| p.min(idle));
+        let check = tokio::time::sleep(target);
+        tokio::pin!(check);
         // Once closing, a peer gets `drain_timeout` to take what is still being written: one
         // that stops reading must not hold its connection (and its max_connections slot)
         // forever.
@@ -259,7 +261,7 @@ impl Life<'_> {
                     graceful(connection.as_mut());
                     hard_stop.as_mut().reset(tokio::time::Instant::now() + settings.drain_timeout);
                 }
-                _ = tick.tick(), if !self.closing => {
+                _ = &mut check, if !self.closing => {
                     let idle_for = self.conn.activity.idle_for(self.conn.opened);
                     if idle_for >= idle {
                         debug!("closing idle connection");
@@ -269,6 +271,11 @@ impl Life<'_> {
                     } else if park_after.is_some_and(|p| idle_for >= p) {
                         graceful(connection.as_mut());
                         return Ended::Park;
+                    } else {
+                        // Not idle long enough (or a request in flight: idle_for is zero).
+                        // The floor keeps millisecond rounding from spinning.
+                        let wait = target.saturating_sub(idle_for).max(Duration::from_millis(10));
+                        check.as_mut().reset(tokio::time::Instant::now() + wait);
                     }
                 }
             }
