@@ -128,6 +128,7 @@ pub(super) async fn serve(
     let _open = scopeguard(|| conn.shared.metrics.connection_closed());
     let mut life = Life {
         conn: &conn,
+        no_route_label: &generation.no_route_label,
         settings,
         stopped,
         closing: false,
@@ -206,6 +207,8 @@ enum Ended {
 /// What a connection's successive HTTP phases share: the idle timeout, the drain on shutdown.
 struct Life<'a> {
     conn: &'a Connection,
+    /// The route label of requests that never reached a route (`-`).
+    no_route_label: &'a crate::metrics::RouteLabel,
     settings: &'a crate::config::ServerSettings,
     stopped: watch::Receiver<bool>,
     /// A drain or the idle timeout is closing the connection.
@@ -289,11 +292,10 @@ impl Life<'_> {
                     reason = "head_too_large",
                     "request head over server.max_header_bytes or server.max_headers: answered 431"
                 );
-                let label: crate::metrics::RouteLabel = Arc::new("-".to_owned());
                 self.conn
                     .shared
                     .metrics
-                    .request(&label, "head_too_large", 431);
+                    .request(self.no_route_label, "head_too_large", 431);
             }
             Err(e) => debug!(error = %e, "connection ended with an error"),
             Ok(()) => {}
