@@ -127,6 +127,33 @@ async fn signed_forged_certificateless_and_challenge_requests_are_recorded_with_
 }
 
 #[tokio::test]
+async fn the_record_keeps_the_authority_the_client_addressed_over_http1_and_http2() {
+    let s = inspecting(None).start().await;
+    for proto in [Proto::H1, Proto::H2] {
+        let resp = s
+            .http_proto(proto)
+            .get(s.url(&challenge_path("auth")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let list = wait_for(&s, 2).await;
+    for e in &list {
+        // HTTP/1.1 carries it in Host, HTTP/2 in :authority (no Host header at all): "Copy as
+        // curl" needs it either way.
+        assert_eq!(e["authority"], s.gate.authority(), "{e}");
+    }
+    let h2 = api(&s, &format!("/api/events/{}", list[0]["id"])).await;
+    let has_host = h2["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h[0] == "host");
+    assert!(!has_host, "the HTTP/2 request had no Host header: {h2}");
+}
+
+#[tokio::test]
 async fn filters_narrow_the_list() {
     let s = inspecting(None).start().await;
     assert_eq!(

@@ -38,6 +38,8 @@ const REDACTED: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
 /// What the pipeline learns about a request while serving it, for its record.
 #[derive(Default)]
 pub struct Capture {
+    /// The authority the client addressed: HTTP/2's `:authority`, else the `Host` header.
+    pub authority: Option<String>,
     pub headers: Vec<(String, String)>,
     pub headers_truncated: bool,
     pub body: Option<Bytes>,
@@ -52,8 +54,12 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// The request's headers, redacted and capped.
-    pub fn new(headers: &HeaderMap) -> Capture {
+    /// The request's authority, and its headers redacted and capped.
+    pub fn new(uri: &http::Uri, headers: &HeaderMap) -> Capture {
+        let authority = uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
+            let host = headers.get(http::header::HOST)?;
+            Some(String::from_utf8_lossy(host.as_bytes()).into_owned())
+        });
         let mut kept = Vec::with_capacity(headers.len());
         let mut bytes = 0;
         let mut truncated = false;
@@ -71,6 +77,7 @@ impl Capture {
             kept.push((name.as_str().to_owned(), value));
         }
         Capture {
+            authority,
             headers: kept,
             headers_truncated: truncated,
             ..Capture::default()
@@ -96,6 +103,9 @@ pub struct Record {
     pub route: String,
     /// The request's path, without its query string.
     pub path: String,
+    /// The authority the client addressed (HTTP/2's `:authority`, else `Host`), for the
+    /// page's "Copy as curl".
+    pub authority: Option<String>,
     pub method: String,
     pub verdict: &'static str,
     pub reason: &'static str,
@@ -170,6 +180,7 @@ impl Inspector {
                 .unwrap_or(0),
             route: line.route.to_owned(),
             path: done.path.to_owned(),
+            authority: capture.authority,
             method: line.method.to_owned(),
             verdict: line.verdict,
             reason: line.reason,
@@ -391,7 +402,7 @@ mod tests {
         for i in 0..200 {
             headers.append("x-filler", format!("{i:0100}").parse().unwrap());
         }
-        let mut c = Capture::new(&headers);
+        let mut c = Capture::new(&http::Uri::from_static("/webhook"), &headers);
         c.body = Some(Bytes::from(vec![b'a'; BODY_CAP + 10]));
         inspector.record(finished(&line("forwarded")), c);
         let r = inspector.get(1).unwrap();

@@ -56,7 +56,7 @@ pub(crate) async fn handle(
     // Only with the inspector on: the request's headers and path, and what serving it learns.
     let mut inspected = shared.inspector.as_ref().map(|_| {
         (
-            Capture::new(req.headers()),
+            Capture::new(req.uri(), req.headers()),
             req.uri().path().to_owned(),
             std::time::SystemTime::now(),
         )

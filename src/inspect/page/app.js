@@ -166,7 +166,8 @@ function shellWord(text) {
 }
 
 function curl(d) {
-  const host = (d.headers.find(([k]) => k === 'host') || [null, location.hostname + ':8443'])[1];
+  // The authority the client addressed (HTTP/2 sends no Host header).
+  const host = d.authority || location.hostname + ':8443';
   const skip = new Set(['host', 'content-length', 'connection', 'transfer-encoding', 'authorization', 'cookie', 'proxy-authorization']);
   const lines = ['curl --cert meta-client.pem --key meta-client.key'];
   if (d.method === 'GET') {
