@@ -12,22 +12,25 @@
 //!
 //! # Durability and crash consistency
 //!
-//! [`Spool::accept`] returns only after the transaction holding the event has committed with
-//! `synchronous=FULL`: an acknowledged event survives `kill -9` and power loss. Concurrent
-//! accepts share commits (see `writer`). Delivery state lives in the same file: an event being
-//! delivered is `in_flight`; a crash leaves it so, and [`Spool::open`] turns every `in_flight`
-//! row back into `pending`, so nothing acknowledged is lost, at the price of a possible second
-//! delivery (at least once). A delivered event's row is deleted; its de-duplication key stays
-//! for the window. One gate per spool file: a lock (`<path>.lock`) refuses a second one.
+//! [`Spool::accept`] returns only after the event is on disk and synced: in the SQLite
+//! spool's intake journal (`fdatasync`) once deliveries run, else in the database committed with
+//! `synchronous=FULL` — an acknowledged event survives `kill -9` and power loss. Concurrent
+//! accepts share syncs (see `sqlite::writer`). An event being delivered is `in_flight`; a crash
+//! leaves it so, and [`Spool::open`] makes every such event pending again (the journal's events
+//! become rows first), so nothing acknowledged is lost, at the price of a possible second
+//! delivery (at least once). A delivered event is forgotten (a record in the journal, or its
+//! row deleted); its de-duplication key stays for the window. One gate per spool file: a lock
+//! (`<path>.lock`) refuses a second one.
 //!
 //! # De-duplication
 //!
 //! Key = SHA-256 of (route path, raw body) (see `store::dedupe_key`). An event whose key was
 //! accepted less than `dedupe_window` ago is answered [`Accepted::Duplicate`] (the gate answers
 //! 200) and neither stored nor delivered again — whatever became of the first copy (pending,
-//! delivered or dead). The check and the insert are in the same transaction as the event, so
-//! two copies arriving together are caught too, and the duplicate's answer waits for the
-//! original's commit. Keys older than the window are pruned every minute.
+//! delivered or dead). The check sees the keys of the journal's events too (they reach the
+//! database in bulk, 100 ms later at most), so two copies arriving together are caught, and the
+//! duplicate's answer waits for the original's sync. Keys older than the window are pruned
+//! every minute.
 //!
 //! # Retries
 //!
@@ -590,7 +593,7 @@ impl Spool {
 pub async fn operations(settings: SpoolSettings) -> Result<Box<dyn Operations>, SpoolError> {
     match settings.backend {
         Backend::Sqlite => {
-            let ops = sqlite::SqliteOps(settings.path.clone());
+            let ops = sqlite::SqliteOps::new(settings.path.clone());
             // Fail here, naming the path, when there is no spool.
             ops.summary().await?;
             Ok(Box::new(ops))

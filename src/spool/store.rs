@@ -335,39 +335,54 @@ impl Summary {
         rows: impl IntoIterator<Item = (String, EventState, u64, i64)>,
         dedupe_keys: u64,
     ) -> Summary {
-        let mut routes: Vec<RouteSummary> = Vec::new();
-        for (route, state, count, oldest) in rows {
-            if routes.last().is_none_or(|r| r.route != route) {
-                routes.push(RouteSummary {
-                    route: route.clone(),
-                    pending: 0,
-                    in_flight: 0,
-                    dead: 0,
-                    oldest_undelivered: None,
-                    oldest_dead: None,
-                });
-            }
-            let entry = routes.last_mut().expect("pushed above");
-            let oldest = from_unix_ms(oldest);
-            let earliest = |cur: Option<SystemTime>| Some(cur.map_or(oldest, |c| c.min(oldest)));
-            match state {
-                EventState::Pending => {
-                    entry.pending = count;
-                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
-                }
-                EventState::InFlight => {
-                    entry.in_flight = count;
-                    entry.oldest_undelivered = earliest(entry.oldest_undelivered);
-                }
-                EventState::Dead => {
-                    entry.dead = count;
-                    entry.oldest_dead = Some(oldest);
-                }
-            }
-        }
-        Summary {
-            routes,
+        let mut summary = Summary {
+            routes: Vec::new(),
             dedupe_keys,
+        };
+        for (route, state, count, oldest) in rows {
+            summary.add(&route, state, count, oldest);
+        }
+        summary
+    }
+
+    /// Adds `count` events of `route` in `state`, the oldest received at `oldest` (Unix ms).
+    pub(crate) fn add(&mut self, route: &str, state: EventState, count: u64, oldest: i64) {
+        let at = match self
+            .routes
+            .binary_search_by(|r| r.route.as_str().cmp(route))
+        {
+            Ok(at) => at,
+            Err(at) => {
+                self.routes.insert(
+                    at,
+                    RouteSummary {
+                        route: route.to_owned(),
+                        pending: 0,
+                        in_flight: 0,
+                        dead: 0,
+                        oldest_undelivered: None,
+                        oldest_dead: None,
+                    },
+                );
+                at
+            }
+        };
+        let entry = &mut self.routes[at];
+        let oldest = from_unix_ms(oldest);
+        let earliest = |cur: Option<SystemTime>| Some(cur.map_or(oldest, |c| c.min(oldest)));
+        match state {
+            EventState::Pending => {
+                entry.pending += count;
+                entry.oldest_undelivered = earliest(entry.oldest_undelivered);
+            }
+            EventState::InFlight => {
+                entry.in_flight += count;
+                entry.oldest_undelivered = earliest(entry.oldest_undelivered);
+            }
+            EventState::Dead => {
+                entry.dead += count;
+                entry.oldest_dead = earliest(entry.oldest_dead);
+            }
         }
     }
 }

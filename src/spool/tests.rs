@@ -285,6 +285,21 @@ async fn events_delivered_as_they_come_skip_the_queue() {
     task.await.unwrap();
     let summary = spool.summary().await.unwrap();
     assert!(route_summary(&summary, "/a").is_none_or(|r| r.pending + r.in_flight == 0));
+    assert_eq!(summary.dedupe_keys, n);
+    // Delivered from the intake journal: none of them ever became a row; their keys reach the
+    // file with the next absorb.
+    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
+    let count = |sql: &str| db.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(
+        count("SELECT count(*) FROM sqlite_sequence WHERE name = 'events'"),
+        0,
+        "no row was ever inserted"
+    );
+    eventually("the keys absorbed", || {
+        count("SELECT count(*) FROM dedupe") == n as i64
+    })
+    .await;
+    assert_eq!(count("SELECT count(*) FROM events"), 0);
 }
 
 #[tokio::test]
@@ -871,4 +886,99 @@ async fn update_keys_recognise_an_update_whatever_its_body() {
         Accepted::Stored(_)
     ));
     spool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_waiting_for_delivery_room_stays_in_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&dir);
+    s.max_concurrency_per_route = 2;
+    let spool = Spool::open(s).unwrap();
+    let fake = Arc::new(Fake {
+        delay: Duration::from_millis(5),
+        ..Arc::into_inner(Fake::new(|_| DeliveryOutcome::Done)).unwrap()
+    });
+    let (stop, stopped) = watch::channel(false);
+    let task = spool.start_delivery(fake.clone(), stopped);
+    eventually("the first claim", || spool.stats().jobs >= 1).await;
+    // 20 clients, 10 events each: far more than 2 deliveries at a time can keep up with.
+    let clients = (0..20).map(|c| {
+        let spool = spool.clone();
+        tokio::spawn(async move {
+            for i in 0..10 {
+                let e = event("/a", &format!("c{c}-{i}"));
+                assert!(matches!(spool.accept(e).await, Ok(Accepted::Stored(_))));
+            }
+        })
+    });
+    for c in clients.collect::<Vec<_>>() {
+        c.await.unwrap();
+    }
+    let waiting = route_summary(&spool.summary().await.unwrap(), "/a").map_or(0, |r| r.pending);
+    eventually("all delivered", || spool.stats().delivered == 200).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert!(fake.max_running.load(Ordering::SeqCst) <= 2);
+    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
+    let rows: i64 = db
+        .query_row(
+            "SELECT count(*) FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        rows, 0,
+        "no event became a row ({waiting} were waiting at the end)"
+    );
+    assert!(waiting > 0, "the test made no queue");
+}
+
+#[tokio::test]
+async fn a_spool_closed_cleanly_is_all_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&dir);
+    s.shutdown_grace = Duration::from_millis(100);
+    s.max_concurrency_per_route = 1;
+    let spool = Spool::open(s).unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let task = spool.start_delivery(Arc::new(Hang), stopped);
+    eventually("the first claim", || spool.stats().jobs >= 1).await;
+    // One delivery that never ends, two events waiting for its room: all in the journal.
+    for body in ["stuck", "second", "third"] {
+        spool.accept(event("/a", body)).await.unwrap();
+    }
+    eventually_summary(&spool, "one in flight, two waiting", |s| {
+        route_summary(s, "/a").is_some_and(|r| (r.in_flight, r.pending) == (1, 2))
+    })
+    .await;
+    // `hubgate spool summary` (another process) reads the journal's segments for them.
+    let cli = crate::spool::operations(settings(&dir)).await.unwrap();
+    let seen = cli.summary().await.unwrap();
+    let r = route_summary(&seen, "/a").unwrap();
+    assert_eq!((r.in_flight, r.pending), (1, 2), "{seen:?}");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    spool.close().await;
+    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
+    let rows: Vec<(String, String, i64)> = db
+        .prepare("SELECT CAST(body AS TEXT), state, attempts FROM events ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let want = [("stuck", 1), ("second", 0), ("third", 0)];
+    let want: Vec<(String, String, i64)> = want
+        .iter()
+        .map(|&(b, a)| (b.to_owned(), "pending".to_owned(), a))
+        .collect();
+    assert_eq!(
+        rows, want,
+        "the cut-short attempt counted, the waiting ones not"
+    );
+    // Reopened, nothing comes back from the journal twice.
+    let spool = Spool::open(settings(&dir)).unwrap();
+    let summary = spool.summary().await.unwrap();
+    assert_eq!(route_summary(&summary, "/a").unwrap().pending, 3);
 }

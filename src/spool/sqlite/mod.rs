@@ -1,15 +1,18 @@
 //! The SQLite store: one file per gate (a lock refuses a second gate), written by one thread with
-//! group commit, `synchronous=FULL` for every commit that holds an accept.
+//! group commit, beside an intake journal that holds the events being delivered.
 //!
+//! - `intake`: the journal (its format, recovery, segments);
 //! - `sql`: the schema and every statement, and [`SpoolOps`], the blocking operations API;
-//! - `writer`: the writer thread and its group commit.
+//! - `writer`: the writer thread, its group commit, and the absorbs of the journal.
 //!
 //! # Why SQLite (rusqlite, `bundled`)
 //!
 //! - **Crash consistency** is SQLite's, which is tested to the point of simulated power loss:
 //!   in WAL mode with `synchronous=FULL` a commit returns only after the WAL is fsynced, and
-//!   recovery after a crash replays exactly the committed transactions. A hand-rolled log would
-//!   have to get torn writes, checksums and directory fsyncs right itself.
+//!   recovery after a crash replays exactly the committed transactions. The intake journal is
+//!   the one log of our own, and deliberately the simplest kind: appends of checksummed
+//!   records, synced, read back up to the first torn one; everything that is not an append
+//!   (retries, dead letters, replays, purges, keys) is SQLite's.
 //! - **Tooling**: the spool is one file that the stock `sqlite3` CLI can read and query, also
 //!   while the gate runs (WAL lets a second process in), and `hubgate spool …` is just another
 //!   connection.
@@ -21,18 +24,20 @@
 //!
 //! # The fast path
 //!
-//! While a route's deliveries keep up (and once the delivery scheduler runs), an event is
-//! claimed in the transaction that stores it and handed to the delivery scheduler from memory
-//! ([`Handoff`]): no claim transaction, no read back of the body. The queue in the file is searched only when something may be
-//! waiting there: events that arrived while the route had no room (then newer ones queue
-//! behind them, so acceptance order holds), retries once due, what a previous process left,
-//! and — every poll interval — replays made by `hubgate spool replay`.
+//! Once the delivery scheduler runs, an event is appended to the intake journal and handed to
+//! the scheduler from memory ([`Handoff`]): claimed in the batch that stores it if its route has
+//! delivery room and nothing older waits, else when a delivery of its route ends. A delivered
+//! event never becomes a row. The queue in the file is searched only when something may be
+//! waiting there: retries once due, events a full journal made rows of, what a previous process
+//! left, and — every poll interval — replays made by `hubgate spool replay`; a route's events
+//! in the journal wait behind its queue in the file, so acceptance order holds.
 
+mod intake;
 pub(crate) mod sql;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,8 +49,8 @@ pub use sql::SpoolOps;
 use writer::Msg;
 
 use super::store::{
-    now_ms, plan, BoxFuture, Claimed, Disposition, EventDetail, EventInfo, ListFilter, Operations,
-    Plan, ReplayTarget, Store, Summary,
+    now_ms, plan, BoxFuture, Claimed, Disposition, EventDetail, EventInfo, EventState, ListFilter,
+    Operations, Plan, ReplayTarget, Store, Summary,
 };
 use super::{Accepted, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings, StoredEvent};
 
@@ -64,6 +69,8 @@ pub(crate) struct Handoff {
     next_due: AtomicI64,
     /// When the queue was last searched (so that replays made by another process are seen).
     last_search: Mutex<Option<Instant>>,
+    /// Absorbs of the intake journal so far (a summary taken across one is taken again).
+    absorbs: AtomicU64,
 }
 
 impl Handoff {
@@ -111,6 +118,7 @@ impl SqliteStore {
             path = %settings.path.display(),
             pending = opened.pending,
             resumed_in_flight = opened.resumed,
+            from_intake_journal = opened.recovered,
             "spool opened"
         );
         let (tx, rx) = std::sync::mpsc::channel();
@@ -121,7 +129,7 @@ impl SqliteStore {
                 message: format!("cannot start the writer thread: {e}"),
             }
         })?;
-        let ops = SqliteOps(settings.path.clone());
+        let ops = SqliteOps::of_gate(settings.path.clone());
         Ok(SqliteStore {
             settings,
             tx,
@@ -142,31 +150,45 @@ fn is_duplicate(
     if window == 0 {
         return Ok(false);
     }
-    Ok(sql::dedupe_lookup(conn, &prepared.key)?
-        .is_some_and(|at| ctx.now.saturating_sub(at) < window))
+    let at = match ctx.intake.keys.get(&prepared.key) {
+        Some(&(at, _)) => Some(at),
+        None => sql::dedupe_lookup(conn, &prepared.key)?,
+    };
+    Ok(at.is_some_and(|at| ctx.now.saturating_sub(at) < window))
 }
 
-/// Stores one event in the writer's transaction.
+/// Stores one event in the writer's batch.
+///
+/// Once the delivery scheduler takes events, a new event goes to the intake journal: claimed
+/// at birth if its route can start a delivery now and nothing older waits (in the file or in
+/// memory), else waiting in memory for room. Before that (a gate whose deliveries have not
+/// started), it is a pending row in the file's queue.
 fn insert_one(
     ctx: &mut writer::Ctx,
     conn: &rusqlite::Connection,
-    prepared: sql::Prepared,
+    mut prepared: sql::Prepared,
 ) -> rusqlite::Result<Accepted> {
     let dedupe = !ctx.settings.dedupe_window.is_zero();
-    // Claimed at birth if the route can start a delivery now and nothing older waits in its
-    // queue; else queued.
     let max = ctx.settings.max_concurrency_per_route.max(1);
-    let born = ctx.handoff.taking.load(Ordering::Relaxed)
-        && !ctx.flight.backlog.contains(&prepared.route)
-        && ctx.flight.room(&prepared.route, max) > 0;
-    let id = sql::insert_event(conn, &prepared, ctx.now, dedupe, born)?;
+    let id = ctx.take_id();
     if !ctx.routes.contains(&prepared.route) {
         ctx.routes.insert(prepared.route.clone());
     }
-    if born {
-        ctx.flight.claim(id, &prepared.route);
-        ctx.born.push(prepared.into_stored(id));
+    if ctx.handoff.taking.load(Ordering::Relaxed) {
+        let route = prepared.route.clone();
+        let born = !ctx.flight.backlog.contains(&route)
+            && !ctx.intake.has_waiting(&route)
+            && ctx.flight.room(&route, max) > 0;
+        if born {
+            ctx.flight.claim(id, &route);
+            ctx.born.push(prepared.take_stored(id));
+        }
+        ctx.intake.hold(id, born, ctx.now, prepared, dedupe);
+        if !born {
+            ctx.intake.wait(&route, id);
+        }
     } else {
+        sql::insert_event(conn, &prepared, id, ctx.now, dedupe, sql::Insert::Pending)?;
         ctx.flight.backlog.insert(prepared.route);
     }
     ctx.stored = true;
@@ -209,7 +231,7 @@ impl Store for SqliteStore {
                         // The size cap refuses these events only (all of them: nothing of
                         // theirs is written yet); the rest of the batch commits.
                         if let Some(max) = ctx.settings.max_size_bytes {
-                            if sql::used_bytes(conn)? + size > max {
+                            if sql::used_bytes(conn)? + ctx.intake.bytes() + size > max {
                                 return Ok(Err(SpoolError::Full {
                                     path: ctx.settings.path.clone(),
                                 }));
@@ -257,19 +279,39 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Disposition, SpoolError>> {
         Box::pin(writer::call(&self.tx, 0, false, move |ctx, conn| {
             let now = ctx.now;
+            if ctx.intake.held.contains_key(&id) {
+                if !ctx.flight.is_claimed(id) {
+                    return Ok(Disposition::Stale);
+                }
+                if outcome == DeliveryOutcome::Done {
+                    // Delivered straight from the journal: a forget record, no row ever.
+                    ctx.intake.forget(id);
+                    if let Some(route) = ctx.flight.end(id) {
+                        ctx.claim_waiting(&route);
+                    }
+                    ctx.delta.delivered += 1;
+                    return Ok(Disposition::Delivered);
+                }
+                // Retries and dead letters are rows' business.
+                ctx.materialize(conn, id)?;
+            }
             if outcome == DeliveryOutcome::Done {
                 // The common case, in one statement.
                 if !sql::delete_in_flight(conn, id)? {
                     return Ok(Disposition::Stale);
                 }
-                ctx.flight.end(id);
+                if let Some(route) = ctx.flight.end(id) {
+                    ctx.claim_waiting(&route);
+                }
                 ctx.delta.delivered += 1;
                 return Ok(Disposition::Delivered);
             }
             let Some((attempts, since)) = sql::in_flight(conn, id)? else {
                 return Ok(Disposition::Stale);
             };
-            ctx.flight.end(id);
+            if let Some(route) = ctx.flight.end(id) {
+                ctx.claim_waiting(&route);
+            }
             let random = ctx.random();
             match plan(&ctx.settings, outcome, attempts, since, now, random) {
                 Plan::Dead(why) => {
@@ -291,6 +333,7 @@ impl Store for SqliteStore {
         Box::pin(writer::call(&self.tx, 0, false, move |ctx, conn| {
             let mut n = 0;
             for id in ids {
+                ctx.materialize(conn, id)?;
                 if sql::release(conn, id, ctx.now)? {
                     n += 1;
                     if let Some(route) = ctx.flight.end(id) {
@@ -335,8 +378,29 @@ impl Store for SqliteStore {
 }
 
 impl Operations for SqliteStore {
+    /// The file's counts and the events the intake journal holds (a summary that an absorb
+    /// overlapped is taken again).
     fn summary(&self) -> BoxFuture<'_, Result<Summary, SpoolError>> {
-        self.ops.summary()
+        Box::pin(async move {
+            let mut tries = 0;
+            loop {
+                let absorbs = self.handoff.absorbs.load(Ordering::SeqCst);
+                let (held, keys) = writer::call(&self.tx, 0, false, |ctx, _| {
+                    Ok((held_counts(ctx), ctx.intake.keys.len() as u64))
+                })
+                .await?;
+                let mut summary = self.ops.summary().await?;
+                tries += 1;
+                if self.handoff.absorbs.load(Ordering::SeqCst) != absorbs && tries < 3 {
+                    continue;
+                }
+                for (route, state, count, oldest) in held {
+                    summary.add(&route, state, count, oldest);
+                }
+                summary.dedupe_keys += keys;
+                return Ok(summary);
+            }
+        })
     }
 
     fn list(&self, filter: ListFilter) -> BoxFuture<'_, Result<Vec<EventInfo>, SpoolError>> {
@@ -360,6 +424,27 @@ impl Operations for SqliteStore {
     }
 }
 
+/// What the intake journal holds, as `(route, state, count, oldest received)`.
+fn held_counts(ctx: &writer::Ctx) -> Vec<(String, EventState, u64, i64)> {
+    let mut counts: HashMap<(&str, EventState), (u64, i64)> = HashMap::new();
+    for (&id, held) in &ctx.intake.held {
+        let state = if ctx.flight.is_claimed(id) {
+            EventState::InFlight
+        } else {
+            EventState::Pending
+        };
+        let c = counts
+            .entry((held.event.route.as_str(), state))
+            .or_insert((0, i64::MAX));
+        c.0 += 1;
+        c.1 = c.1.min(held.event.received_ms);
+    }
+    counts
+        .into_iter()
+        .map(|((route, state), (n, oldest))| (route.to_owned(), state, n, oldest))
+        .collect()
+}
+
 /// The writer's side of a claim: due events from every route's queue, as many as the route
 /// has room for; a route whose due events all fit leaves the backlog.
 fn search_queue(ctx: &mut writer::Ctx, conn: &rusqlite::Connection) -> rusqlite::Result<Claimed> {
@@ -367,6 +452,8 @@ fn search_queue(ctx: &mut writer::Ctx, conn: &rusqlite::Connection) -> rusqlite:
     let mut events = Vec::new();
     let mut next_due: Option<i64> = None;
     let mut skipped = false;
+    // Routes whose queue in the file is drained: events waiting in memory may go next.
+    let mut waiting = Vec::new();
     for route in &ctx.routes {
         let room = ctx.flight.room(route, max);
         if room == 0 {
@@ -376,6 +463,7 @@ fn search_queue(ctx: &mut writer::Ctx, conn: &rusqlite::Connection) -> rusqlite:
         let got = sql::claim(conn, route, room, ctx.now)?;
         if got.len() < room {
             ctx.flight.backlog.remove(route);
+            waiting.push(route.clone());
             if let Some(due) = sql::next_due(conn, route)? {
                 next_due = Some(next_due.map_or(due, |d| d.min(due)));
             }
@@ -384,6 +472,9 @@ fn search_queue(ctx: &mut writer::Ctx, conn: &rusqlite::Connection) -> rusqlite:
             ctx.flight.claim(e.id, route);
         }
         events.extend(got);
+    }
+    for route in waiting {
+        ctx.claim_waiting(&route);
     }
     // A route without room was not looked at: what was known of it still holds.
     let known = ctx.handoff.next_due.load(Ordering::Relaxed);
@@ -398,7 +489,12 @@ fn search_queue(ctx: &mut writer::Ctx, conn: &rusqlite::Connection) -> rusqlite:
 }
 
 /// `SpoolOps` as the async [`Operations`] of `hubgate spool …` on a SQLite spool.
-pub(crate) struct SqliteOps(pub(crate) std::path::PathBuf);
+pub(crate) struct SqliteOps {
+    path: std::path::PathBuf,
+    /// Whether `summary` adds what the intake journal holds (another process than the gate:
+    /// the gate counts its journal from memory).
+    with_journal: bool,
+}
 
 impl SqliteOps {
     async fn with<T, F>(&self, f: F) -> Result<T, SpoolError>
@@ -406,16 +502,44 @@ impl SqliteOps {
         T: Send + 'static,
         F: FnOnce(&SpoolOps) -> Result<T, SpoolError> + Send + 'static,
     {
-        let path = self.0.clone();
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || f(&SpoolOps::open(&path)?))
             .await
             .map_err(|_| SpoolError::Closed)?
     }
 }
 
+impl SqliteOps {
+    /// The operations API of `hubgate spool …` (another process than the gate).
+    pub(crate) fn new(path: std::path::PathBuf) -> SqliteOps {
+        SqliteOps {
+            path,
+            with_journal: true,
+        }
+    }
+
+    /// The gate's own connection to its operations API.
+    fn of_gate(path: std::path::PathBuf) -> SqliteOps {
+        SqliteOps {
+            path,
+            with_journal: false,
+        }
+    }
+}
+
 impl Operations for SqliteOps {
     fn summary(&self) -> BoxFuture<'_, Result<Summary, SpoolError>> {
-        Box::pin(self.with(|o| o.summary()))
+        let (path, with_journal) = (self.path.clone(), self.with_journal);
+        Box::pin(self.with(move |o| {
+            let mut summary = o.summary()?;
+            if with_journal {
+                intake::add_to_summary(&path, &mut summary).map_err(|e| SpoolError::Storage {
+                    path: path.clone(),
+                    message: format!("cannot read the intake journal: {e}"),
+                })?;
+            }
+            Ok(summary)
+        }))
     }
 
     fn list(&self, filter: ListFilter) -> BoxFuture<'_, Result<Vec<EventInfo>, SpoolError>> {

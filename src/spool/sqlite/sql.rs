@@ -64,6 +64,8 @@ use crate::spool::store::{
 };
 use crate::spool::{SpoolError, SpoolSettings, StoredEvent};
 
+use super::intake::Intake;
+
 /// The schema version this code reads and writes (`PRAGMA user_version`).
 pub(crate) const SCHEMA_VERSION: i64 = 3;
 
@@ -293,6 +295,12 @@ pub(crate) struct Opened {
     /// Events that were in flight when the last process stopped, now pending again.
     pub resumed: usize,
     pub pending: i64,
+    /// The intake journal, emptied into the database.
+    pub intake: Intake,
+    /// The id the next event gets.
+    pub next_id: i64,
+    /// Events the journal held (now among `resumed`).
+    pub recovered: usize,
 }
 
 /// Opens (creating if need be) the gate's spool: checks the folder, takes the lock, switches to
@@ -355,6 +363,22 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         params![now],
     )
     .map_err(oe)?;
+    // What the last process held in the intake journal: rows now (claimed at birth by a
+    // process that died, so resumed just below), with every key.
+    let journal = super::intake::segment_path(path, 0);
+    let recovered = Intake::recover(path).map_err(|e| SpoolError::Open {
+        path: journal.clone(),
+        message: format!("cannot read the intake journal: {e}"),
+    })?;
+    for (id, stored_ms, event, claimed) in &recovered.events {
+        let how = Insert::Recovered { claimed: *claimed };
+        insert_event(&tx, event, *id, *stored_ms, false, how).map_err(oe)?;
+    }
+    for (key, at, id) in &recovered.keys {
+        remember(&tx, key, *at, *id).map_err(oe)?;
+    }
+    let next_id = next_id(&tx, recovered.max_id + 1).map_err(oe)?;
+    save_next_id(&tx, next_id).map_err(oe)?;
     // Deliveries the last process did not finish: their attempt counts, and they are due.
     let resumed = tx
         .execute(
@@ -389,12 +413,26 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         )
         .map_err(oe)?;
     tx.commit().map_err(oe)?;
+    // Only now that its events are rows is the journal emptied.
+    let intake = Intake::open(path).map_err(|e| SpoolError::Open {
+        path: journal.clone(),
+        message: format!("cannot open the intake journal: {e}"),
+    })?;
+    if recovered.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = recovered.torn_bytes,
+            "spool: the intake journal ended in a record cut short by a crash (never acknowledged); dropped"
+        );
+    }
     Ok(Opened {
         conn,
         lock,
         routes,
         resumed,
         pending,
+        intake,
+        next_id,
+        recovered: recovered.events.len(),
     })
 }
 
@@ -462,16 +500,16 @@ impl Prepared {
         })
     }
 
-    /// The event as its first delivery attempt sees it, once stored with `id`.
-    pub(crate) fn into_stored(self, id: i64) -> StoredEvent {
+    /// The event as its first delivery attempt sees it, as `id`, leaving this one without its
+    /// headers (their encoded form stays).
+    pub(crate) fn take_stored(&mut self, id: i64) -> StoredEvent {
         StoredEvent {
             id,
-            route: self.route,
-            body: self.body,
-            headers: self.headers,
-            query: self.query,
-            client_identity: self.client_identity,
-            // As a claim from the file would give it (milliseconds).
+            route: self.route.clone(),
+            body: self.body.clone(),
+            headers: std::mem::take(&mut self.headers),
+            query: self.query.clone(),
+            client_identity: self.client_identity.clone(),
             received_at: from_unix_ms(self.received_ms),
             attempt: 1,
         }
@@ -492,21 +530,45 @@ pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(u64::try_from(live.max(0) * pragma("page_size")?).unwrap_or(0))
 }
 
-const INSERT_EVENT: &str = "INSERT INTO events (route, state, received_ms, stored_ms,
+const INSERT_EVENT: &str = "INSERT INTO events (id, route, state, received_ms, stored_ms,
          retry_since_ms, next_attempt_ms, attempts, updated_ms, client_identity, query, headers,
          body)
-     VALUES (?1, ?8, ?2, ?3, ?3, ?3, 0, ?3, ?4, ?5, ?6, ?7)";
+     VALUES (?9, ?1, ?8, ?2, ?3, ?3, ?3, 0, ?3, ?4, ?5, ?6, ?7)";
 
-/// Inserts an event due now — pending, or claimed at birth (`in_flight`) — and records its
-/// key; returns its id.
+/// [`INSERT_EVENT`] for recovery from the intake journal: a row already there stays as it is.
+const INSERT_EVENT_IF_NEW: &str = "INSERT OR IGNORE INTO events (id, route, state, received_ms,
+         stored_ms, retry_since_ms, next_attempt_ms, attempts, updated_ms, client_identity, query,
+         headers, body)
+     VALUES (?9, ?1, ?8, ?2, ?3, ?3, ?3, 0, ?3, ?4, ?5, ?6, ?7)";
+
+/// How an event enters the database.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Insert {
+    /// Due now, in the queue.
+    Pending,
+    /// Claimed at birth.
+    InFlight,
+    /// Recovered from the intake journal, unless the row exists already: in flight (`claimed`:
+    /// the open makes it pending with the rest, its attempt counted) or pending.
+    Recovered { claimed: bool },
+}
+
+/// Inserts event `id` with `now` as its stored time (and due time), and records its key.
 pub(crate) fn insert_event(
     conn: &Connection,
     e: &Prepared,
+    id: i64,
     now: i64,
     remember_key: bool,
-    born_in_flight: bool,
-) -> rusqlite::Result<i64> {
-    conn.prepare_cached(INSERT_EVENT)?.execute(params![
+    how: Insert,
+) -> rusqlite::Result<()> {
+    let sql = if matches!(how, Insert::Recovered { .. }) {
+        INSERT_EVENT_IF_NEW
+    } else {
+        INSERT_EVENT
+    };
+    let pending = matches!(how, Insert::Pending | Insert::Recovered { claimed: false });
+    conn.prepare_cached(sql)?.execute(params![
         e.route,
         e.received_ms,
         now,
@@ -514,20 +576,51 @@ pub(crate) fn insert_event(
         e.query,
         e.encoded_headers,
         &e.body[..],
-        if born_in_flight {
-            "in_flight"
-        } else {
-            "pending"
-        },
+        if pending { "pending" } else { "in_flight" },
+        id,
     ])?;
-    let id = conn.last_insert_rowid();
     if remember_key {
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO dedupe (key, accepted_ms, event_id) VALUES (?1, ?2, ?3)",
-        )?
-        .execute(params![&e.key[..], now, id])?;
+        remember(conn, &e.key, now, id)?;
     }
-    Ok(id)
+    Ok(())
+}
+
+/// Records that `key` was accepted at `at` (event `id`).
+pub(crate) fn remember(
+    conn: &Connection,
+    key: &[u8; 32],
+    at: i64,
+    id: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO dedupe (key, accepted_ms, event_id) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![&key[..], at, id])?;
+    Ok(())
+}
+
+/// Remembers the next event id (delivered events from the intake journal never become rows, so
+/// the table's own sequence does not know them).
+pub(crate) fn save_next_id(conn: &Connection, next: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_id', ?1)")?
+        .execute(params![next])?;
+    Ok(())
+}
+
+/// The id the next event gets: past every row, every id the sequence or `meta` remembers, and
+/// `at_least`.
+fn next_id(conn: &Connection, at_least: i64) -> rusqlite::Result<i64> {
+    let max = |sql: &str| -> rusqlite::Result<i64> {
+        Ok(conn
+            .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten()
+            .unwrap_or(0))
+    };
+    let rows = max("SELECT max(id) FROM events")?;
+    let seq = max("SELECT seq FROM sqlite_sequence WHERE name = 'events'")?;
+    let saved = max("SELECT value FROM meta WHERE key = 'next_id'")?;
+    Ok((rows.max(seq) + 1).max(saved).max(at_least))
 }
 
 /// Deletes up to one chunk of dedupe keys accepted before `cutoff`; returns how many.
@@ -946,6 +1039,18 @@ mod tests {
         }
     }
 
+    /// Inserts `prepared(n)` as event `n + 1`, claimed at birth or pending.
+    fn insert(conn: &Connection, n: u8, born: bool) -> i64 {
+        let id = i64::from(n) + 1;
+        let how = if born {
+            Insert::InFlight
+        } else {
+            Insert::Pending
+        };
+        insert_event(conn, &prepared(n), id, 100, true, how).unwrap();
+        id
+    }
+
     #[test]
     fn claim_takes_due_events_oldest_due_first_and_counts_the_attempt() {
         let dir = tempfile::tempdir().unwrap();
@@ -953,7 +1058,7 @@ mod tests {
         let conn = &opened.conn;
         let mut ids = Vec::new();
         for n in 0..4u8 {
-            ids.push(insert_event(conn, &prepared(n), 100, true, false).unwrap());
+            ids.push(insert(conn, n, false));
         }
         // Due times: the last event first, then the first; the third is not due yet.
         for (id, due) in [(ids[0], 50), (ids[1], 60), (ids[2], 500), (ids[3], 10)] {
@@ -984,7 +1089,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
         let conn = &opened.conn;
-        let id = insert_event(conn, &prepared(7), 100, true, false).unwrap();
+        let id = insert(conn, 7, false);
         assert_eq!(claim(conn, "/w", 10, 100).unwrap()[0].attempt, 1);
         assert_eq!(
             next_due(conn, "/w").unwrap(),
@@ -1011,10 +1116,10 @@ mod tests {
         let path = dir.path().join("spool.db");
         let opened = open_gate(&SpoolSettings::new(path.clone())).unwrap();
         let conn = &opened.conn;
-        let delivered = insert_event(conn, &prepared(1), 100, true, true).unwrap();
-        let released = insert_event(conn, &prepared(2), 100, true, true).unwrap();
-        let untaken = insert_event(conn, &prepared(3), 100, true, true).unwrap();
-        let crashed = insert_event(conn, &prepared(4), 100, true, true).unwrap();
+        let delivered = insert(conn, 1, true);
+        let released = insert(conn, 2, true);
+        let untaken = insert(conn, 3, true);
+        let crashed = insert(conn, 4, true);
         assert!(claim(conn, "/w", 10, 100).unwrap().is_empty(), "not queued");
         assert_eq!(next_due(conn, "/w").unwrap(), None);
         assert_eq!(in_flight(conn, delivered).unwrap().map(|(a, _)| a), Some(1));
@@ -1048,6 +1153,67 @@ mod tests {
     }
 
     #[test]
+    fn opening_the_spool_turns_the_intake_journal_into_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let settings = SpoolSettings::new(path.clone());
+        let opened = open_gate(&settings).unwrap();
+        // Event 1 is already a row (an absorb committed, the journal was not emptied yet),
+        // dead-lettered since: the journal's copy must not bring it back.
+        insert(&opened.conn, 0, true);
+        mark_dead(&opened.conn, 1, "410", 120).unwrap();
+        drop(opened);
+        let mut intake = Intake::open(&path).unwrap();
+        let journal = super::super::intake::segment_path(&path, intake.segments().1);
+        intake.begin();
+        // 1: the absorbed one; 2: delivered (forgotten); 3: in flight; 4: waiting, then
+        // claimed; 5: waiting.
+        for (n, claimed) in [(0u8, true), (1, true), (2, true), (3, false), (4, false)] {
+            intake.hold(i64::from(n) + 1, claimed, 200, prepared(n), true);
+        }
+        assert!(intake.forget(2).is_some());
+        intake.claimed(4);
+        intake.write(true).unwrap();
+        drop(intake);
+        // A crash tore the next record: half of it reached the disk.
+        let mut bytes = std::fs::read(&journal).unwrap();
+        bytes.extend_from_slice(&[0x40, 0, 0, 0, 1, 2, 3]);
+        std::fs::write(&journal, &bytes).unwrap();
+
+        let opened = open_gate(&settings).unwrap();
+        assert_eq!(opened.recovered, 4);
+        assert_eq!(opened.resumed, 2, "the two that were in flight");
+        let rows: Vec<(i64, String, i64)> = opened
+            .conn
+            .prepare("SELECT id, state, attempts FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let want = [
+            (1, "dead", 1),
+            (3, "pending", 1),
+            (4, "pending", 1),
+            (5, "pending", 0),
+        ];
+        let want: Vec<(i64, String, i64)> =
+            want.iter().map(|&(i, s, a)| (i, s.to_owned(), a)).collect();
+        assert_eq!(rows, want);
+        let keys: i64 = opened
+            .conn
+            .query_row("SELECT count(*) FROM dedupe", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(keys, 5, "the delivered event's key too");
+        assert_eq!(opened.next_id, 6);
+        assert!(!journal.exists(), "deleted");
+        // Ids are never reused, also those of events that never became rows.
+        drop(opened);
+        let opened = open_gate(&settings).unwrap();
+        assert_eq!(opened.next_id, 6);
+    }
+
+    #[test]
     fn an_insert_builds_no_temporary_b_tree() {
         let dir = tempfile::tempdir().unwrap();
         let opened = open_gate(&SpoolSettings::new(dir.path().join("spool.db"))).unwrap();
@@ -1055,7 +1221,7 @@ mod tests {
             .conn
             .prepare(&format!("EXPLAIN {INSERT_EVENT}"))
             .unwrap()
-            .query_map([None::<i64>; 8], |r| r.get::<_, String>(1))
+            .query_map([None::<i64>; 9], |r| r.get::<_, String>(1))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();

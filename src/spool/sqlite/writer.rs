@@ -1,10 +1,13 @@
-//! The writer thread and group commit. One thread owns the one connection that writes; every
-//! write (accepts, claims, outcomes) reaches it as a job over a channel. The loop blocks for the
-//! first job, then takes everything else already queued (up to a count and a byte budget),
-//! runs it all in one `BEGIN IMMEDIATE … COMMIT` transaction — one WAL fsync under
-//! `synchronous=FULL` — and only then answers each job's waiter. While one commit is syncing,
-//! the next batch queues up, so the batch size follows the load with no added delay: an idle
-//! spool commits a lone event at once, a busy one amortises each fsync over many events.
+//! The writer thread and group commit. One thread owns the intake journal and the one
+//! connection that writes; every write (accepts, claims, outcomes) reaches it as a job over a
+//! channel. The loop blocks for the first job, then takes everything else already queued (up to
+//! a count and a byte budget), runs the delivery bookkeeping among it in one transaction and
+//! the accepts in another — their journal records written with one `fdatasync` (and, for
+//! events written to the database, one WAL fsync under `synchronous=FULL`) — and only then
+//! answers each job's waiter. While one batch is syncing, the next queues up, so the batch
+//! size follows the load with no added delay: an idle spool syncs a lone event at once, a busy
+//! one amortises each sync over many events. Between batches, every [`ABSORB_EVERY`], it
+//! absorbs the journal (see `intake`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -16,13 +19,25 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
-use super::sql::{self as store, Opened};
+use super::intake::Intake;
+use super::sql::{self as store, Insert, Opened};
 use super::Handoff;
 use crate::spool::store::{duration_ms, now_ms, Rng};
 use crate::spool::{Shared, SpoolError, SpoolSettings, StoredEvent};
 
 /// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
 const MAX_BATCH_BYTES: usize = 64 << 20;
+/// How often the intake journal is absorbed (see `intake`): keys accepted reach the database
+/// this much later at most (the journal holds them durably meanwhile).
+const ABSORB_EVERY: Duration = Duration::from_millis(100);
+/// Held events whose bodies and headers take more memory than this: waiting ones become rows
+/// (the oldest first) until they take half, at most [`MAX_EVICT`] per absorb.
+const MAX_HELD_BYTES: u64 = 64 << 20;
+/// The most held events one absorb makes rows of (each absorb holds up the accepts).
+const MAX_EVICT: usize = 2000;
+/// When the journal keeps this many segments (a slow delivery pins the oldest), the events in
+/// the older half become rows, so that those segments can go.
+const MAX_SEGMENTS_KEPT: u64 = 32;
 /// How often expired de-duplication keys are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// The checkpointer runs at most this often (while there are commits).
@@ -71,6 +86,10 @@ impl Flight {
         }
     }
 
+    pub fn is_claimed(&self, id: i64) -> bool {
+        self.claimed.contains_key(&id)
+    }
+
     /// Forgets a claim once its outcome is recorded; returns its route.
     pub fn end(&mut self, id: i64) -> Option<String> {
         let route = self.claimed.remove(&id)?;
@@ -97,10 +116,65 @@ pub(crate) struct Ctx {
     /// Events this batch claimed at birth: handed to delivery once it commits.
     pub born: Vec<StoredEvent>,
     pub handoff: Arc<Handoff>,
+    /// The intake journal and the events it holds.
+    pub intake: Intake,
+    /// The id the next event gets.
+    pub next_id: i64,
     rng: Rng,
 }
 
 impl Ctx {
+    /// A new event's id.
+    pub fn take_id(&mut self) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Claims events waiting in memory for `route` while it has room and nothing waits before
+    /// them in the file, for the scheduler to take after the commit.
+    pub fn claim_waiting(&mut self, route: &str) {
+        if self.flight.backlog.contains(route) {
+            return;
+        }
+        let max = self.settings.max_concurrency_per_route.max(1);
+        while self.flight.room(route, max) > 0 {
+            let Some(id) = self.intake.next_waiting(route) else {
+                break;
+            };
+            let Some(held) = self.intake.held.get(&id) else {
+                break;
+            };
+            self.born.push(held.to_stored(id));
+            self.intake.claimed(id);
+            self.flight.claim(id, route);
+            self.stored = true;
+        }
+    }
+
+    /// Moves event `id` from the journal into the database, its key included (as the state
+    /// the writer knows it in: in flight when claimed, else pending). `false` if the journal
+    /// does not hold it.
+    pub fn materialize(&mut self, conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+        let how = if self.flight.is_claimed(id) {
+            Insert::InFlight
+        } else {
+            Insert::Pending
+        };
+        let Some(key) = self.intake.held.get(&id).map(|h| h.event.key) else {
+            return Ok(false);
+        };
+        let accepted = self.intake.take_key(&key);
+        let Some(held) = self.intake.forget(id) else {
+            return Ok(false);
+        };
+        store::insert_event(conn, &held.event, id, held.stored_ms, false, how)?;
+        if let Some((at, id)) = accepted {
+            store::remember(conn, &key, at, id)?;
+        }
+        Ok(true)
+    }
+
     /// A random number for jitter.
     pub fn random(&mut self) -> u64 {
         self.rng.next()
@@ -209,6 +283,8 @@ pub(crate) fn spawn(
     };
     handoff.backlog.store(!routes.is_empty(), Ordering::Relaxed);
     let ctx = Ctx {
+        intake: opened.intake,
+        next_id: opened.next_id,
         routes,
         settings,
         now: 0,
@@ -289,9 +365,15 @@ fn run(
     let max_events = ctx.settings.max_batch_events.max(1);
     // None: prune with the first batch.
     let mut last_prune: Option<Instant> = None;
+    let mut last_absorb = Instant::now();
     let mut close = None;
     while close.is_none() {
-        let first = match rx.recv_timeout(PRUNE_EVERY) {
+        let wait = if ctx.intake.is_empty() {
+            PRUNE_EVERY
+        } else {
+            ABSORB_EVERY.saturating_sub(last_absorb.elapsed())
+        };
+        let first = match rx.recv_timeout(wait) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
@@ -318,8 +400,25 @@ fn run(
         }
         let prune = !ctx.settings.dedupe_window.is_zero()
             && last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+        if !ctx.intake.is_empty() && last_absorb.elapsed() >= ABSORB_EVERY {
+            absorb(&conn, &mut ctx, &shared, false);
+            last_absorb = Instant::now();
+        }
         if jobs.is_empty() && !prune {
             continue;
+        }
+        // Delivery bookkeeping first, in a batch of its own: it needs no fsync, and a delivery
+        // that ended must not wait for the accepts' fsync before its route's next event can go.
+        let (durable, bookkeeping): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.durable());
+        if !bookkeeping.is_empty() && !durable.is_empty() {
+            commit_batch(&conn, &mut ctx, &shared, bookkeeping, false);
+            jobs = durable;
+        } else {
+            jobs = if durable.is_empty() {
+                bookkeeping
+            } else {
+                durable
+            };
         }
         let pruned = commit_batch(&conn, &mut ctx, &shared, jobs, prune);
         let _ = ckpt.wrote.try_send(());
@@ -341,6 +440,8 @@ fn run(
     }
     // Jobs still queued are dropped with the receiver: their waiters see `Closed`.
     drop(rx);
+    // Everything the journal holds becomes a row, so that what follows deals with rows only.
+    absorb(&conn, &mut ctx, &shared, true);
     unclaim_untaken(&conn, &ctx);
     // The writer's connection is then the last one: closing it checkpoints everything.
     ckpt.stop();
@@ -388,6 +489,183 @@ fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
+/// Why a batch failed.
+enum BatchError {
+    Sql(rusqlite::Error),
+    Intake(std::io::Error),
+}
+
+impl From<rusqlite::Error> for BatchError {
+    fn from(e: rusqlite::Error) -> Self {
+        BatchError::Sql(e)
+    }
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchError::Sql(e) => e.fmt(f),
+            BatchError::Intake(e) => write!(f, "intake journal: {e}"),
+        }
+    }
+}
+
+impl BatchError {
+    fn to_spool_error(&self, path: &std::path::Path) -> SpoolError {
+        match self {
+            BatchError::Sql(e) => store::storage_error(path, e),
+            BatchError::Intake(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                SpoolError::Full {
+                    path: path.to_owned(),
+                }
+            }
+            BatchError::Intake(e) => SpoolError::Storage {
+                path: path.to_owned(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Sets the connection's `synchronous` mode to FULL (`full`) or NORMAL, if it is not already.
+fn set_synchronous(conn: &Connection, ctx: &mut Ctx, full: bool) {
+    if full == ctx.sync_full {
+        return;
+    }
+    // Not through the statement cache: SQLite applies this PRAGMA when it compiles it, so a
+    // cached one would do nothing the second time.
+    let set = if full {
+        "PRAGMA synchronous = FULL"
+    } else {
+        "PRAGMA synchronous = NORMAL"
+    };
+    match conn.execute_batch(set) {
+        Ok(()) => ctx.sync_full = full,
+        Err(e) => warn!(error = %e, "spool: cannot set synchronous mode"),
+    }
+}
+
+/// Absorbs the intake journal (see `intake`): in one `synchronous=FULL` transaction, the keys
+/// accepted since the last absorb, and as rows the events the journal should not keep (waiting
+/// events past [`MAX_HELD_BYTES`], oldest first, their routes then served from the file's
+/// queue; events pinning segments past [`MAX_SEGMENTS_KEPT`]); then deletes the segments that
+/// hold nothing live. On failure nothing changes and the next absorb tries again (the journal
+/// keeps everything durable meanwhile).
+///
+/// With `everything` (the gate is closing), every held event becomes a row: a spool closed
+/// cleanly is all in the database.
+fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
+    if ctx.intake.is_empty() && (!everything || ctx.intake.held.is_empty()) {
+        return;
+    }
+    set_synchronous(conn, ctx, true);
+    if !ctx.sync_full {
+        return;
+    }
+    let evict = if everything {
+        let mut all: Vec<i64> = ctx.intake.held.keys().copied().collect();
+        all.sort_unstable();
+        all
+    } else {
+        to_evict(ctx)
+    };
+    if !evict.is_empty() {
+        let (oldest, current) = ctx.intake.segments();
+        debug!(
+            events = evict.len(),
+            held = ctx.intake.held.len(),
+            oldest_segment = oldest,
+            current_segment = current,
+            "spool: absorb makes rows of held events"
+        );
+    }
+    let mut queued = BTreeSet::new();
+    ctx.intake.begin();
+    let journal_before = ctx.intake.len();
+    let result = (|| -> Result<(), BatchError> {
+        cached(conn, "BEGIN IMMEDIATE")?;
+        for &id in &evict {
+            if !ctx.flight.is_claimed(id) {
+                if let Some(h) = ctx.intake.held.get(&id) {
+                    queued.insert(h.event.route.clone());
+                }
+            }
+            ctx.materialize(conn, id)?;
+        }
+        // In key order: neighbouring keys share B-tree pages.
+        let mut keys: Vec<_> = ctx.intake.keys.iter().collect();
+        keys.sort_unstable_by_key(|(k, _)| *k);
+        for (key, &(at, id)) in keys {
+            store::remember(conn, key, at, id)?;
+        }
+        store::save_next_id(conn, ctx.next_id)?;
+        // The forget records of what became rows, before the rows.
+        ctx.intake.write(true).map_err(BatchError::Intake)?;
+        cached(conn, "COMMIT")?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            ctx.intake.keys.clear();
+            if !queued.is_empty() {
+                ctx.intake.prune_waiting();
+                ctx.flight.backlog.extend(queued);
+                ctx.handoff.backlog.store(true, Ordering::SeqCst);
+                shared.notify.notify_one();
+            }
+            ctx.intake.collect();
+            ctx.handoff.absorbs.fetch_add(1, Ordering::SeqCst);
+        }
+        Err(e) => {
+            if !conn.is_autocommit() {
+                let _ = cached(conn, "ROLLBACK");
+            }
+            ctx.intake.cut(journal_before);
+            ctx.intake.rollback();
+            warn!(error = %e, "spool: absorbing the intake journal failed; trying again shortly");
+        }
+    }
+}
+
+/// The held events an absorb makes rows of, by id.
+fn to_evict(ctx: &Ctx) -> Vec<i64> {
+    let intake = &ctx.intake;
+    let mut evict = Vec::new();
+    // Waiting events past the memory budget, oldest first (by id: acceptance order).
+    if intake.held_bytes() > MAX_HELD_BYTES {
+        let mut waiting: Vec<i64> = intake
+            .waiting()
+            .flat_map(|(_, q)| q.iter().copied())
+            .collect();
+        waiting.sort_unstable();
+        let mut left = intake.held_bytes();
+        for id in waiting {
+            if left <= MAX_HELD_BYTES / 2 || evict.len() >= MAX_EVICT {
+                break;
+            }
+            if let Some(h) = intake.held.get(&id) {
+                evict.push(id);
+                left -= super::intake::size_of(&h.event);
+            }
+        }
+    }
+    // Events in the older half of too many segments.
+    let (oldest, current) = intake.segments();
+    if current - oldest >= MAX_SEGMENTS_KEPT {
+        let before = current - MAX_SEGMENTS_KEPT / 2;
+        evict.extend(
+            intake
+                .held
+                .iter()
+                .filter(|(_, h)| h.segment < before)
+                .map(|(&id, _)| id),
+        );
+    }
+    evict.sort_unstable();
+    evict.dedup();
+    evict
+}
+
 /// Runs one batch in one transaction and answers its jobs. Returns how many dedupe keys were
 /// pruned.
 ///
@@ -407,19 +685,7 @@ fn commit_batch(
     prune: bool,
 ) -> usize {
     let durable = jobs.iter().any(|j| j.durable());
-    if durable != ctx.sync_full {
-        // Not through the statement cache: SQLite applies this PRAGMA when it compiles it, so
-        // a cached one would do nothing the second time.
-        let set = if durable {
-            "PRAGMA synchronous = FULL"
-        } else {
-            "PRAGMA synchronous = NORMAL"
-        };
-        match conn.execute_batch(set) {
-            Ok(()) => ctx.sync_full = durable,
-            Err(e) => warn!(error = %e, "spool: cannot set synchronous mode"),
-        }
-    }
+    set_synchronous(conn, ctx, durable);
     if durable && !ctx.sync_full {
         // Never answer an accept without FULL: fail the batch instead.
         let err = SpoolError::Storage {
@@ -436,12 +702,15 @@ fn commit_batch(
     ctx.delta = Delta::default();
     ctx.born.clear();
     let flight_before = ctx.flight.clone();
+    ctx.intake.begin();
+    let journal_before = ctx.intake.len();
+    let mut synced_journal = false;
     let mut pruned = 0;
     let mut commit_time = Duration::ZERO;
     let changes_before = conn.total_changes();
     // BEGIN and COMMIT as cached statements: rusqlite's `Transaction` parses them anew for
     // every batch (bench/cost.sh showed it).
-    let result = (|| -> Result<(), rusqlite::Error> {
+    let result = (|| -> Result<(), BatchError> {
         cached(conn, "BEGIN IMMEDIATE")?;
         if prune {
             let cutoff = ctx
@@ -453,21 +722,27 @@ fn commit_batch(
             job.run(ctx, conn)?;
         }
         let started = Instant::now();
+        // The journal first: its records are durable before the rows that may refer to them.
+        synced_journal = ctx.intake.write(durable).map_err(BatchError::Intake)?;
         cached(conn, "COMMIT")?;
         commit_time = started.elapsed();
         Ok(())
     })();
-    if result.is_err() && !conn.is_autocommit() {
-        // Nothing of a failed batch stays (SQLite may have rolled back already).
-        if let Err(e) = cached(conn, "ROLLBACK") {
-            warn!(error = %e, "spool: rolling back a failed batch failed");
+    if result.is_err() {
+        if !conn.is_autocommit() {
+            // Nothing of a failed batch stays (SQLite may have rolled back already).
+            if let Err(e) = cached(conn, "ROLLBACK") {
+                warn!(error = %e, "spool: rolling back a failed batch failed");
+            }
         }
+        ctx.intake.cut(journal_before);
+        ctx.intake.rollback();
     }
     let result = match result {
         Ok(()) => {
             let s = &shared.stats;
             // Only durable commits that wrote something cost an fsync; count those.
-            if durable && conn.total_changes() != changes_before {
+            if durable && (synced_journal || conn.total_changes() != changes_before) {
                 s.commits.fetch_add(1, Ordering::Relaxed);
                 s.commit_nanos.fetch_add(
                     u64::try_from(commit_time.as_nanos()).unwrap_or(u64::MAX),
@@ -502,7 +777,7 @@ fn commit_batch(
             ctx.flight = flight_before;
             ctx.born.clear();
             shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
-            let err = store::storage_error(&ctx.settings.path, &e);
+            let err = e.to_spool_error(&ctx.settings.path);
             match err {
                 SpoolError::Full { .. } => error!(
                     path = %ctx.settings.path.display(),
@@ -518,6 +793,9 @@ fn commit_batch(
             Err(err)
         }
     };
+    if result.is_ok() {
+        ctx.intake.maybe_roll();
+    }
     for job in jobs {
         job.finish(&result);
     }
