@@ -122,7 +122,7 @@ if [ "$BUILD" = 1 ]; then
   log "cargo build --release --bins --examples"
   (cd "$ROOT" && cargo build --release --bins --examples >&2)
 fi
-HUBGATE="$ROOT/target/release/hubgate"
+HUBGATE="${BENCH_HUBGATE:-$ROOT/target/release/hubgate}" # BENCH_HUBGATE: another build, for an A/B
 LOADGEN="$ROOT/target/release/examples/loadgen"
 UPSTREAM="$ROOT/target/release/examples/upstream"
 MICROBENCH="$ROOT/target/release/examples/microbench"

@@ -10,12 +10,13 @@
 //! journal is also the queue: an event that waits for delivery room waits here, in memory and
 //! in its segment, and is handed to delivery when a delivery of its route ends.
 //!
-//! Every [`ABSORB_EVERY`](super::writer) the writer *absorbs*: in one `synchronous=FULL`
-//! transaction it writes the keys accepted since the last absorb and turns into rows what the
-//! journal should not keep — waiting events past a memory budget, and events that pin segments
-//! too old (a slow delivery) — then deletes the segments, oldest first, that hold no live event
-//! any more. An event whose attempt fails becomes a row at once (retries, dead letters and
-//! replays only ever deal with rows).
+//! The keys of the journal's events go to SQLite in sorted chunks, within 100 ms. Every
+//! [`ABSORB_EVERY`](super::writer) the writer *absorbs*: in one `synchronous=FULL` transaction
+//! (which also syncs the chunks of keys) it turns into rows what the journal should not keep —
+//! waiting events past a memory budget, and events that pin segments too old (a slow delivery)
+//! — then deletes the segments, oldest first, that hold no live event any more. An event whose
+//! attempt fails becomes a row at once (retries, dead letters and replays only ever deal with
+//! rows).
 //!
 //! # Record format
 //!

@@ -27,9 +27,13 @@ use crate::spool::{Shared, SpoolError, SpoolSettings, StoredEvent};
 
 /// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
 const MAX_BATCH_BYTES: usize = 64 << 20;
-/// How often the intake journal is absorbed (see `intake`): keys accepted reach the database
-/// this much later at most (the journal holds them durably meanwhile).
-const ABSORB_EVERY: Duration = Duration::from_millis(100);
+/// Keys accepted reach the database this much later at most (the journal holds them durably
+/// meanwhile), or as soon as [`KEY_CHUNK`] wait: a few at a time, so that no batch of accepts
+/// waits long behind them.
+const KEYS_EVERY: Duration = Duration::from_millis(100);
+const KEY_CHUNK: usize = 64;
+/// How often the intake journal is absorbed (see `intake`).
+const ABSORB_EVERY: Duration = Duration::from_millis(200);
 /// Held events whose bodies and headers take more memory than this: waiting ones become rows
 /// (the oldest first) until they take half, at most [`MAX_EVICT`] per absorb.
 const MAX_HELD_BYTES: u64 = 64 << 20;
@@ -120,6 +124,8 @@ pub(crate) struct Ctx {
     pub intake: Intake,
     /// The id the next event gets.
     pub next_id: i64,
+    /// Keys were written with `synchronous=NORMAL` since the last `FULL` commit.
+    keys_unsynced: bool,
     rng: Rng,
 }
 
@@ -285,6 +291,7 @@ pub(crate) fn spawn(
     let ctx = Ctx {
         intake: opened.intake,
         next_id: opened.next_id,
+        keys_unsynced: false,
         routes,
         settings,
         now: 0,
@@ -366,13 +373,16 @@ fn run(
     // None: prune with the first batch.
     let mut last_prune: Option<Instant> = None;
     let mut last_absorb = Instant::now();
+    let mut last_keys = Instant::now();
     let mut close = None;
     while close.is_none() {
-        let wait = if ctx.intake.is_empty() {
-            PRUNE_EVERY
-        } else {
-            ABSORB_EVERY.saturating_sub(last_absorb.elapsed())
-        };
+        let mut wait = PRUNE_EVERY;
+        if !ctx.intake.keys.is_empty() {
+            wait = wait.min(KEYS_EVERY.saturating_sub(last_keys.elapsed()));
+        }
+        if !ctx.intake.is_empty() {
+            wait = wait.min(ABSORB_EVERY.saturating_sub(last_absorb.elapsed()));
+        }
         let first = match rx.recv_timeout(wait) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
@@ -403,6 +413,12 @@ fn run(
         if !ctx.intake.is_empty() && last_absorb.elapsed() >= ABSORB_EVERY {
             absorb(&conn, &mut ctx, &shared, false);
             last_absorb = Instant::now();
+            last_keys = last_absorb;
+        } else if ctx.intake.keys.len() >= KEY_CHUNK
+            || (!ctx.intake.keys.is_empty() && last_keys.elapsed() >= KEYS_EVERY)
+        {
+            write_keys(&conn, &mut ctx);
+            last_keys = Instant::now();
         }
         if jobs.is_empty() && !prune {
             continue;
@@ -545,8 +561,41 @@ fn set_synchronous(conn: &Connection, ctx: &mut Ctx, full: bool) {
     }
 }
 
-/// Absorbs the intake journal (see `intake`): in one `synchronous=FULL` transaction, the keys
-/// accepted since the last absorb, and as rows the events the journal should not keep (waiting
+/// Writes up to [`KEY_CHUNK`] keys of the journal's events into the database, in key order
+/// (neighbours share B-tree pages), in a transaction of their own with `synchronous=NORMAL`:
+/// the journal keeps them durable until the next absorb's `FULL` commit syncs the WAL, and
+/// only then may their segments go.
+fn write_keys(conn: &Connection, ctx: &mut Ctx) {
+    set_synchronous(conn, ctx, false);
+    let mut keys: Vec<([u8; 32], (i64, i64))> =
+        ctx.intake.keys.iter().map(|(k, v)| (*k, *v)).collect();
+    keys.sort_unstable_by_key(|(k, _)| *k);
+    keys.truncate(KEY_CHUNK);
+    let result = (|| -> rusqlite::Result<()> {
+        cached(conn, "BEGIN IMMEDIATE")?;
+        for (key, (at, id)) in &keys {
+            store::remember(conn, key, *at, *id)?;
+        }
+        cached(conn, "COMMIT")
+    })();
+    match result {
+        Ok(()) => {
+            for (key, _) in &keys {
+                ctx.intake.keys.remove(key);
+            }
+            ctx.keys_unsynced = true;
+        }
+        Err(e) => {
+            if !conn.is_autocommit() {
+                let _ = cached(conn, "ROLLBACK");
+            }
+            warn!(error = %e, "spool: writing de-duplication keys failed; trying again shortly");
+        }
+    }
+}
+
+/// Absorbs the intake journal (see `intake`): in one `synchronous=FULL` transaction (whose WAL
+/// sync also makes durable the keys [`write_keys`] wrote), the keys not written yet, and as rows the events the journal should not keep (waiting
 /// events past [`MAX_HELD_BYTES`], oldest first, their routes then served from the file's
 /// queue; events pinning segments past [`MAX_SEGMENTS_KEPT`]); then deletes the segments that
 /// hold nothing live. On failure nothing changes and the next absorb tries again (the journal
@@ -569,6 +618,11 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     } else {
         to_evict(ctx)
     };
+    if evict.is_empty() && ctx.intake.keys.is_empty() && !ctx.keys_unsynced {
+        // Nothing for the database (a delivery pins a segment): only what may go.
+        ctx.intake.collect();
+        return;
+    }
     if !evict.is_empty() {
         let (oldest, current) = ctx.intake.segments();
         debug!(
@@ -607,6 +661,7 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     match result {
         Ok(()) => {
             ctx.intake.keys.clear();
+            ctx.keys_unsynced = false;
             if !queued.is_empty() {
                 ctx.intake.prune_waiting();
                 ctx.flight.backlog.extend(queued);
