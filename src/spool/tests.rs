@@ -78,10 +78,18 @@ struct Fake {
 
 impl Fake {
     fn new(script: impl Fn(&StoredEvent) -> DeliveryOutcome + Send + Sync + 'static) -> Arc<Fake> {
+        Fake::slow(Duration::ZERO, script)
+    }
+
+    /// A backend that takes `delay` to answer each attempt.
+    fn slow(
+        delay: Duration,
+        script: impl Fn(&StoredEvent) -> DeliveryOutcome + Send + Sync + 'static,
+    ) -> Arc<Fake> {
         Arc::new(Fake {
             script: Box::new(script),
             calls: Mutex::new(Vec::new()),
-            delay: Duration::ZERO,
+            delay,
             running: AtomicUsize::new(0),
             max_running: AtomicUsize::new(0),
         })
@@ -590,13 +598,7 @@ async fn concurrency_is_bounded_per_route() {
     for i in 0..12 {
         spool.accept(event("/a", &format!("a{i}"))).await.unwrap();
     }
-    let fake = Arc::new(Fake {
-        script: Box::new(|_| DeliveryOutcome::Done),
-        calls: Mutex::new(Vec::new()),
-        delay: Duration::from_millis(30),
-        running: AtomicUsize::new(0),
-        max_running: AtomicUsize::new(0),
-    });
+    let fake = Fake::slow(Duration::from_millis(30), |_| DeliveryOutcome::Done);
     let (stop, stopped) = watch::channel(false);
     let task = spool.start_delivery(fake.clone(), stopped);
     eventually("all delivered", || spool.stats().delivered == 12).await;
@@ -630,13 +632,7 @@ async fn shutdown_leaves_unfinished_deliveries_pending() {
 async fn shutdown_lets_running_deliveries_finish() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(settings(&dir)).unwrap();
-    let fake = Arc::new(Fake {
-        script: Box::new(|_| DeliveryOutcome::Done),
-        calls: Mutex::new(Vec::new()),
-        delay: Duration::from_millis(300),
-        running: AtomicUsize::new(0),
-        max_running: AtomicUsize::new(0),
-    });
+    let fake = Fake::slow(Duration::from_millis(300), |_| DeliveryOutcome::Done);
     let (stop, stopped) = watch::channel(false);
     let task = spool.start_delivery(fake.clone(), stopped);
     spool.accept(event("/a", "slow")).await.unwrap();
@@ -894,10 +890,7 @@ async fn a_queue_waiting_for_delivery_room_stays_in_the_journal() {
     let mut s = settings(&dir);
     s.max_concurrency_per_route = 2;
     let spool = Spool::open(s).unwrap();
-    let fake = Arc::new(Fake {
-        delay: Duration::from_millis(5),
-        ..Arc::into_inner(Fake::new(|_| DeliveryOutcome::Done)).unwrap()
-    });
+    let fake = Fake::slow(Duration::from_millis(5), |_| DeliveryOutcome::Done);
     let (stop, stopped) = watch::channel(false);
     let task = spool.start_delivery(fake.clone(), stopped);
     eventually("the first claim", || spool.stats().jobs >= 1).await;

@@ -10,13 +10,14 @@
 //! journal is also the queue: an event that waits for delivery room waits here, in memory and
 //! in its segment, and is handed to delivery when a delivery of its route ends.
 //!
-//! The keys of the journal's events go to SQLite in sorted chunks, within 100 ms. Every
-//! [`ABSORB_EVERY`](super::writer) the writer *absorbs*: in one `synchronous=FULL` transaction
-//! (which also syncs the chunks of keys) it turns into rows what the journal should not keep —
-//! waiting events past a memory budget, and events that pin segments too old (a slow delivery)
-//! — then deletes the segments, oldest first, that hold no live event any more. An event whose
-//! attempt fails becomes a row at once (retries, dead letters and replays only ever deal with
-//! rows).
+//! The keys of the journal's events go to SQLite in sorted chunks within 100 ms, and the
+//! checkpointer thread makes them durable (a sync of the WAL, off the accepts' path). Every
+//! [`ABSORB_EVERY`](super::writer) the writer *absorbs*: it turns into rows, in one
+//! `synchronous=FULL` transaction, what the journal should not keep — waiting events past a
+//! memory budget, and events that pin segments too old (a slow delivery) — and deletes the
+//! segments, oldest first, that hold no live event any more and whose keys are durable. An
+//! event whose attempt fails becomes a row at once (retries, dead letters and replays only ever
+//! deal with rows).
 //!
 //! # Record format
 //!
@@ -510,11 +511,12 @@ impl Intake {
         }
     }
 
-    /// Deletes closed segments, oldest first, while they hold no live event. Returns how many.
-    pub(crate) fn collect(&mut self) -> usize {
+    /// Deletes closed segments numbered below `below`, oldest first, while they hold no live
+    /// event. Returns how many.
+    pub(crate) fn collect(&mut self, below: u64) -> usize {
         let mut deleted = 0;
         while let Some((&n, &live)) = self.live.first_key_value() {
-            if n == self.current || live > 0 {
+            if n == self.current || n >= below || live > 0 {
                 break;
             }
             if let Err(e) = std::fs::remove_file(segment_path(&self.db, n)) {
@@ -826,15 +828,15 @@ mod tests {
         assert_eq!(intake.segments(), (0, 2));
         // 3 (segment 1) delivered first: segment 1 cannot go before segment 0.
         batch(&mut intake, &|i| assert!(i.forget(3).is_some()));
-        assert_eq!(intake.collect(), 0);
+        assert_eq!(intake.collect(u64::MAX), 0);
         batch(&mut intake, &|i| assert!(i.forget(1).is_some()));
-        assert_eq!(intake.collect(), 0, "2 still lives in segment 0");
+        assert_eq!(intake.collect(u64::MAX), 0, "2 still lives in segment 0");
         batch(&mut intake, &|i| assert!(i.forget(2).is_some()));
         let before: Vec<Vec<u8>> = (0..5)
             .map(|n| std::fs::read(segment_path(&db, n)).unwrap())
             .collect();
         // Every batch filled its segment: segments 0-4 go, 5 is the current one.
-        assert_eq!(intake.collect(), 5);
+        assert_eq!(intake.collect(u64::MAX), 5);
         assert_eq!(intake.segments(), (5, 5));
         assert_eq!(segments_of(&db).unwrap().len(), 1);
         assert_eq!(Intake::recover(&db).unwrap().events.len(), 0);

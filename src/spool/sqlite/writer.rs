@@ -124,8 +124,12 @@ pub(crate) struct Ctx {
     pub intake: Intake,
     /// The id the next event gets.
     pub next_id: i64,
-    /// Keys were written with `synchronous=NORMAL` since the last `FULL` commit.
-    keys_unsynced: bool,
+    /// How far the keys written with `synchronous=NORMAL` are durable (see [`KeySync`]).
+    key_sync: Arc<KeySync>,
+    /// Segments below `.1` may go once key chunk `.0` is durable, oldest first.
+    collectable: std::collections::VecDeque<(u64, u64)>,
+    /// Segments below this may go (their keys are durable).
+    collect_below: u64,
     rng: Rng,
 }
 
@@ -291,7 +295,9 @@ pub(crate) fn spawn(
     let ctx = Ctx {
         intake: opened.intake,
         next_id: opened.next_id,
-        keys_unsynced: false,
+        key_sync: Arc::new(KeySync::default()),
+        collectable: std::collections::VecDeque::new(),
+        collect_below: 0,
         routes,
         settings,
         now: 0,
@@ -306,9 +312,11 @@ pub(crate) fn spawn(
     let ckpt_conn = store::open_checkpointer(&ctx.settings.path)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (wrote, commits) = std::sync::mpsc::sync_channel(1);
+    let wal = wal_path(&ctx.settings.path);
+    let key_sync = ctx.key_sync.clone();
     let checkpointer = std::thread::Builder::new()
         .name("hubgate-spool-ckpt".to_owned())
-        .spawn(move || checkpointer(ckpt_conn, commits))?;
+        .spawn(move || checkpointer(ckpt_conn, commits, &wal, &key_sync))?;
     let ckpt = Checkpoints {
         wrote,
         thread: Some(checkpointer),
@@ -336,12 +344,43 @@ impl Checkpoints {
     }
 }
 
-/// The checkpointer thread: after commits, at most every [`CHECKPOINT_EVERY`], copies the WAL
-/// into the database on a connection of its own (a passive checkpoint: the writer goes on
-/// appending meanwhile; the WAL starts over once everything in it is copied). Ends when the
-/// writer drops its sender.
-fn checkpointer(conn: Connection, commits: Receiver<()>) {
+/// The chunks of keys written with `synchronous=NORMAL` (numbered from 1) and how many of
+/// them are durable: the checkpointer syncs the WAL file, off the writer's path, and a segment
+/// of the journal may be deleted only once the keys of its events are durable.
+#[derive(Default)]
+struct KeySync {
+    written: std::sync::atomic::AtomicU64,
+    durable: std::sync::atomic::AtomicU64,
+}
+
+impl KeySync {
+    /// After a commit with `synchronous=FULL` (its WAL sync covers every earlier frame) or a
+    /// sync of the WAL file: every chunk written before `written` was read is durable.
+    fn synced(&self, written: u64) {
+        self.durable.fetch_max(written, Ordering::SeqCst);
+    }
+}
+
+fn wal_path(db: &std::path::Path) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    std::path::PathBuf::from(p)
+}
+
+/// The checkpointer thread: after commits, at most every [`CHECKPOINT_EVERY`], makes the key
+/// chunks written so far durable (an `fdatasync` of the WAL file: everything the writer's
+/// commits wrote into it), then copies the WAL into the database on a connection of its own (a
+/// passive checkpoint: the writer goes on appending meanwhile; the WAL starts over once
+/// everything in it is copied). Ends when the writer drops its sender.
+fn checkpointer(conn: Connection, commits: Receiver<()>, wal: &std::path::Path, keys: &KeySync) {
     while commits.recv().is_ok() {
+        let written = keys.written.load(Ordering::SeqCst);
+        if written > keys.durable.load(Ordering::SeqCst) {
+            match std::fs::File::open(wal).and_then(|f| f.sync_data()) {
+                Ok(()) => keys.synced(written),
+                Err(e) => warn!(error = %e, "spool: cannot sync the WAL"),
+            }
+        }
         match store::checkpoint(&conn) {
             Ok((frames, copied)) => {
                 debug!(frames, copied, "spool: checkpoint");
@@ -364,11 +403,7 @@ fn run(
     rx: Receiver<Msg>,
     ckpt: Checkpoints,
 ) {
-    let wal = {
-        let mut p = ctx.settings.path.clone().into_os_string();
-        p.push("-wal");
-        std::path::PathBuf::from(p)
-    };
+    let wal = wal_path(&ctx.settings.path);
     let max_events = ctx.settings.max_batch_events.max(1);
     // None: prune with the first batch.
     let mut last_prune: Option<Instant> = None;
@@ -419,6 +454,7 @@ fn run(
         {
             write_keys(&conn, &mut ctx);
             last_keys = Instant::now();
+            let _ = ckpt.wrote.try_send(());
         }
         if jobs.is_empty() && !prune {
             continue;
@@ -563,9 +599,9 @@ fn set_synchronous(conn: &Connection, ctx: &mut Ctx, full: bool) {
 
 /// Writes up to [`KEY_CHUNK`] keys of the journal's events into the database, in key order
 /// (neighbours share B-tree pages), in a transaction of their own with `synchronous=NORMAL`:
-/// the journal keeps them durable until the next absorb's `FULL` commit syncs the WAL, and
-/// only then may their segments go.
-fn write_keys(conn: &Connection, ctx: &mut Ctx) {
+/// the journal keeps them durable until the checkpointer has synced the WAL (or a `FULL`
+/// commit has), and only then may their segments go ([`KeySync`]). Returns whether it wrote.
+fn write_keys(conn: &Connection, ctx: &mut Ctx) -> bool {
     set_synchronous(conn, ctx, false);
     let mut keys: Vec<([u8; 32], (i64, i64))> =
         ctx.intake.keys.iter().map(|(k, v)| (*k, *v)).collect();
@@ -576,6 +612,8 @@ fn write_keys(conn: &Connection, ctx: &mut Ctx) {
         for (key, (at, id)) in &keys {
             store::remember(conn, key, *at, *id)?;
         }
+        // Ids are never reused, also those of delivered events whose segments are gone.
+        store::save_next_id(conn, ctx.next_id)?;
         cached(conn, "COMMIT")
     })();
     match result {
@@ -583,32 +621,57 @@ fn write_keys(conn: &Connection, ctx: &mut Ctx) {
             for (key, _) in &keys {
                 ctx.intake.keys.remove(key);
             }
-            ctx.keys_unsynced = true;
+            ctx.key_sync.written.fetch_add(1, Ordering::SeqCst);
+            true
         }
         Err(e) => {
             if !conn.is_autocommit() {
                 let _ = cached(conn, "ROLLBACK");
             }
             warn!(error = %e, "spool: writing de-duplication keys failed; trying again shortly");
+            false
         }
     }
 }
 
-/// Absorbs the intake journal (see `intake`): in one `synchronous=FULL` transaction (whose WAL
-/// sync also makes durable the keys [`write_keys`] wrote), the keys not written yet, and as rows the events the journal should not keep (waiting
+/// Deletes the segments the journal no longer needs whose keys are durable.
+fn collect(ctx: &mut Ctx) {
+    let durable = ctx.key_sync.durable.load(Ordering::SeqCst);
+    while let Some(&(chunk, below)) = ctx.collectable.front() {
+        if chunk > durable {
+            break;
+        }
+        ctx.collect_below = ctx.collect_below.max(below);
+        ctx.collectable.pop_front();
+    }
+    ctx.intake.collect(ctx.collect_below);
+}
+
+/// Notes that every key of the segments before the current one is written (as chunk
+/// `written`): those segments may go once it is durable.
+fn keys_written_below_current(ctx: &mut Ctx) {
+    let mark = (
+        ctx.key_sync.written.load(Ordering::SeqCst),
+        ctx.intake.segments().1,
+    );
+    if ctx.collectable.back() != Some(&mark) {
+        ctx.collectable.push_back(mark);
+    }
+}
+
+/// Absorbs the intake journal (see `intake`): writes the keys not written yet, makes rows —
+/// in one `synchronous=FULL` transaction, with those keys, whose WAL sync also makes durable
+/// the chunks [`write_keys`] wrote — of the events the journal should not keep (waiting
 /// events past [`MAX_HELD_BYTES`], oldest first, their routes then served from the file's
 /// queue; events pinning segments past [`MAX_SEGMENTS_KEPT`]); then deletes the segments that
-/// hold nothing live. On failure nothing changes and the next absorb tries again (the journal
+/// hold nothing live and whose keys are durable. Without rows to make, nothing is synced here.
+/// On failure nothing changes and the next absorb tries again (the journal
 /// keeps everything durable meanwhile).
 ///
 /// With `everything` (the gate is closing), every held event becomes a row: a spool closed
 /// cleanly is all in the database.
 fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     if ctx.intake.is_empty() && (!everything || ctx.intake.held.is_empty()) {
-        return;
-    }
-    set_synchronous(conn, ctx, true);
-    if !ctx.sync_full {
         return;
     }
     let evict = if everything {
@@ -618,11 +681,25 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     } else {
         to_evict(ctx)
     };
-    if evict.is_empty() && ctx.intake.keys.is_empty() && !ctx.keys_unsynced {
-        // Nothing for the database (a delivery pins a segment): only what may go.
-        ctx.intake.collect();
+    if evict.is_empty() && !everything {
+        // No row to make: the keys not written yet go in chunks, and the segments whose keys
+        // the checkpointer has made durable go — no sync on the accepts' path.
+        while !ctx.intake.keys.is_empty() {
+            if !write_keys(conn, ctx) {
+                break;
+            }
+        }
+        if ctx.intake.keys.is_empty() {
+            keys_written_below_current(ctx);
+        }
+        collect(ctx);
         return;
     }
+    set_synchronous(conn, ctx, true);
+    if !ctx.sync_full {
+        return;
+    }
+    let written = ctx.key_sync.written.load(Ordering::SeqCst);
     if !evict.is_empty() {
         let (oldest, current) = ctx.intake.segments();
         debug!(
@@ -661,14 +738,17 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     match result {
         Ok(()) => {
             ctx.intake.keys.clear();
-            ctx.keys_unsynced = false;
+            // The commit's WAL sync covered every chunk written before it, and it held the
+            // rest of the keys.
+            ctx.key_sync.synced(written);
+            keys_written_below_current(ctx);
             if !queued.is_empty() {
                 ctx.intake.prune_waiting();
                 ctx.flight.backlog.extend(queued);
                 ctx.handoff.backlog.store(true, Ordering::SeqCst);
                 shared.notify.notify_one();
             }
-            ctx.intake.collect();
+            collect(ctx);
             ctx.handoff.absorbs.fetch_add(1, Ordering::SeqCst);
         }
         Err(e) => {
