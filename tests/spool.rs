@@ -872,11 +872,19 @@ async fn crash_client(
     url: String,
     stop: Arc<AtomicBool>,
     traffic: Arc<Traffic>,
+    pad: usize,
 ) {
     let http = reqwest_client(tls, Duration::from_secs(5));
     let mut seq = 0;
     'next: while !stop.load(Ordering::SeqCst) {
-        let body = event_body(&format!("crash{c}"), seq);
+        let mut body = event_body(&format!("crash{c}"), seq);
+        if pad > 0 {
+            // A field of `pad` bytes before the closing brace: still one Meta-like object.
+            body.pop();
+            body.extend_from_slice(b",\"pad\":\"");
+            body.extend(std::iter::repeat_n(b'x', pad));
+            body.extend_from_slice(b"\"}");
+        }
         seq += 1;
         traffic.sent.lock().unwrap().insert(body.clone());
         let mut tries = 0;
@@ -943,6 +951,17 @@ const CRASH_SEED: u64 = 0x5EED_0003;
 /// `HUBGATE_CRASH_SEED=N` replays another schedule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
+    crash_test(0).await;
+}
+
+/// The same with 64 KiB bodies: the intake journal fills a segment every ~130 events, so kills
+/// land around segments being started and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_across_journal_segments_loses_no_acknowledged_event() {
+    crash_test(64 << 10).await;
+}
+
+async fn crash_test(pad: usize) {
     let started = Instant::now();
     let seed = crash_seed(CRASH_SEED);
     let mut rng = SplitMix(seed);
@@ -984,13 +1003,19 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
                 url.clone(),
                 stop.clone(),
                 traffic.clone(),
+                pad,
             ))
         })
         .collect();
 
     let mut schedule = Vec::new();
     for k in 1..=CRASH_KILLS {
-        let up = rng.millis(150, 1200);
+        // Big bodies: long enough up for a gate to fill a segment or two.
+        let up = if pad > 0 {
+            rng.millis(2500, 4000)
+        } else {
+            rng.millis(150, 1200)
+        };
         let down = rng.millis(0, 250);
         tokio::time::sleep(up).await;
         let acked_before = traffic.acked.lock().unwrap().len();
@@ -1088,6 +1113,24 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         unacked_delivered,
         started.elapsed().as_secs_f64(),
     );
+    // The journal's segments left beside the spool, by number.
+    let folder = db.parent().unwrap();
+    let mut segments: Vec<u64> = std::fs::read_dir(folder)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.rsplit_once(".intake-")?.1.parse().ok()
+        })
+        .collect();
+    segments.sort_unstable();
+    eprintln!("crash test: journal segments left: {segments:?}");
+    if pad > 0 {
+        // Every restart starts a segment of its own; more than that means segments filled up.
+        assert!(
+            segments.last().is_some_and(|&n| n > 2 * CRASH_KILLS as u64),
+            "seed {seed}: the journal never filled a segment: {segments:?}"
+        );
+    }
     assert_eq!(lost, 0, "seed {seed}: acknowledged events lost");
     // A second delivery can only come from an attempt a kill interrupted: the next start resumes
     // it (at least once). Anything more would be a de-duplication failure.
