@@ -52,7 +52,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::sql::Prepared;
+use super::sql::{beside, folder_of, Prepared};
 use crate::spool::store::{decode_headers, from_unix_ms};
 use crate::spool::StoredEvent;
 
@@ -67,9 +67,7 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 
 /// Segment `n` of the journal beside the database file `db`.
 pub(crate) fn segment_path(db: &Path, n: u64) -> PathBuf {
-    let mut p = db.as_os_str().to_owned();
-    p.push(format!(".intake-{n}"));
-    PathBuf::from(p)
+    beside(db, &format!(".intake-{n}"))
 }
 
 /// The journal's segments beside `db`, by number.
@@ -95,13 +93,6 @@ fn segments_of(db: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     }
     found.sort();
     Ok(found)
-}
-
-fn folder_of(db: &Path) -> &Path {
-    match db.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
 }
 
 fn sync_folder(db: &Path) -> std::io::Result<()> {

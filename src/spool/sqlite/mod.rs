@@ -175,18 +175,17 @@ fn insert_one(
         ctx.routes.insert(prepared.route.clone());
     }
     if ctx.handoff.taking.load(Ordering::Relaxed) {
-        let route = prepared.route.clone();
-        let born = !ctx.flight.backlog.contains(&route)
-            && !ctx.intake.has_waiting(&route)
-            && ctx.flight.room(&route, max) > 0;
+        let route = &prepared.route;
+        let born = !ctx.flight.backlog.contains(route)
+            && !ctx.intake.has_waiting(route)
+            && ctx.flight.room(route, max) > 0;
         if born {
-            ctx.flight.claim(id, &route);
+            ctx.flight.claim(id, route);
             ctx.born.push(prepared.take_stored(id));
+        } else {
+            ctx.intake.wait(route, id);
         }
         ctx.intake.hold(id, born, ctx.now, prepared, dedupe);
-        if !born {
-            ctx.intake.wait(&route, id);
-        }
     } else {
         sql::insert_event(conn, &prepared, id, ctx.now, dedupe, sql::Insert::Pending)?;
         ctx.flight.backlog.insert(prepared.route);

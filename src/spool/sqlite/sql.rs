@@ -184,19 +184,29 @@ fn open_error(path: &Path, e: &rusqlite::Error) -> SpoolError {
 // ---------------------------------------------------------------------------------------------
 // Opening
 
+/// A file beside the database: `<path><suffix>` (the lock, SQLite's WAL, journal segments).
+pub(crate) fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 /// The lock file next to the database: `<path>.lock`.
 pub(crate) fn lock_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
+    beside(path, ".lock")
+}
+
+/// The folder the database is in (`.` for a bare file name).
+pub(crate) fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// The folder must exist and be a folder; the path must not be one.
 pub(crate) fn check_folder(path: &Path) -> Result<(), SpoolError> {
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let folder = folder_of(path);
     let err = |message: String| SpoolError::Folder {
         path: path.to_owned(),
         message,

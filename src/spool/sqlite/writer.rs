@@ -362,9 +362,7 @@ impl KeySync {
 }
 
 fn wal_path(db: &std::path::Path) -> std::path::PathBuf {
-    let mut p = db.as_os_str().to_owned();
-    p.push("-wal");
-    std::path::PathBuf::from(p)
+    store::beside(db, "-wal")
 }
 
 /// The checkpointer thread: after commits, at most every [`CHECKPOINT_EVERY`], makes the key
@@ -605,8 +603,12 @@ fn write_keys(conn: &Connection, ctx: &mut Ctx) -> bool {
     set_synchronous(conn, ctx, false);
     let mut keys: Vec<([u8; 32], (i64, i64))> =
         ctx.intake.keys.iter().map(|(k, v)| (*k, *v)).collect();
+    if keys.len() > KEY_CHUNK {
+        // The lowest keys, without sorting a backlog of them for every chunk.
+        keys.select_nth_unstable_by_key(KEY_CHUNK, |(k, _)| *k);
+        keys.truncate(KEY_CHUNK);
+    }
     keys.sort_unstable_by_key(|(k, _)| *k);
-    keys.truncate(KEY_CHUNK);
     let result = (|| -> rusqlite::Result<()> {
         cached(conn, "BEGIN IMMEDIATE")?;
         for (key, (at, id)) in &keys {
