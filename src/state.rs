@@ -12,7 +12,6 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Route};
 use crate::deliver::{Recent, RecentDeliveries, Upstream};
@@ -31,13 +30,14 @@ pub struct RouteState {
     pub label: RouteLabel,
 }
 
-/// Everything built from one configuration, validated before use: the TLS acceptor, the
-/// client policy with its one certificate verifier, keyed routes and the upstream client.
+/// Everything built from one configuration, validated before use: the TLS server's
+/// configuration, the client policy with its one certificate verifier, keyed routes and the
+/// upstream client.
 /// `hubgate check` builds one too, so it fails on everything `run` would fail on; a reload
 /// builds a new one and swaps it in only if that succeeded.
 pub struct Generation {
     config: Config,
-    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) tls: Arc<rustls::ServerConfig>,
     pub(crate) http1: http1::Builder,
     pub(crate) http2: http2::Builder<TokioExecutor>,
     pub(crate) clients: ClientPolicy,
@@ -91,7 +91,7 @@ impl Generation {
             .max_header_list_size(u32::try_from(h2_list).unwrap_or(u32::MAX))
             .keep_alive_interval(Duration::from_secs(30));
         Ok(Generation {
-            acceptor: TlsAcceptor::from(tls),
+            tls,
             http1,
             http2,
             clients: ClientPolicy::new(&config, verifier),

@@ -19,10 +19,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
 use super::proxy_protocol;
+use super::tls_io::{self, TlsIo};
 use crate::identity::{Peer, SessionExpired};
 use crate::pipeline;
 use crate::state::{Generation, Shared};
@@ -71,8 +71,8 @@ pub(super) async fn serve(
     }
     // Boxed, as is the stream it gives: what a task holds for its whole life is the size of
     // its largest state, and a connection spends nearly all of it after the handshake.
-    let handshake = Box::pin(generation.acceptor.accept(stream));
-    // Boxed: moved between the HTTP phases of a connection, the TLS stream (~1.2 KiB) would
+    let handshake = Box::pin(tls_io::accept(generation.tls.clone(), stream));
+    // Boxed: moved between the HTTP phases of a connection, the TLS session would
     // otherwise take a slot of its own in the task for each place it passes through.
     let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => Box::new(tls),
@@ -88,7 +88,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let leaf = tls.session().peer_certificates().and_then(|c| c.first());
     let peer = match clients.connection(addr, leaf) {
         Ok(peer) => peer,
         Err(SessionExpired) => {
@@ -133,7 +133,7 @@ pub(super) async fn serve(
         stopped,
         closing: false,
     };
-    if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+    if tls.session().alpn_protocol() == Some(b"h2".as_slice()) {
         // Boxed like HTTP/1.1's: inline, this state would size every connection's task.
         let mut connection = Box::pin(
             generation
@@ -305,17 +305,18 @@ impl Life<'_> {
 
     /// Holds a parked connection until the client sends again (`true`: serve it), the idle
     /// timeout passes or a drain starts (`false`: closed with a TLS close_notify).
-    async fn park(&mut self, io: &mut Box<TlsStream<TcpStream>>) -> bool {
+    async fn park(&mut self, io: &mut Box<TlsIo>) -> bool {
         let metrics = &self.conn.shared.metrics;
         metrics.connection_parked();
         let _parked = scopeguard(|| metrics.connection_unparked());
         let idle_for = self.conn.activity.idle_for(self.conn.opened);
         let rest = self.settings.idle_timeout.saturating_sub(idle_for);
-        // hyper read until the socket had nothing more (it was idle, and rustls holds no
-        // plaintext then), so readiness is what wakes a parked connection: a request, a
-        // close_notify or a FIN alike.
+        // hyper read until the socket had nothing more (it was idle, and the TLS layer holds
+        // no plaintext then), so readiness is what wakes a parked connection: a request, a
+        // close_notify or a FIN alike. Until then it holds no buffer.
+        io.release_buffers();
         let wake = tokio::select! {
-            r = io.get_ref().0.readable() => r.is_ok(),
+            r = io.tcp().readable() => r.is_ok(),
             _ = self.stopped.changed() => false,
             _ = tokio::time::sleep(rest) => {
                 debug!("closing idle connection");

@@ -5,6 +5,7 @@
 
 mod connection;
 pub mod proxy_protocol;
+mod tls_io;
 
 use std::sync::Arc;
 use std::time::Duration;
