@@ -56,6 +56,8 @@ pub(crate) struct TlsIo {
     read_closed: bool,
     /// Our close_notify is queued.
     close_sent: bool,
+    /// The last read from the socket filled all the room it had: more may be waiting.
+    read_was_full: bool,
 }
 
 /// What a caller of [`TlsIo::advance`] wants done with the state rustls reaches.
@@ -100,6 +102,7 @@ pub(crate) async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Resu
         eof: false,
         read_closed: false,
         close_sent: false,
+        read_was_full: false,
     };
     loop {
         match tls.advance(Want::Nothing) {
@@ -308,6 +311,7 @@ impl TlsIo {
         let mut buf = ReadBuf::new(&mut self.incoming[self.filled..]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
         let n = buf.filled().len();
+        self.read_was_full = buf.remaining() == 0;
         self.filled += n;
         if n == 0 {
             self.eof = true;
@@ -377,23 +381,42 @@ impl AsyncRead for TlsIo {
                 Ok(Advance::Progress | Advance::Wrote(_)) => {}
                 Ok(Advance::Closed) => return Poll::Ready(Ok(())),
                 Ok(Advance::NeedData) => {
-                    if buf.filled().len() > before {
-                        return Poll::Ready(Ok(()));
-                    }
-                    // What rustls answered on its own (a key update) goes out with the next
-                    // write; try now, without waiting for the socket.
+                    let got = buf.filled().len() > before;
+                    // What rustls answered on its own (a key update) goes out now if the
+                    // socket takes it, else with the next write. A peer that keeps asking for
+                    // answers without reading them is read no further until it does.
                     if this.out_start < this.out_end {
-                        if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
-                            return Poll::Ready(Err(e));
+                        match this.poll_flush_out(cx) {
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending if this.out_end - this.out_start >= WRITE_AHEAD => {
+                                return Poll::Pending;
+                            }
+                            _ => {}
                         }
                     }
                     if this.eof {
+                        if got {
+                            return Poll::Ready(Ok(()));
+                        }
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "peer closed connection without sending TLS close_notify",
                         )));
                     }
-                    ready!(this.poll_fill(cx))?;
+                    // With room left, take what else the socket has now (it may have more
+                    // only if the last read filled all the room it was given): a body that
+                    // arrived whole reaches hyper as one piece, which it then need not join.
+                    if got && !this.read_was_full {
+                        return Poll::Ready(Ok(()));
+                    }
+                    match this.poll_fill(cx) {
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(_)) | Poll::Pending if got => {
+                            return Poll::Ready(Ok(()));
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
                 Err(e) => return Poll::Ready(Err(this.fail(e))),
             }
@@ -598,6 +621,23 @@ mod tests {
                 "round {round}: a parked connection keeps a buffer"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_has_arrived_is_read_in_one_call() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(false).await;
+        let body = pattern(64 * 1024);
+        client.write_all(&body).await.unwrap();
+        client.flush().await.unwrap();
+        // Four records on a loopback socket: all there long before this.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mut buf = vec![0; 128 * 1024];
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(n, body.len(), "one read should take every record that arrived");
+        assert!(buf[..n] == body[..]);
     }
 
     #[tokio::test]
