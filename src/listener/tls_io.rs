@@ -624,6 +624,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn key_updates_the_client_asks_for_are_answered_and_traffic_goes_on() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(false).await;
+        for round in 0..3u8 {
+            // A TLS 1.3 KeyUpdate asking for ours in return: the answer is queued while
+            // reading and must precede the next reply, which is sealed with the new keys.
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            let request = vec![round; 20_000];
+            client.write_all(&request).await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = vec![0; request.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, request);
+            server.write_all(&[round; 3]).await.unwrap();
+            server.flush().await.unwrap();
+            let mut reply = [0; 3];
+            client.read_exact(&mut reply).await.unwrap();
+            assert_eq!(reply, [round; 3]);
+        }
+    }
+
+    #[tokio::test]
     async fn a_body_that_has_arrived_is_read_in_one_call() {
         let Pair {
             mut server,
@@ -636,7 +660,11 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let mut buf = vec![0; 128 * 1024];
         let n = server.read(&mut buf).await.unwrap();
-        assert_eq!(n, body.len(), "one read should take every record that arrived");
+        assert_eq!(
+            n,
+            body.len(),
+            "one read should take every record that arrived"
+        );
         assert!(buf[..n] == body[..]);
     }
 
