@@ -58,6 +58,8 @@ pub(crate) struct TlsIo {
     close_sent: bool,
     /// The last read from the socket filled all the room it had: more may be waiting.
     read_was_full: bool,
+    /// A TLS error ended the connection: nothing more is read, decrypted or encrypted.
+    failed: bool,
 }
 
 /// What a caller of [`TlsIo::advance`] wants done with the state rustls reaches.
@@ -103,6 +105,7 @@ pub(crate) async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Resu
         read_closed: false,
         close_sent: false,
         read_was_full: false,
+        failed: false,
     };
     loop {
         match tls.advance(Want::Nothing) {
@@ -335,16 +338,30 @@ impl TlsIo {
         Poll::Ready(Ok(()))
     }
 
-    /// After a TLS error: encodes the alert rustls queued for the peer and tries once, without
-    /// waiting, to send it; gives the error as an `io::Error` carrying the rustls error.
+    /// After a TLS error: encodes what rustls queued for the peer (its alert last), tries once,
+    /// without waiting, to send it, and marks the connection failed for good; gives the error
+    /// as an `io::Error` carrying the rustls error.
     fn fail(&mut self, e: rustls::Error) -> io::Error {
-        // One step only: a queued alert comes out of it before rustls looks at the records
-        // again (a second step would deframe the offending bytes once more).
-        let _ = self.advance(Want::Nothing);
-        if self.out_start < self.out_end {
-            let _ = self.io.try_write(&self.out[self.out_start..self.out_end]);
+        // Only while rustls has messages queued (each step then hands one out before looking
+        // at the records): it must not look at them again, since a bad record does not poison
+        // an unbuffered connection — it would decrypt it anew, and raise a second alert.
+        while self.conn.wants_write() {
+            if !matches!(self.advance(Want::Nothing), Ok(Advance::Progress)) {
+                break;
+            }
         }
+        if self.out_start < self.out_end {
+            if let Ok(n) = self.io.try_write(&self.out[self.out_start..self.out_end]) {
+                self.out_start += n;
+            }
+        }
+        self.failed = true;
         invalid_data(e)
+    }
+
+    /// What every call gets once the connection has failed.
+    fn failed_error() -> io::Error {
+        io::Error::new(io::ErrorKind::BrokenPipe, "the TLS connection has failed")
     }
 }
 
@@ -367,6 +384,9 @@ impl AsyncRead for TlsIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(Err(TlsIo::failed_error()));
+        }
         let before = buf.filled().len();
         loop {
             if this.plain_pos < this.plain.len() {
@@ -382,16 +402,15 @@ impl AsyncRead for TlsIo {
                 Ok(Advance::Closed) => return Poll::Ready(Ok(())),
                 Ok(Advance::NeedData) => {
                     let got = buf.filled().len() > before;
-                    // What rustls answered on its own (a key update) goes out now if the
-                    // socket takes it, else with the next write. A peer that keeps asking for
-                    // answers without reading them is read no further until it does.
+                    // Bytes a writer left for the socket go out now if it takes them (never
+                    // a reason to wait here: reading does not add to them — rustls keeps a
+                    // key update's answer for the next write — and a Pending after data was
+                    // put in `buf` would lose it).
                     if this.out_start < this.out_end {
-                        match this.poll_flush_out(cx) {
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                            Poll::Pending if this.out_end - this.out_start >= WRITE_AHEAD => {
-                                return Poll::Pending;
+                        if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
+                            if !got {
+                                return Poll::Ready(Err(e));
                             }
-                            _ => {}
                         }
                     }
                     if this.eof {
@@ -431,6 +450,9 @@ impl AsyncWrite for TlsIo {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(Err(TlsIo::failed_error()));
+        }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -463,7 +485,8 @@ impl AsyncWrite for TlsIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        while !this.close_sent {
+        // After a failure the alert (if any) was the last word: no close_notify after it.
+        while !this.close_sent && !this.failed {
             match this.advance(Want::CloseNotify) {
                 Ok(Advance::Progress) => {}
                 Ok(_) => break,
@@ -645,6 +668,55 @@ mod tests {
             client.read_exact(&mut reply).await.unwrap();
             assert_eq!(reply, [round; 3]);
         }
+    }
+
+    #[tokio::test]
+    async fn reading_goes_on_while_the_writer_waits_for_a_peer_that_does_not_read() {
+        let Pair { server, mut client } = pair(false).await;
+        let (mut rd, mut wr) = tokio::io::split(server);
+        // The server answers far more than the client reads: its writer ends up waiting with
+        // its outgoing buffer full, and the socket full.
+        let flood = tokio::spawn(async move {
+            let _ = wr.write_all(&vec![7; 8 << 20]).await;
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let request = pattern(40_000);
+        client.write_all(&request).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0; request.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(10), rd.read_exact(&mut got))
+            .await
+            .expect("the reader stalled: decrypted data was lost")
+            .unwrap();
+        assert!(got == request, "the reader got other bytes than were sent");
+        flood.abort();
+    }
+
+    #[tokio::test]
+    async fn after_a_bad_record_the_connection_stays_failed() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(false).await;
+        client.write_all(b"fine").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0; 4];
+        server.read_exact(&mut got).await.unwrap();
+        // An application-data record that does not decrypt, straight onto the TCP socket.
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend_from_slice(&[0x5a; 40]);
+        client.get_mut().0.write_all(&forged).await.unwrap();
+        let err = server.read(&mut [0; 16]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        // No second look at the record (rustls would raise a second alert), no data after the
+        // alert, no close_notify after it either.
+        assert!(server.write_all(b"answer").await.is_err());
+        assert!(server.read(&mut [0; 16]).await.is_err());
+        let _ = server.shutdown().await;
+        let mut rest = Vec::new();
+        let end = client.read_to_end(&mut rest).await;
+        assert!(end.is_err(), "the client should see the alert, got {end:?}");
+        assert!(rest.is_empty(), "data reached the client after the alert");
     }
 
     #[tokio::test]
