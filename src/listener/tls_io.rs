@@ -284,6 +284,11 @@ impl TlsIo {
         if *start == *filled {
             *start = 0;
             *filled = 0;
+            // Grown for a large handshake message (a long certificate chain): a connection
+            // that never parks (HTTP/2) would keep it.
+            if incoming.len() > 2 * READ_SIZE {
+                *incoming = Vec::new();
+            }
         }
         if *out_start == *out_end {
             *out_start = 0;
