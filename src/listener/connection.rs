@@ -185,7 +185,9 @@ pub(super) async fn serve(
             };
             (inner, prefix)
         };
-        if prefix.is_empty() && !life.park(&mut io).await {
+        // A request already received (a writer's step let rustls decrypt it) is served at
+        // once: the socket's readiness would not announce it again.
+        if prefix.is_empty() && !io.has_buffered_input() && !life.park(&mut io).await {
             return;
         }
     }

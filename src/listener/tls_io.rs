@@ -60,6 +60,8 @@ pub(crate) struct TlsIo {
     read_was_full: bool,
     /// A TLS error ended the connection: nothing more is read, decrypted or encrypted.
     failed: bool,
+    /// That error, when it came after data the reader was given first: its next read gets it.
+    deferred: Option<io::Error>,
 }
 
 /// What a caller of [`TlsIo::advance`] wants done with the state rustls reaches.
@@ -106,6 +108,7 @@ pub(crate) async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Resu
         close_sent: false,
         read_was_full: false,
         failed: false,
+        deferred: None,
     };
     loop {
         match tls.advance(Want::Nothing) {
@@ -142,6 +145,12 @@ impl TlsIo {
     /// The TLS session: the peer's certificates, the protocol ALPN chose.
     pub(crate) fn session(&self) -> &UnbufferedServerConnection {
         &self.conn
+    }
+
+    /// Holds received bytes that the socket's readiness will not announce again: decrypted data
+    /// not yet read, or TLS bytes not yet processed.
+    pub(crate) fn has_buffered_input(&self) -> bool {
+        self.plain_pos < self.plain.len() || self.start < self.filled
     }
 
     /// Frees every buffer that holds nothing, for a connection about to sit idle.
@@ -189,8 +198,18 @@ impl TlsIo {
                     Want::Read(buf) if *plain_pos == plain.len() => Some(buf),
                     _ => None,
                 };
+                let mut done = Ok(Advance::Progress);
                 while let Some(record) = traffic.next_record() {
-                    let mut payload = record?.payload;
+                    // Not `?`: the bytes rustls is done with must be discarded on every path.
+                    let record = match record {
+                        Ok(record) => record,
+                        Err(e) => {
+                            done = Err(e);
+                            break;
+                        }
+                    };
+                    *start += record.discard;
+                    let mut payload = record.payload;
                     if let Some(buf) = direct.as_mut() {
                         let n = payload.len().min(buf.remaining());
                         buf.put_slice(&payload[..n]);
@@ -204,7 +223,7 @@ impl TlsIo {
                         plain.extend_from_slice(payload);
                     }
                 }
-                Ok(Advance::Progress)
+                done
             }
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                 let mut room = 4096;
@@ -291,8 +310,7 @@ impl TlsIo {
             }
         }
         if *out_start == *out_end {
-            *out_start = 0;
-            *out_end = 0;
+            drained(out, out_start, out_end);
         }
         done
     }
@@ -338,8 +356,7 @@ impl TlsIo {
             }
             self.out_start += n;
         }
-        self.out_start = 0;
-        self.out_end = 0;
+        drained(&mut self.out, &mut self.out_start, &mut self.out_end);
         Poll::Ready(Ok(()))
     }
 
@@ -370,6 +387,16 @@ impl TlsIo {
     }
 }
 
+/// Resets an emptied outgoing buffer, and gives it back if a large write grew it (an HTTP/2
+/// connection never parks).
+fn drained(out: &mut Vec<u8>, start: &mut usize, end: &mut usize) {
+    *start = 0;
+    *end = 0;
+    if out.len() > 2 * READ_SIZE {
+        *out = Vec::new();
+    }
+}
+
 /// `len` bytes of room in `out` from `end`, growing it if needed.
 fn spare(out: &mut Vec<u8>, end: usize, len: usize) -> &mut [u8] {
     if out.len() < end + len {
@@ -390,7 +417,8 @@ impl AsyncRead for TlsIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.failed {
-            return Poll::Ready(Err(TlsIo::failed_error()));
+            let e = this.deferred.take().unwrap_or_else(TlsIo::failed_error);
+            return Poll::Ready(Err(e));
         }
         let before = buf.filled().len();
         loop {
@@ -407,10 +435,10 @@ impl AsyncRead for TlsIo {
                 Ok(Advance::Closed) => return Poll::Ready(Ok(())),
                 Ok(Advance::NeedData) => {
                     let got = buf.filled().len() > before;
-                    // Bytes a writer left for the socket go out now if it takes them (never
-                    // a reason to wait here: reading does not add to them — rustls keeps a
-                    // key update's answer for the next write — and a Pending after data was
-                    // put in `buf` would lose it).
+                    // Bytes left for the socket go out now if it takes them, never a reason
+                    // to wait here: a Pending after data was put in `buf` would lose it, and
+                    // reading adds little to them (rustls keeps a key update's answer for the
+                    // next write; at most a warning alert, such as no_renegotiation).
                     if this.out_start < this.out_end {
                         if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
                             if !got {
@@ -442,7 +470,16 @@ impl AsyncRead for TlsIo {
                         Poll::Pending => return Poll::Pending,
                     }
                 }
-                Err(e) => return Poll::Ready(Err(this.fail(e))),
+                Err(e) => {
+                    let e = this.fail(e);
+                    // What was read before the bad record is the reader's (a request, say):
+                    // the error comes with the next read.
+                    if buf.filled().len() > before {
+                        this.deferred = Some(e);
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Ready(Err(e));
+                }
             }
         }
     }
@@ -488,6 +525,8 @@ impl AsyncWrite for TlsIo {
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
+    // Not to be read from after this: a bad record would make rustls raise a second fatal alert
+    // (its close_notify counts as one); hubgate drops a stream once it is shut down.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         // After a failure the alert (if any) was the last word: no close_notify after it.
@@ -725,6 +764,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn data_before_a_bad_record_is_read_and_the_error_comes_next() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(false).await;
+        client.write_all(b"a request").await.unwrap();
+        client.flush().await.unwrap();
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend_from_slice(&[0x5a; 40]);
+        client.get_mut().0.write_all(&forged).await.unwrap();
+        // Both on the server's socket before it reads: one read takes the two records.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut buf = vec![0; 64];
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"a request");
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[tokio::test]
     async fn a_body_that_has_arrived_is_read_in_one_call() {
         let Pair {
             mut server,
@@ -743,6 +802,28 @@ mod tests {
             "one read should take every record that arrived"
         );
         assert!(buf[..n] == body[..]);
+    }
+
+    #[tokio::test]
+    async fn input_received_but_not_read_is_reported_so_the_connection_does_not_park_on_it() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(false).await;
+        client.write_all(&pattern(30_000)).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0; 1000];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(server.has_buffered_input(), "29,000 bytes are held");
+        server.release_buffers();
+        assert!(
+            server.has_buffered_input(),
+            "releasing must keep what is held"
+        );
+        let mut rest = vec![0; 29_000];
+        server.read_exact(&mut rest).await.unwrap();
+        assert_eq!([got, rest].concat(), pattern(30_000));
+        assert!(!server.has_buffered_input());
     }
 
     #[tokio::test]
