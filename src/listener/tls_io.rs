@@ -607,6 +607,13 @@ mod tests {
         Pair { server, client }
     }
 
+    /// An application-data record that does not decrypt, straight onto the client's socket.
+    async fn send_undecryptable_record(client: &mut TlsStream<TcpStream>) {
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend_from_slice(&[0x5a; 40]);
+        client.get_mut().0.write_all(&forged).await.unwrap();
+    }
+
     /// Distinct bytes, so that a reordered or repeated chunk shows.
     fn pattern(len: usize) -> Vec<u8> {
         (0..len)
@@ -746,10 +753,7 @@ mod tests {
         client.flush().await.unwrap();
         let mut got = [0; 4];
         server.read_exact(&mut got).await.unwrap();
-        // An application-data record that does not decrypt, straight onto the TCP socket.
-        let mut forged = vec![23, 3, 3, 0, 40];
-        forged.extend_from_slice(&[0x5a; 40]);
-        client.get_mut().0.write_all(&forged).await.unwrap();
+        send_undecryptable_record(&mut client).await;
         let err = server.read(&mut [0; 16]).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
         // No second look at the record (rustls would raise a second alert), no data after the
@@ -771,9 +775,7 @@ mod tests {
         } = pair(false).await;
         client.write_all(b"a request").await.unwrap();
         client.flush().await.unwrap();
-        let mut forged = vec![23, 3, 3, 0, 40];
-        forged.extend_from_slice(&[0x5a; 40]);
-        client.get_mut().0.write_all(&forged).await.unwrap();
+        send_undecryptable_record(&mut client).await;
         // Both on the server's socket before it reads: one read takes the two records.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let mut buf = vec![0; 64];
