@@ -119,18 +119,10 @@ pub(crate) async fn accept(config: Arc<ServerConfig>, io: TcpStream) -> io::Resu
                     return Ok(tls);
                 }
                 if poll_fn(|cx| tls.poll_fill(cx)).await? == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "TLS handshake: the peer closed the connection",
-                    ));
+                    return Err(handshake_eof());
                 }
             }
-            Ok(Advance::Closed) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "TLS handshake: the peer closed the connection",
-                ));
-            }
+            Ok(Advance::Closed) => return Err(handshake_eof()),
             Err(e) => return Err(tls.fail(e)),
         }
     }
@@ -403,6 +395,13 @@ fn spare(out: &mut Vec<u8>, end: usize, len: usize) -> &mut [u8] {
         out.resize(end + len, 0);
     }
     &mut out[end..end + len]
+}
+
+fn handshake_eof() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "TLS handshake: the peer closed the connection",
+    )
 }
 
 fn invalid_data(e: rustls::Error) -> io::Error {
