@@ -69,8 +69,10 @@ pub(crate) struct Handoff {
     next_due: AtomicI64,
     /// When the queue was last searched (so that replays made by another process are seen).
     last_search: Mutex<Option<Instant>>,
-    /// Absorbs of the intake journal so far (a summary taken across one is taken again).
-    absorbs: AtomicU64,
+    /// Moves of what the writer holds in memory into the file (absorbs and chunks of keys),
+    /// counted as each begins, before its commit: a summary that counted memory and then read
+    /// the file across one would count the moved events or keys twice, and is taken again.
+    moves: AtomicU64,
 }
 
 impl Handoff {
@@ -377,20 +379,20 @@ impl Store for SqliteStore {
 }
 
 impl Operations for SqliteStore {
-    /// The file's counts and the events the intake journal holds (a summary that an absorb
-    /// overlapped is taken again).
+    /// The file's counts and the events and keys the writer holds in memory (a summary that a
+    /// move into the file overlapped is taken again).
     fn summary(&self) -> BoxFuture<'_, Result<Summary, SpoolError>> {
         Box::pin(async move {
             let mut tries = 0;
             loop {
-                let absorbs = self.handoff.absorbs.load(Ordering::SeqCst);
+                let moves = self.handoff.moves.load(Ordering::SeqCst);
                 let (held, keys) = writer::call(&self.tx, 0, false, |ctx, _| {
                     Ok((held_counts(ctx), ctx.intake.keys.len() as u64))
                 })
                 .await?;
                 let mut summary = self.ops.summary().await?;
                 tries += 1;
-                if self.handoff.absorbs.load(Ordering::SeqCst) != absorbs && tries < 3 {
+                if self.handoff.moves.load(Ordering::SeqCst) != moves && tries < 3 {
                     continue;
                 }
                 for (route, state, count, oldest) in held {

@@ -609,6 +609,8 @@ fn write_keys(conn: &Connection, ctx: &mut Ctx) -> bool {
         keys.truncate(KEY_CHUNK);
     }
     keys.sort_unstable_by_key(|(k, _)| *k);
+    // Counted before the keys can reach the file (see `Handoff::moves`).
+    ctx.handoff.moves.fetch_add(1, Ordering::SeqCst);
     let result = (|| -> rusqlite::Result<()> {
         cached(conn, "BEGIN IMMEDIATE")?;
         for (key, (at, id)) in &keys {
@@ -715,6 +717,8 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     let mut queued = BTreeSet::new();
     ctx.intake.begin();
     let journal_before = ctx.intake.len();
+    // Counted before anything can reach the file (see `Handoff::moves`).
+    ctx.handoff.moves.fetch_add(1, Ordering::SeqCst);
     let result = (|| -> Result<(), BatchError> {
         cached(conn, "BEGIN IMMEDIATE")?;
         for &id in &evict {
@@ -751,7 +755,6 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
                 shared.notify.notify_one();
             }
             collect(ctx);
-            ctx.handoff.absorbs.fetch_add(1, Ordering::SeqCst);
         }
         Err(e) => {
             if !conn.is_autocommit() {
