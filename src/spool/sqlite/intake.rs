@@ -132,7 +132,6 @@ enum Undo {
     Held(i64),
     Key([u8; 32]),
     Forgot(i64, Held),
-    KeyTaken([u8; 32], (i64, i64)),
     Waited(String),
     Dequeued(String, i64),
 }
@@ -392,13 +391,6 @@ impl Intake {
         }
     }
 
-    /// Takes `key` out of the journal's keys (its event is becoming a row, key included).
-    pub(crate) fn take_key(&mut self, key: &[u8; 32]) -> Option<(i64, i64)> {
-        let value = self.keys.remove(key)?;
-        self.undo.push(Undo::KeyTaken(*key, value));
-        Some(value)
-    }
-
     /// Writes the batch's records; with `sync`, makes everything written so far durable.
     /// Returns whether an `fdatasync` was made. On an error nothing of the batch is left in
     /// the file (as far as the file can be cut back).
@@ -466,9 +458,6 @@ impl Intake {
                     *self.live.entry(held.segment).or_default() += 1;
                     self.held_bytes += size_of(&held.event);
                     self.held.insert(id, held);
-                }
-                Undo::KeyTaken(key, value) => {
-                    self.keys.insert(key, value);
                 }
                 Undo::Waited(route) => {
                     if let Some(q) = self.waiting.get_mut(&route) {
@@ -861,7 +850,6 @@ mod tests {
         intake.begin();
         intake.hold(2, false, 5_000, event(2), true);
         assert!(intake.forget(1).is_some());
-        assert!(intake.take_key(&[1; 32]).is_some());
         intake.rollback();
         assert_eq!(intake.held.keys().copied().collect::<Vec<_>>(), [1]);
         assert_eq!(intake.keys.len(), 1);

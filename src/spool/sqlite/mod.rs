@@ -33,6 +33,7 @@
 //! in the journal wait behind its queue in the file, so acceptance order holds.
 
 mod intake;
+mod keys;
 pub(crate) mod sql;
 mod writer;
 
@@ -141,24 +142,6 @@ impl SqliteStore {
     }
 }
 
-/// Whether the event was accepted within the de-duplication window (this transaction's
-/// events included).
-fn is_duplicate(
-    ctx: &writer::Ctx,
-    conn: &rusqlite::Connection,
-    prepared: &sql::Prepared,
-) -> rusqlite::Result<bool> {
-    let window = super::store::duration_ms(ctx.settings.dedupe_window);
-    if window == 0 {
-        return Ok(false);
-    }
-    let at = match ctx.intake.keys.get(&prepared.key) {
-        Some(&(at, _)) => Some(at),
-        None => sql::dedupe_lookup(conn, &prepared.key)?,
-    };
-    Ok(at.is_some_and(|at| ctx.now.saturating_sub(at) < window))
-}
-
 /// Stores one event in the writer's batch.
 ///
 /// Once the delivery scheduler takes events, a new event goes to the intake journal: claimed
@@ -189,7 +172,10 @@ fn insert_one(
         }
         ctx.intake.hold(id, born, ctx.now, prepared, dedupe);
     } else {
-        sql::insert_event(conn, &prepared, id, ctx.now, dedupe, sql::Insert::Pending)?;
+        sql::insert_event(conn, &prepared, id, ctx.now, sql::Insert::Pending)?;
+        if dedupe {
+            ctx.row_keys.push((prepared.key, ctx.now, id));
+        }
         ctx.flight.backlog.insert(prepared.route);
     }
     ctx.stored = true;
@@ -223,7 +209,7 @@ impl Store for SqliteStore {
                 let mut answers = Vec::with_capacity(prepared.len());
                 let mut checked = false;
                 for (p, size) in prepared.into_iter().zip(from) {
-                    if is_duplicate(ctx, conn, &p)? {
+                    if ctx.seen(conn, &p.key)? {
                         answers.push(Accepted::Duplicate);
                         continue;
                     }

@@ -2,7 +2,7 @@
 //! configured (WAL, `synchronous=FULL`, the single-gate lock), the header codec, the
 //! de-duplication key, and [`SpoolOps`], the operations API behind `hubgate spool …`.
 //!
-//! # Schema (`PRAGMA user_version = 3`; older files are migrated on open)
+//! # Schema (`PRAGMA user_version = 4`; older files are migrated on open)
 //!
 //! ```sql
 //! CREATE TABLE events (
@@ -23,12 +23,14 @@
 //! );
 //! CREATE INDEX events_due ON events (route, next_attempt_ms, id) WHERE state = 'pending';
 //! CREATE INDEX events_dead ON events (updated_ms) WHERE state = 'dead';
-//! CREATE TABLE dedupe (
-//!     key         BLOB PRIMARY KEY,                      -- SHA-256 of (route, body)
-//!     accepted_ms INTEGER NOT NULL,
-//!     event_id    INTEGER NOT NULL
-//! ) WITHOUT ROWID;
-//! CREATE INDEX dedupe_age ON dedupe (accepted_ms);
+//! CREATE TABLE key_runs (                                 -- de-duplication keys (`keys`)
+//!     id        INTEGER PRIMARY KEY,
+//!     level     INTEGER NOT NULL,                        -- merges it took to make
+//!     keys      INTEGER NOT NULL,
+//!     oldest_ms INTEGER NOT NULL,                        -- when its keys were accepted
+//!     newest_ms INTEGER NOT NULL,
+//!     records   BLOB    NOT NULL                         -- (SHA-256 of (route, body), accepted
+//! );                                                     --  ms, event id) sorted by key
 //! CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 //! CREATE TABLE in_flight (id INTEGER PRIMARY KEY);          -- claimed pending events
 //! ```
@@ -46,9 +48,10 @@
 //! Either way the attempt is added to `attempts` when its outcome is recorded, or, after a
 //! crash, when the next gate opens the file and makes every in-flight event pending again.
 //! Version 1 (before the `in_flight` table) counted the attempt at the claim; version 2 had
-//! one index over every row's state; both are migrated on open.
+//! one index over every row's state; version 3 kept the keys in a B-tree (`dedupe`); all are
+//! migrated on open.
 //!
-//! A delivered event's row is deleted (its `dedupe` row stays for the window). Everything is
+//! A delivered event's row is deleted (its key stays for the window). Everything is
 //! readable with the `sqlite3` command-line tool, also while the gate runs, e.g.
 //! `sqlite3 spool.db "SELECT route, state, count(*) FROM events GROUP BY 1, 2"`.
 
@@ -65,9 +68,10 @@ use crate::spool::store::{
 use crate::spool::{SpoolError, SpoolSettings, StoredEvent};
 
 use super::intake::Intake;
+use super::keys::KeyRuns;
 
 /// The schema version this code reads and writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// An event's state as readers see it: pending events being delivered are `in_flight`.
 const EFFECTIVE_STATE: &str = "CASE WHEN state = 'pending' AND id IN (SELECT id FROM in_flight) \
@@ -94,12 +98,14 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_due ON events (route, next_attempt_ms, id)
     WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS events_dead ON events (updated_ms) WHERE state = 'dead';
-CREATE TABLE IF NOT EXISTS dedupe (
-    key         BLOB PRIMARY KEY,
-    accepted_ms INTEGER NOT NULL,
-    event_id    INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedupe_age ON dedupe (accepted_ms);
+CREATE TABLE IF NOT EXISTS key_runs (
+    id        INTEGER PRIMARY KEY,
+    level     INTEGER NOT NULL,
+    keys      INTEGER NOT NULL,
+    oldest_ms INTEGER NOT NULL,
+    newest_ms INTEGER NOT NULL,
+    records   BLOB    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS in_flight (id INTEGER PRIMARY KEY);
 ";
@@ -140,10 +146,46 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Version 3's keys (a B-tree, `dedupe`) become runs, in key order a chunk at a time, and the
+/// table goes; inside the caller's write transaction, after [`SCHEMA`].
+fn migrate_dedupe(conn: &Connection) -> rusqlite::Result<()> {
+    let exists: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'dedupe'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(());
+    }
+    const CHUNK: usize = 1 << 20;
+    let mut stmt = conn.prepare("SELECT key, accepted_ms, event_id FROM dedupe ORDER BY key")?;
+    let mut rows = stmt.query([])?;
+    let mut entries = Vec::new();
+    loop {
+        let row = rows.next()?;
+        let end = row.is_none();
+        if let Some(r) = row {
+            if let Ok(key) = <[u8; 32]>::try_from(r.get_ref(0)?.as_blob()?) {
+                entries.push((key, r.get(1)?, r.get(2)?));
+            }
+        }
+        if entries.len() >= CHUNK || end {
+            KeyRuns::write(conn, &mut entries)?;
+            entries.clear();
+        }
+        if end {
+            break;
+        }
+    }
+    drop(rows);
+    drop(stmt);
+    conn.execute_batch("DROP TABLE dedupe;")
+}
+
 /// How long a connection waits for another one's write lock (the CLI's, or the gate's).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Rows deleted per transaction by purges and the dedupe pruning, so a writer never waits long.
+/// Rows deleted per transaction by purges, so a writer never waits long.
 pub(crate) const DELETE_CHUNK: i64 = 2000;
 
 // ---------------------------------------------------------------------------------------------
@@ -311,6 +353,8 @@ pub(crate) struct Opened {
     pub next_id: i64,
     /// Events the journal held (now among `resumed`).
     pub recovered: usize,
+    /// The de-duplication keys' runs.
+    pub runs: KeyRuns,
 }
 
 /// Opens (creating if need be) the gate's spool: checks the folder, takes the lock, switches to
@@ -365,6 +409,7 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         .map_err(oe)?;
     migrate(&tx).map_err(oe)?;
     tx.execute_batch(SCHEMA).map_err(oe)?;
+    migrate_dedupe(&tx).map_err(oe)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(oe)?;
     // The write that proves the file, its folder (for the WAL) and the disk writable.
@@ -382,11 +427,10 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     })?;
     for (id, stored_ms, event, claimed) in &recovered.events {
         let how = Insert::Recovered { claimed: *claimed };
-        insert_event(&tx, event, *id, *stored_ms, false, how).map_err(oe)?;
+        insert_event(&tx, event, *id, *stored_ms, how).map_err(oe)?;
     }
-    for (key, at, id) in &recovered.keys {
-        remember(&tx, key, *at, *id).map_err(oe)?;
-    }
+    let mut keys = recovered.keys.clone();
+    KeyRuns::write(&tx, &mut keys).map_err(oe)?;
     let next_id = next_id(&tx, recovered.max_id + 1).map_err(oe)?;
     save_next_id(&tx, next_id).map_err(oe)?;
     // Deliveries the last process did not finish: their attempt counts, and they are due.
@@ -423,6 +467,7 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         )
         .map_err(oe)?;
     tx.commit().map_err(oe)?;
+    let runs = KeyRuns::load(&conn).map_err(oe)?;
     // Only now that its events are rows is the journal emptied.
     let intake = Intake::open(path).map_err(|e| SpoolError::Open {
         path: journal.clone(),
@@ -443,6 +488,7 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
         intake,
         next_id,
         recovered: recovered.events.len(),
+        runs,
     })
 }
 
@@ -455,6 +501,13 @@ fn open_existing(path: &Path) -> Result<Connection, SpoolError> {
     )
     .map_err(oe)?;
     configure(&conn).map_err(oe)?;
+    Ok(conn)
+}
+
+/// A read-only connection to the gate's spool (the key merger's).
+pub(crate) fn open_reader(path: &Path) -> Result<Connection, SpoolError> {
+    let conn = open_existing(path)?;
+    pragma(&conn, "PRAGMA query_only = ON").map_err(|e| open_error(path, &e))?;
     Ok(conn)
 }
 
@@ -527,12 +580,6 @@ impl Prepared {
 }
 
 /// When `key` was last accepted, if it was.
-pub(crate) fn dedupe_lookup(conn: &Connection, key: &[u8; 32]) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached("SELECT accepted_ms FROM dedupe WHERE key = ?1")?
-        .query_row(params![&key[..]], |r| r.get(0))
-        .optional()
-}
-
 /// Bytes the database holds in live pages (its size less the free list).
 pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
@@ -563,13 +610,12 @@ pub(crate) enum Insert {
     Recovered { claimed: bool },
 }
 
-/// Inserts event `id` with `now` as its stored time (and due time), and records its key.
+/// Inserts event `id` with `now` as its stored time (and due time).
 pub(crate) fn insert_event(
     conn: &Connection,
     e: &Prepared,
     id: i64,
     now: i64,
-    remember_key: bool,
     how: Insert,
 ) -> rusqlite::Result<()> {
     let sql = if matches!(how, Insert::Recovered { .. }) {
@@ -589,23 +635,6 @@ pub(crate) fn insert_event(
         if pending { "pending" } else { "in_flight" },
         id,
     ])?;
-    if remember_key {
-        remember(conn, &e.key, now, id)?;
-    }
-    Ok(())
-}
-
-/// Records that `key` was accepted at `at` (event `id`).
-pub(crate) fn remember(
-    conn: &Connection,
-    key: &[u8; 32],
-    at: i64,
-    id: i64,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO dedupe (key, accepted_ms, event_id) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![&key[..], at, id])?;
     Ok(())
 }
 
@@ -631,15 +660,6 @@ fn next_id(conn: &Connection, at_least: i64) -> rusqlite::Result<i64> {
     let seq = max("SELECT seq FROM sqlite_sequence WHERE name = 'events'")?;
     let saved = max("SELECT value FROM meta WHERE key = 'next_id'")?;
     Ok((rows.max(seq) + 1).max(saved).max(at_least))
-}
-
-/// Deletes up to one chunk of dedupe keys accepted before `cutoff`; returns how many.
-pub(crate) fn prune_dedupe(conn: &Connection, cutoff: i64) -> rusqlite::Result<usize> {
-    conn.prepare_cached(
-        "DELETE FROM dedupe WHERE key IN
-             (SELECT key FROM dedupe WHERE accepted_ms < ?1 LIMIT ?2)",
-    )?
-    .execute(params![cutoff, DELETE_CHUNK])
 }
 
 fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
@@ -860,6 +880,7 @@ impl SpoolOps {
             .map_err(oe)?;
             migrate(&tx).map_err(oe)?;
             tx.execute_batch(SCHEMA).map_err(oe)?;
+            migrate_dedupe(&tx).map_err(oe)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(oe)?;
             tx.commit().map_err(oe)?;
@@ -906,7 +927,9 @@ impl SpoolOps {
             .map_err(|e| self.err(e))?;
         let dedupe_keys: i64 = self
             .conn
-            .query_row("SELECT count(*) FROM dedupe", [], |r| r.get(0))
+            .query_row("SELECT coalesce(sum(keys), 0) FROM key_runs", [], |r| {
+                r.get(0)
+            })
             .map_err(|e| self.err(e))?;
         Ok(Summary::from_counts(
             counts,
@@ -1057,7 +1080,7 @@ mod tests {
         } else {
             Insert::Pending
         };
-        insert_event(conn, &prepared(n), id, 100, true, how).unwrap();
+        insert_event(conn, &prepared(n), id, 100, how).unwrap();
         id
     }
 
@@ -1212,7 +1235,7 @@ mod tests {
         assert_eq!(rows, want);
         let keys: i64 = opened
             .conn
-            .query_row("SELECT count(*) FROM dedupe", [], |r| r.get(0))
+            .query_row("SELECT sum(keys) FROM key_runs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(keys, 5, "the delivered event's key too");
         assert_eq!(opened.next_id, 6);

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::intake::Intake;
+use super::keys::{self, Entry, KeyRuns, MergeRequest, Merged};
 use super::sql::{self as store, Insert, Opened};
 use super::Handoff;
 use crate::spool::store::{duration_ms, now_ms, Rng};
@@ -27,11 +28,12 @@ use crate::spool::{Shared, SpoolError, SpoolSettings, StoredEvent};
 
 /// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
 const MAX_BATCH_BYTES: usize = 64 << 20;
-/// Keys accepted reach the database this much later at most (the journal holds them durably
-/// meanwhile), or as soon as [`KEY_CHUNK`] wait: a few at a time, so that no batch of accepts
-/// waits long behind them.
+/// Keys accepted reach the database this much later at most, as one run (the journal holds
+/// them durably meanwhile), or as soon as [`FLUSH_KEYS`] wait.
 const KEYS_EVERY: Duration = Duration::from_millis(100);
-const KEY_CHUNK: usize = 64;
+const FLUSH_KEYS: usize = 1 << 14;
+/// How often the writer looks for a merge's result while one is under way.
+const MERGE_POLL: Duration = Duration::from_millis(50);
 /// How often the intake journal is absorbed (see `intake`).
 const ABSORB_EVERY: Duration = Duration::from_millis(200);
 /// Held events whose bodies and headers take more memory than this: waiting ones become rows
@@ -124,6 +126,11 @@ pub(crate) struct Ctx {
     pub intake: Intake,
     /// The id the next event gets.
     pub next_id: i64,
+    /// The de-duplication keys in the database.
+    pub runs: KeyRuns,
+    /// Keys of events this batch made rows of directly (no journal record holds them): written
+    /// as a run in the batch's transaction.
+    pub row_keys: Vec<Entry>,
     /// How far the keys written with `synchronous=NORMAL` are durable (see [`KeySync`]).
     key_sync: Arc<KeySync>,
     /// Segments below `.1` may go once key chunk `.0` is durable, oldest first.
@@ -162,27 +169,41 @@ impl Ctx {
         }
     }
 
-    /// Moves event `id` from the journal into the database, its key included (as the state
-    /// the writer knows it in: in flight when claimed, else pending). `false` if the journal
-    /// does not hold it.
+    /// Moves event `id` from the journal into the database (as the state the writer knows it
+    /// in: in flight when claimed, else pending). Its key stays with the journal's keys, which
+    /// keep their segments until they are written. `false` if the journal does not hold it.
     pub fn materialize(&mut self, conn: &Connection, id: i64) -> rusqlite::Result<bool> {
         let how = if self.flight.is_claimed(id) {
             Insert::InFlight
         } else {
             Insert::Pending
         };
-        let Some(key) = self.intake.held.get(&id).map(|h| h.event.key) else {
-            return Ok(false);
-        };
-        let accepted = self.intake.take_key(&key);
         let Some(held) = self.intake.forget(id) else {
             return Ok(false);
         };
-        store::insert_event(conn, &held.event, id, held.stored_ms, false, how)?;
-        if let Some((at, id)) = accepted {
-            store::remember(conn, &key, at, id)?;
-        }
+        store::insert_event(conn, &held.event, id, held.stored_ms, how)?;
         Ok(true)
+    }
+
+    /// Whether `key` was accepted within the de-duplication window: among the journal's keys,
+    /// this batch's, or the runs.
+    pub fn seen(&self, conn: &Connection, key: &[u8; 32]) -> rusqlite::Result<bool> {
+        let window = duration_ms(self.settings.dedupe_window);
+        if window == 0 {
+            return Ok(false);
+        }
+        let since = self.now.saturating_sub(window);
+        if let Some(&(at, _)) = self.intake.keys.get(key) {
+            return Ok(at >= since);
+        }
+        if self
+            .row_keys
+            .iter()
+            .any(|(k, at, _)| k == key && *at >= since)
+        {
+            return Ok(true);
+        }
+        self.runs.contains_since(conn, key, since)
     }
 
     /// A random number for jitter.
@@ -295,6 +316,8 @@ pub(crate) fn spawn(
     let ctx = Ctx {
         intake: opened.intake,
         next_id: opened.next_id,
+        runs: opened.runs,
+        row_keys: Vec::new(),
         key_sync: Arc::new(KeySync::default()),
         collectable: std::collections::VecDeque::new(),
         collect_below: 0,
@@ -321,10 +344,72 @@ pub(crate) fn spawn(
         wrote,
         thread: Some(checkpointer),
     };
+    let (ask, requests) = std::sync::mpsc::channel();
+    let (done, merged) = std::sync::mpsc::channel();
+    let path = ctx.settings.path.clone();
+    let merger = std::thread::Builder::new()
+        .name("hubgate-spool-keys".to_owned())
+        .spawn(move || keys::merger(&path, requests, done))?;
+    let merges = Merges {
+        ask: Some(ask),
+        merged,
+        thread: Some(merger),
+    };
     std::thread::Builder::new()
         .name("hubgate-spool".to_owned())
-        .spawn(move || run(opened.conn, opened.lock, ctx, shared, rx, ckpt))?;
+        .spawn(move || run(opened.conn, opened.lock, ctx, shared, rx, ckpt, merges))?;
     Ok(())
+}
+
+/// The writer's side of the key merger.
+struct Merges {
+    ask: Option<Sender<MergeRequest>>,
+    merged: Receiver<Result<Merged, String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Merges {
+    /// Asks for the next merge the runs need, if any (and none is under way).
+    fn plan(&self, ctx: &mut Ctx) {
+        let cutoff = now_ms().saturating_sub(duration_ms(ctx.settings.dedupe_window));
+        if let Some(req) = ctx.runs.plan(cutoff) {
+            if self.ask.as_ref().is_none_or(|a| a.send(req).is_err()) {
+                ctx.runs.merge_failed();
+            }
+        }
+    }
+
+    /// Swaps in a merge that has come back, if one has, and plans the next.
+    fn poll(&self, conn: &Connection, ctx: &mut Ctx, ckpt: &Checkpoints) {
+        let Ok(result) = self.merged.try_recv() else {
+            return;
+        };
+        set_synchronous(conn, ctx, false);
+        match result.map(|m| ctx.runs.apply(conn, m).map_err(|e| e.to_string())) {
+            Ok(Ok(())) => {
+                debug!(
+                    runs = ctx.runs.len(),
+                    keys = ctx.runs.keys(),
+                    memory_bytes = ctx.runs.memory_bytes(),
+                    "spool: merged de-duplication keys"
+                );
+                let _ = ckpt.wrote.try_send(());
+                self.plan(ctx);
+            }
+            Ok(Err(e)) | Err(e) => {
+                ctx.runs.merge_failed();
+                warn!(error = %e, "spool: merging de-duplication keys failed; trying again later");
+            }
+        }
+    }
+
+    /// Stops the merger (after its current merge) and waits for it.
+    fn stop(mut self) {
+        self.ask = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The writer's side of the checkpointer.
@@ -400,6 +485,7 @@ fn run(
     shared: Arc<Shared>,
     rx: Receiver<Msg>,
     ckpt: Checkpoints,
+    merges: Merges,
 ) {
     let wal = wal_path(&ctx.settings.path);
     let max_events = ctx.settings.max_batch_events.max(1);
@@ -408,8 +494,12 @@ fn run(
     let mut last_absorb = Instant::now();
     let mut last_keys = Instant::now();
     let mut close = None;
+    merges.plan(&mut ctx);
     while close.is_none() {
         let mut wait = PRUNE_EVERY;
+        if ctx.runs.merging() {
+            wait = MERGE_POLL;
+        }
         if !ctx.intake.keys.is_empty() {
             wait = wait.min(KEYS_EVERY.saturating_sub(last_keys.elapsed()));
         }
@@ -443,16 +533,19 @@ fn run(
         }
         let prune = !ctx.settings.dedupe_window.is_zero()
             && last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+        merges.poll(&conn, &mut ctx, &ckpt);
         if !ctx.intake.is_empty() && last_absorb.elapsed() >= ABSORB_EVERY {
             absorb(&conn, &mut ctx, &shared, false);
             last_absorb = Instant::now();
             last_keys = last_absorb;
-        } else if ctx.intake.keys.len() >= KEY_CHUNK
+            merges.plan(&mut ctx);
+        } else if ctx.intake.keys.len() >= FLUSH_KEYS
             || (!ctx.intake.keys.is_empty() && last_keys.elapsed() >= KEYS_EVERY)
         {
             write_keys(&conn, &mut ctx);
             last_keys = Instant::now();
             let _ = ckpt.wrote.try_send(());
+            merges.plan(&mut ctx);
         }
         if jobs.is_empty() && !prune {
             continue;
@@ -472,6 +565,9 @@ fn run(
         }
         let pruned = commit_batch(&conn, &mut ctx, &shared, jobs, prune);
         let _ = ckpt.wrote.try_send(());
+        if ctx.runs.len() >= keys::FANOUT {
+            merges.plan(&mut ctx);
+        }
         if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_HARD_LIMIT) {
             warn!(
                 wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
@@ -481,11 +577,8 @@ fn run(
                 warn!(error = %e, "spool: checkpoint failed");
             }
         }
-        if prune {
-            // A full chunk means more are waiting: prune again with the next batch.
-            if pruned < store::DELETE_CHUNK as usize {
-                last_prune = Some(Instant::now());
-            }
+        if prune && pruned.is_some() {
+            last_prune = Some(Instant::now());
         }
     }
     // Jobs still queued are dropped with the receiver: their waiters see `Closed`.
@@ -494,6 +587,7 @@ fn run(
     absorb(&conn, &mut ctx, &shared, true);
     unclaim_untaken(&conn, &ctx);
     // The writer's connection is then the last one: closing it checkpoints everything.
+    merges.stop();
     ckpt.stop();
     if let Err((_, e)) = conn.close() {
         warn!(error = %e, "spool: closing the database failed");
@@ -595,35 +689,28 @@ fn set_synchronous(conn: &Connection, ctx: &mut Ctx, full: bool) {
     }
 }
 
-/// Writes up to [`KEY_CHUNK`] keys of the journal's events into the database, in key order
-/// (neighbours share B-tree pages), in a transaction of their own with `synchronous=NORMAL`:
-/// the journal keeps them durable until the checkpointer has synced the WAL (or a `FULL`
-/// commit has), and only then may their segments go ([`KeySync`]). Returns whether it wrote.
+/// Writes the journal's keys into the database as one run, in a transaction of its own with
+/// `synchronous=NORMAL`: the journal keeps them durable until the checkpointer has synced the
+/// WAL (or a `FULL` commit has), and only then may their segments go ([`KeySync`]). Returns
+/// whether it wrote.
 fn write_keys(conn: &Connection, ctx: &mut Ctx) -> bool {
     set_synchronous(conn, ctx, false);
-    let mut keys: Vec<([u8; 32], (i64, i64))> =
-        ctx.intake.keys.iter().map(|(k, v)| (*k, *v)).collect();
-    if keys.len() > KEY_CHUNK {
-        // The lowest keys, without sorting a backlog of them for every chunk.
-        keys.select_nth_unstable_by_key(KEY_CHUNK, |(k, _)| *k);
-        keys.truncate(KEY_CHUNK);
-    }
-    keys.sort_unstable_by_key(|(k, _)| *k);
+    let mut entries = journal_keys(ctx);
     // Counted before the keys can reach the file (see `Handoff::moves`).
     ctx.handoff.moves.fetch_add(1, Ordering::SeqCst);
-    let result = (|| -> rusqlite::Result<()> {
+    let result = (|| -> rusqlite::Result<_> {
         cached(conn, "BEGIN IMMEDIATE")?;
-        for (key, (at, id)) in &keys {
-            store::remember(conn, key, *at, *id)?;
-        }
+        let run = KeyRuns::write(conn, &mut entries)?;
         // Ids are never reused, also those of delivered events whose segments are gone.
         store::save_next_id(conn, ctx.next_id)?;
-        cached(conn, "COMMIT")
+        cached(conn, "COMMIT")?;
+        Ok(run)
     })();
     match result {
-        Ok(()) => {
-            for (key, _) in &keys {
-                ctx.intake.keys.remove(key);
+        Ok(run) => {
+            ctx.intake.keys.clear();
+            if let Some(run) = run {
+                ctx.runs.add(run);
             }
             ctx.key_sync.written.fetch_add(1, Ordering::SeqCst);
             true
@@ -636,6 +723,15 @@ fn write_keys(conn: &Connection, ctx: &mut Ctx) -> bool {
             false
         }
     }
+}
+
+/// The journal's keys, as a run's entries.
+fn journal_keys(ctx: &Ctx) -> Vec<Entry> {
+    ctx.intake
+        .keys
+        .iter()
+        .map(|(k, &(at, id))| (*k, at, id))
+        .collect()
 }
 
 /// Deletes the segments the journal no longer needs whose keys are durable.
@@ -686,14 +782,9 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
         to_evict(ctx)
     };
     if evict.is_empty() && !everything {
-        // No row to make: the keys not written yet go in chunks, and the segments whose keys
+        // No row to make: the keys not written yet go as a run, and the segments whose keys
         // the checkpointer has made durable go — no sync on the accepts' path.
-        while !ctx.intake.keys.is_empty() {
-            if !write_keys(conn, ctx) {
-                break;
-            }
-        }
-        if ctx.intake.keys.is_empty() {
+        if ctx.intake.keys.is_empty() || write_keys(conn, ctx) {
             keys_written_below_current(ctx);
         }
         collect(ctx);
@@ -719,7 +810,8 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     let journal_before = ctx.intake.len();
     // Counted before anything can reach the file (see `Handoff::moves`).
     ctx.handoff.moves.fetch_add(1, Ordering::SeqCst);
-    let result = (|| -> Result<(), BatchError> {
+    let mut entries = journal_keys(ctx);
+    let result = (|| -> Result<_, BatchError> {
         cached(conn, "BEGIN IMMEDIATE")?;
         for &id in &evict {
             if !ctx.flight.is_claimed(id) {
@@ -729,21 +821,19 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
             }
             ctx.materialize(conn, id)?;
         }
-        // In key order: neighbouring keys share B-tree pages.
-        let mut keys: Vec<_> = ctx.intake.keys.iter().collect();
-        keys.sort_unstable_by_key(|(k, _)| *k);
-        for (key, &(at, id)) in keys {
-            store::remember(conn, key, at, id)?;
-        }
+        let run = KeyRuns::write(conn, &mut entries)?;
         store::save_next_id(conn, ctx.next_id)?;
         // The forget records of what became rows, before the rows.
         ctx.intake.write(true).map_err(BatchError::Intake)?;
         cached(conn, "COMMIT")?;
-        Ok(())
+        Ok(run)
     })();
     match result {
-        Ok(()) => {
+        Ok(run) => {
             ctx.intake.keys.clear();
+            if let Some(run) = run {
+                ctx.runs.add(run);
+            }
             // The commit's WAL sync covered every chunk written before it, and it held the
             // rest of the keys.
             ctx.key_sync.synced(written);
@@ -806,8 +896,8 @@ fn to_evict(ctx: &Ctx) -> Vec<i64> {
     evict
 }
 
-/// Runs one batch in one transaction and answers its jobs. Returns how many dedupe keys were
-/// pruned.
+/// Runs one batch in one transaction and answers its jobs. Returns how many expired
+/// de-duplication keys were pruned, if it pruned.
 ///
 /// A batch with an accept in it commits with `synchronous=FULL`: the WAL is fsynced before
 /// anyone is answered. A batch of delivery bookkeeping only (claims, outcomes, releases)
@@ -823,7 +913,7 @@ fn commit_batch(
     shared: &Shared,
     mut jobs: Vec<Box<dyn Job>>,
     prune: bool,
-) -> usize {
+) -> Option<u64> {
     let durable = jobs.iter().any(|j| j.durable());
     set_synchronous(conn, ctx, durable);
     if durable && !ctx.sync_full {
@@ -835,17 +925,19 @@ fn commit_batch(
         for job in jobs {
             job.finish(&Err(err.clone()));
         }
-        return 0;
+        return None;
     }
     ctx.now = now_ms();
     ctx.stored = false;
     ctx.delta = Delta::default();
     ctx.born.clear();
+    ctx.row_keys.clear();
     let flight_before = ctx.flight.clone();
     ctx.intake.begin();
     let journal_before = ctx.intake.len();
     let mut synced_journal = false;
-    let mut pruned = 0;
+    let mut pruned = None;
+    let mut new_run = None;
     let mut commit_time = Duration::ZERO;
     let changes_before = conn.total_changes();
     // BEGIN and COMMIT as cached statements: rusqlite's `Transaction` parses them anew for
@@ -856,10 +948,13 @@ fn commit_batch(
             let cutoff = ctx
                 .now
                 .saturating_sub(duration_ms(ctx.settings.dedupe_window));
-            pruned = store::prune_dedupe(conn, cutoff)?;
+            pruned = Some(ctx.runs.expire(conn, cutoff)?);
         }
         for job in jobs.iter_mut() {
             job.run(ctx, conn)?;
+        }
+        if !ctx.row_keys.is_empty() {
+            new_run = KeyRuns::write(conn, &mut ctx.row_keys)?;
         }
         let started = Instant::now();
         // The journal first: its records are durable before the rows that may refer to them.
@@ -904,11 +999,14 @@ fn commit_batch(
             if !ctx.born.is_empty() {
                 ctx.handoff.lock_born().append(&mut ctx.born);
             }
+            if let Some(run) = new_run.take() {
+                ctx.runs.add(run);
+            }
             if ctx.stored {
                 shared.notify.notify_one();
             }
-            if pruned > 0 {
-                info!(keys = pruned, "spool: pruned expired de-duplication keys");
+            if let Some(keys @ 1..) = pruned {
+                info!(keys, "spool: pruned expired de-duplication keys");
             }
             Ok(())
         }
