@@ -10,8 +10,9 @@
 //! journal is also the queue: an event that waits for delivery room waits here, in memory and
 //! in its segment, and is handed to delivery when a delivery of its route ends.
 //!
-//! The keys of the journal's events go to SQLite in sorted chunks within 100 ms, and the
-//! checkpointer thread makes them durable (a sync of the WAL, off the accepts' path). Every
+//! The keys of the journal's events go to SQLite within 100 ms, as one sorted run (`keys`),
+//! and the checkpointer thread makes them durable (a sync of the WAL, off the accepts' path);
+//! an event that becomes a row leaves its key with the journal's until then. Every
 //! [`ABSORB_EVERY`](super::writer) the writer *absorbs*: it turns into rows, in one
 //! `synchronous=FULL` transaction, what the journal should not keep — waiting events past a
 //! memory budget, and events that pin segments too old (a slow delivery) — and deletes the

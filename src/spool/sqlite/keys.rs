@@ -17,6 +17,13 @@
 //!   own ([`merger`]) that reads them on its own connection and hands the writer the merged
 //!   records to swap in (one transaction: the old rows deleted, the new one inserted); a merge
 //!   drops the keys past the window, and a run whose newest key is past it is deleted whole.
+//!   A merge never makes a run of more than [`MAX_RUN_KEYS`] (the swap holds up the accepts
+//!   while it writes, ~24 MiB at most); runs that would are merged no further, so a gate that
+//!   accepts many millions of events per window has as many runs of that size, and a lookup
+//!   checks one filter block per run.
+//!
+//! Memory: the filters and fences take ~2.1 bytes per key in the window (13 million keys —
+//! 100 events a second for the default 36 hours — take ~27 MiB).
 //!
 //! ```text
 //! records = (key [32] | accepted_ms i64 LE | event_id i64 LE)*, sorted by key, keys distinct
@@ -41,6 +48,10 @@ pub(crate) const FANOUT: usize = 8;
 /// Runs of this level are never merged further (only deleted once past the window): with
 /// runs written every 100 ms at the least, a run of this level spans hours.
 const MAX_LEVEL: u8 = 6;
+/// A merge makes runs of this many keys at most (24 MiB): the writer swaps a merge in within
+/// one transaction, which holds up the accepts for as long as it writes. Runs that would merge
+/// into a larger one stay as they are, and are merged no further.
+const MAX_RUN_KEYS: usize = 1 << 19;
 /// Filter bits per key (~0.1 % false positives).
 const FILTER_BITS_PER_KEY: usize = 16;
 /// Filter bits set per key, all in the block the key picks.
@@ -292,19 +303,28 @@ impl KeyRuns {
     }
 
     /// The next merge to make, if one is due and none is under way: the oldest [`FANOUT`] runs
-    /// of the lowest level that has that many.
+    /// of the lowest level that has that many (runs that would make one of more than
+    /// [`MAX_RUN_KEYS`] are left as they are, and merged no further).
     pub(crate) fn plan(&mut self, cutoff: i64) -> Option<MergeRequest> {
         if self.merging {
             return None;
         }
         for level in 0..MAX_LEVEL {
-            let ids: Vec<i64> = self
+            let (ids, keys) = self
                 .runs
                 .iter()
                 .filter(|r| r.level == level)
-                .map(|r| r.id)
                 .take(FANOUT)
-                .collect();
+                .fold((Vec::new(), 0), |(mut ids, keys), r| {
+                    ids.push(r.id);
+                    (ids, keys + r.shape.keys)
+                });
+            if ids.len() == FANOUT && keys > MAX_RUN_KEYS {
+                for r in self.runs.iter_mut().filter(|r| ids.contains(&r.id)) {
+                    r.level = MAX_LEVEL;
+                }
+                continue;
+            }
             if ids.len() == FANOUT {
                 self.merging = true;
                 return Some(MergeRequest {
@@ -604,6 +624,34 @@ mod tests {
             .unwrap();
         assert_eq!(levels, [1]);
         assert!(runs.plan(100).is_none(), "nothing more to merge");
+    }
+
+    #[test]
+    fn runs_that_would_merge_into_too_large_a_run_stay_as_they_are() {
+        let run = |id, level, keys| Run {
+            id,
+            level,
+            shape: Shape {
+                keys,
+                oldest_ms: 0,
+                newest_ms: 0,
+                filter: Filter::with_keys(0),
+                fences: Vec::new(),
+            },
+        };
+        let big = MAX_RUN_KEYS / FANOUT + 1;
+        let mut runs = KeyRuns {
+            runs: (0..FANOUT as i64).map(|id| run(id, 0, big)).collect(),
+            merging: false,
+        };
+        // Eight small runs of level 1 come after them: those are merged.
+        runs.runs
+            .extend((10..10 + FANOUT as i64).map(|id| run(id, 1, 10)));
+        let req = runs.plan(0).expect("the small ones");
+        assert_eq!(req.ids, (10..10 + FANOUT as i64).collect::<Vec<_>>());
+        assert!(runs.runs[..FANOUT].iter().all(|r| r.level == MAX_LEVEL));
+        runs.merge_failed();
+        assert_eq!(runs.plan(0).map(|r| r.level), Some(2), "planned again");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! - `intake`: the journal (its format, recovery, segments);
 //! - `sql`: the schema and every statement, and [`SpoolOps`], the blocking operations API;
+//! - `keys`: the de-duplication keys, in sorted runs with filters in memory, and their merger;
 //! - `writer`: the writer thread, its group commit, and the absorbs of the journal.
 //!
 //! # Why SQLite (rusqlite, `bundled`)

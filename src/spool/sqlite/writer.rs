@@ -381,8 +381,16 @@ impl Merges {
 
     /// Swaps in a merge that has come back, if one has, and plans the next.
     fn poll(&self, conn: &Connection, ctx: &mut Ctx, ckpt: &Checkpoints) {
-        let Ok(result) = self.merged.try_recv() else {
-            return;
+        let result = match self.merged.try_recv() {
+            Ok(r) => r,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                if ctx.runs.merging() {
+                    ctx.runs.merge_failed();
+                    error!("spool: the key merger stopped; de-duplication keys are not merged any more (lookups slow down as runs pile up)");
+                }
+                return;
+            }
         };
         set_synchronous(conn, ctx, false);
         match result.map(|m| ctx.runs.apply(conn, m).map_err(|e| e.to_string())) {
