@@ -47,8 +47,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -151,6 +151,10 @@ pub(crate) struct Intake {
     closed_bytes: u64,
     /// A segment is closed past this size ([`SEGMENT_BYTES`]; smaller in tests).
     segment_bytes: u64,
+    /// The bytes of the current segment's file that were zero-filled and synced before use.
+    capacity: u64,
+    /// The next segment, being zero-filled on a thread of its own (see [`prepare`]).
+    next: Option<(u64, std::thread::JoinHandle<std::io::Result<File>>)>,
     sizes: BTreeMap<u64, u64>,
     /// Whether bytes were written since the last `fdatasync`.
     unsynced: bool,
@@ -221,7 +225,11 @@ impl Intake {
                     }
                 }
             }
-            torn_bytes += (bytes.len() - at) as u64;
+            // A segment is zero-filled ahead of use: zeros after the last record are room, not
+            // a torn write.
+            let rest = &bytes[at..];
+            let zeros = rest.iter().rev().take_while(|&&b| b == 0).count();
+            torn_bytes += (rest.len() - zeros) as u64;
         }
         let mut events: Vec<(i64, i64, Prepared, bool)> = events
             .into_iter()
@@ -244,12 +252,14 @@ impl Intake {
     pub(crate) fn open(db: &Path) -> std::io::Result<Intake> {
         let old = segments_of(db)?;
         let first = old.last().map_or(0, |(n, _)| n + 1);
-        let file = create_segment(db, first)?;
+        remove_unused_prepared(db)?;
+        let file = prepare(db, first, SEGMENT_BYTES)?;
+        std::fs::rename(prepared_path(db, first), segment_path(db, first))?;
         for (_, path) in &old {
             std::fs::remove_file(path)?;
         }
         sync_folder(db)?;
-        Ok(Intake {
+        let mut intake = Intake {
             db: db.to_owned(),
             file,
             current: first,
@@ -257,6 +267,8 @@ impl Intake {
             len: 0,
             closed_bytes: 0,
             segment_bytes: SEGMENT_BYTES,
+            capacity: SEGMENT_BYTES,
+            next: None,
             sizes: BTreeMap::new(),
             unsynced: false,
             buf: Vec::new(),
@@ -265,7 +277,21 @@ impl Intake {
             keys: HashMap::new(),
             waiting: HashMap::new(),
             undo: Vec::new(),
-        })
+        };
+        intake.prepare_next();
+        Ok(intake)
+    }
+
+    /// Starts zero-filling the segment after the current one.
+    fn prepare_next(&mut self) {
+        let (db, n, size) = (self.db.clone(), self.current + 1, self.segment_bytes);
+        let thread = std::thread::Builder::new()
+            .name("hubgate-spool-seg".to_owned())
+            .spawn(move || prepare(&db, n, size));
+        match thread {
+            Ok(t) => self.next = Some((n, t)),
+            Err(e) => tracing::warn!(error = %e, "spool: cannot start preparing an intake segment"),
+        }
     }
 
     /// Bytes in the segments kept, and in this batch so far.
@@ -399,7 +425,7 @@ impl Intake {
         let before = self.len;
         let result = (|| {
             if !self.buf.is_empty() {
-                self.file.write_all(&self.buf)?;
+                self.file.write_all_at(&self.buf, self.len)?;
                 self.len += self.buf.len() as u64;
                 self.unsynced = true;
             }
@@ -423,13 +449,19 @@ impl Intake {
     }
 
     /// Cuts the file back to `len` (a batch whose database commit failed after its records were
-    /// written): what it held must not come back at the next start.
+    /// written): what it held must not come back at the next start. (The zero-filled room past
+    /// it becomes a hole, which reads as zeros too.)
     pub(crate) fn cut(&mut self, len: u64) {
         if self.len == len {
             return;
         }
         let file = &self.file;
-        match file.set_len(len).and_then(|()| file.sync_data()) {
+        let room = self.capacity.max(len);
+        match file
+            .set_len(len)
+            .and_then(|()| file.set_len(room))
+            .and_then(|()| file.sync_data())
+        {
             Ok(()) => self.len = len,
             Err(e) => tracing::warn!(
                 error = %e,
@@ -478,14 +510,34 @@ impl Intake {
             return;
         }
         let next = self.current + 1;
-        match create_segment(&self.db, next).and_then(|f| sync_folder(&self.db).map(|()| f)) {
-            Ok(file) => {
+        // The prepared segment (its thread has had the whole current segment's time); if its
+        // preparation failed, a segment that grows as it is written.
+        let prepared = match self.next.take() {
+            Some((n, thread)) if n == next => thread
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the preparing thread panicked")))
+                .map(|f| (f, self.segment_bytes)),
+            _ => Err(std::io::Error::other("not prepared")),
+        };
+        let file = match prepared {
+            Ok(ready) => std::fs::rename(prepared_path(&self.db, next), segment_path(&self.db, next))
+                .map(|()| ready),
+            Err(e) => Err(e),
+        }
+        .or_else(|e| {
+            tracing::debug!(error = %e, segment = next, "spool: intake segment not prepared; it grows as written");
+            create_segment(&self.db, next).map(|f| (f, 0))
+        });
+        match file.and_then(|f| sync_folder(&self.db).map(|()| f)) {
+            Ok((file, capacity)) => {
                 self.sizes.insert(self.current, self.len);
                 self.closed_bytes += self.len;
                 self.file = file;
+                self.capacity = capacity;
                 self.current = next;
                 self.len = 0;
                 self.live.insert(next, 0);
+                self.prepare_next();
             }
             // The current segment grows on; the next batch tries again.
             Err(e) => tracing::warn!(error = %e, "spool: cannot start a new intake segment"),
@@ -520,14 +572,61 @@ impl Intake {
     }
 }
 
-/// Creates segment `n`, owner-only.
+/// Creates segment `n`, owner-only, empty.
 fn create_segment(db: &Path, n: u64) -> std::io::Result<File> {
     OpenOptions::new()
-        .append(true)
+        .write(true)
         .create(true)
-        .truncate(false)
+        .truncate(true)
         .mode(0o600)
         .open(segment_path(db, n))
+}
+
+/// Where segment `n` is prepared before it is renamed into place.
+fn prepared_path(db: &Path, n: u64) -> PathBuf {
+    beside(db, &format!(".intake-{n}.next"))
+}
+
+/// Prepares segment `n` under [`prepared_path`]: `size` bytes of zeros, synced. Records then
+/// overwrite zeros of a file whose size and blocks do not change, so a batch's `fdatasync`
+/// writes the data alone; on a growing file it also writes the inode, a second synchronous
+/// write (measured here: half the CPU and latency of each `fdatasync`). Recovery reads zeros
+/// after the last record as room, and a length of zero ends a segment's records.
+fn prepare(db: &Path, n: u64, size: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(prepared_path(db, n))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], at)?;
+        at += n;
+    }
+    file.sync_data()?;
+    Ok(file)
+}
+
+/// Deletes segments a previous process prepared and never used.
+fn remove_unused_prepared(db: &Path) -> std::io::Result<()> {
+    let Some(name) = db.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    let prefix = format!("{name}.intake-");
+    for entry in std::fs::read_dir(folder_of(db))? {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        if file_name
+            .to_str()
+            .is_some_and(|f| f.starts_with(&prefix) && f.ends_with(".next"))
+        {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Adds the events the journal of the spool at `db` holds to `summary` (what another process
@@ -769,7 +868,15 @@ mod tests {
         intake.hold(2, true, 5_000, event(2), true);
         intake.write(true).unwrap();
         drop(intake);
-        let whole = std::fs::read(&path).unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(file.len() as u64, SEGMENT_BYTES, "zero-filled ahead");
+        assert_eq!(
+            Intake::recover(&db).unwrap().torn_bytes,
+            0,
+            "zeros are room"
+        );
+        let whole =
+            file[..file.len() - file.iter().rev().take_while(|&&b| b == 0).count()].to_vec();
         // Every cut inside the second record recovers the first one only.
         let first_len = 8 + u32::from_le_bytes(whole[..4].try_into().unwrap()) as usize;
         for cut in [first_len + 1, first_len + 8, whole.len() - 1] {
@@ -787,6 +894,51 @@ mod tests {
         // No files: nothing to recover.
         std::fs::remove_file(&path).unwrap();
         assert_eq!(Intake::recover(&db).unwrap().events.len(), 0);
+    }
+
+    #[test]
+    fn segments_are_zero_filled_ahead_and_a_failed_batch_leaves_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("spool.db");
+        let mut intake = Intake::open(&db).unwrap();
+        intake.begin();
+        intake.hold(1, true, 5_000, event(1), true);
+        intake.write(true).unwrap();
+        let kept = intake.len();
+        // A batch whose commit failed: its record is cut back out.
+        intake.begin();
+        intake.hold(2, true, 5_000, event(2), true);
+        intake.write(true).unwrap();
+        intake.cut(kept);
+        let r = Intake::recover(&db).unwrap();
+        assert_eq!((r.events.len(), r.torn_bytes), (1, 0));
+        assert_eq!(
+            std::fs::metadata(segment_path(&db, 0)).unwrap().len(),
+            SEGMENT_BYTES
+        );
+        // Filled past its size: the prepared segment takes over, and the next is prepared.
+        intake.begin();
+        intake.hold(3, true, 5_000, event(3), true);
+        intake.write(true).unwrap();
+        intake.segment_bytes = 1;
+        intake.maybe_roll();
+        assert_eq!(intake.segments(), (0, 1));
+        assert_eq!(
+            std::fs::metadata(segment_path(&db, 1)).unwrap().len(),
+            SEGMENT_BYTES
+        );
+        assert!(!prepared_path(&db, 1).exists());
+        intake.begin();
+        intake.hold(4, true, 5_000, event(4), true);
+        intake.write(true).unwrap();
+        let r = Intake::recover(&db).unwrap();
+        let ids: Vec<i64> = r.events.iter().map(|e| e.0).collect();
+        assert_eq!((ids, r.torn_bytes), (vec![1, 3, 4], 0));
+        // What a process prepared and never used is deleted by the next one.
+        drop(intake);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let _next = Intake::open(&db).unwrap();
+        assert!(!prepared_path(&db, 2).exists());
     }
 
     #[test]
