@@ -890,7 +890,17 @@ async fn a_queue_waiting_for_delivery_room_stays_in_the_journal() {
     let mut s = settings(&dir);
     s.max_concurrency_per_route = 2;
     let spool = Spool::open(s).unwrap();
-    let fake = Fake::slow(Duration::from_millis(5), |_| DeliveryOutcome::Done);
+    // An event that waited in memory goes out with everything it came with.
+    let fake = Fake::slow(Duration::from_millis(5), |e| {
+        let want = event("/a", "");
+        if (&e.headers, &e.query, &e.client_identity)
+            == (&want.headers, &want.query, &want.client_identity)
+        {
+            DeliveryOutcome::Done
+        } else {
+            DeliveryOutcome::Permanent(format!("sent without what it came with: {e:?}"))
+        }
+    });
     let (stop, stopped) = watch::channel(false);
     let task = spool.start_delivery(fake.clone(), stopped);
     eventually("the first claim", || spool.stats().jobs >= 1).await;

@@ -102,8 +102,8 @@ fn sync_folder(db: &Path) -> std::io::Result<()> {
 
 /// An event the journal holds and the database does not.
 pub(crate) struct Held {
-    /// Its fields as the database would store them (`headers` left empty: the encoded form is
-    /// what is kept).
+    /// Its fields as the database would store them; `headers` (decoded) only while it waits
+    /// for delivery room (one claimed at birth handed them to its delivery).
     pub event: Prepared,
     /// When it was accepted (the batch's time, as a row's `stored_ms`).
     pub stored_ms: i64,
@@ -112,14 +112,20 @@ pub(crate) struct Held {
 }
 
 impl Held {
-    /// The event as its first delivery attempt sees it.
-    pub(crate) fn to_stored(&self, id: i64) -> StoredEvent {
-        let e = &self.event;
+    /// The event as its first delivery attempt sees it, taking the decoded headers if it still
+    /// has them (else decoding the stored form: a claim undone by a failed batch took them).
+    pub(crate) fn take_stored(&mut self, id: i64) -> StoredEvent {
+        let e = &mut self.event;
+        let headers = if e.headers.is_empty() {
+            decode_headers(&e.encoded_headers)
+        } else {
+            std::mem::take(&mut e.headers)
+        };
         StoredEvent {
             id,
             route: e.route.clone(),
             body: e.body.clone(),
-            headers: decode_headers(&e.encoded_headers),
+            headers,
             query: e.query.clone(),
             client_identity: e.client_identity.clone(),
             received_at: from_unix_ms(e.received_ms),

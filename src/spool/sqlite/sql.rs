@@ -579,7 +579,6 @@ impl Prepared {
     }
 }
 
-/// When `key` was last accepted, if it was.
 /// Bytes the database holds in live pages (its size less the free list).
 pub(crate) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));

@@ -161,10 +161,10 @@ impl Ctx {
             let Some(id) = self.intake.next_waiting(route) else {
                 break;
             };
-            let Some(held) = self.intake.held.get(&id) else {
+            let Some(held) = self.intake.held.get_mut(&id) else {
                 break;
             };
-            self.born.push(held.to_stored(id));
+            self.born.push(held.take_stored(id));
             self.intake.claimed(id);
             self.flight.claim(id, route);
             self.stored = true;
