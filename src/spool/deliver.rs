@@ -269,6 +269,9 @@ pub(crate) async fn run(
             ),
         }
     }
+    if let Err(e) = spool.inner.store.settle().await {
+        debug!(error = %e, "spool: outcomes not settled at shutdown; the next start delivers those again");
+    }
     info!("spool: delivery stopped");
 }
 

@@ -43,6 +43,11 @@ pub(crate) trait Store: Operations {
     ) -> BoxFuture<'_, Result<Disposition, SpoolError>>;
     /// Puts interrupted attempts back to pending, due now.
     fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>>;
+    /// Returns once every outcome [`complete`](Store::complete) answered is recorded (a store
+    /// may record successes after answering).
+    fn settle(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Extends the claims of attempts still running (a no-op where claims do not expire).
     fn renew(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), SpoolError>>;
     /// Finishes what is under way and closes the store.

@@ -71,6 +71,9 @@ pub(crate) struct Handoff {
     next_due: AtomicI64,
     /// When the queue was last searched (so that replays made by another process are seen).
     last_search: Mutex<Option<Instant>>,
+    /// Events whose delivery succeeded, for the writer to record with its next batch (see
+    /// [`SqliteStore::complete`]).
+    delivered: Mutex<Vec<i64>>,
     /// Moves of what the writer holds in memory into the file (absorbs and chunks of keys),
     /// counted as each begins, before its commit: a summary that counted memory and then read
     /// the file across one would count the moved events or keys twice, and is taken again.
@@ -87,6 +90,26 @@ impl Handoff {
 
     pub(crate) fn lock_born(&self) -> MutexGuard<'_, Vec<StoredEvent>> {
         self.born.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a delivered event; whether the queue was empty (the writer must be woken).
+    fn push_delivered(&self, id: i64) -> bool {
+        let mut q = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+        q.push(id);
+        q.len() == 1
+    }
+
+    /// Takes every queued delivered event.
+    pub(crate) fn take_delivered(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts back delivered events whose batch failed.
+    pub(crate) fn return_delivered(&self, ids: Vec<i64>) {
+        self.delivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
     }
 
     /// Whether a claim must search the queue in the file.
@@ -141,6 +164,28 @@ impl SqliteStore {
             ops,
         })
     }
+}
+
+/// Records that event `id` was delivered: a forget record if the journal holds it (it never
+/// becomes a row), else its row deleted; its route's room goes to the next waiting event.
+pub(crate) fn record_delivered(
+    ctx: &mut writer::Ctx,
+    conn: &rusqlite::Connection,
+    id: i64,
+) -> rusqlite::Result<Disposition> {
+    if ctx.intake.held.contains_key(&id) {
+        if !ctx.flight.is_claimed(id) {
+            return Ok(Disposition::Stale);
+        }
+        ctx.intake.forget(id);
+    } else if !sql::delete_in_flight(conn, id)? {
+        return Ok(Disposition::Stale);
+    }
+    if let Some(route) = ctx.flight.end(id) {
+        ctx.claim_waiting(&route);
+    }
+    ctx.delta.delivered += 1;
+    Ok(Disposition::Delivered)
 }
 
 /// Stores one event in the writer's batch.
@@ -260,39 +305,31 @@ impl Store for SqliteStore {
         })
     }
 
+    /// A success is not waited for: its id is queued for the writer's next batch (woken if it
+    /// sleeps), which records it with whatever else it writes — the delivery's task ends at
+    /// once, and no batch, job or round trip is spent on it alone. It is bookkeeping without a
+    /// sync either way: lost to a crash, the event is delivered again (at least once). The
+    /// answer is `Delivered` (an outcome for an event no longer in flight is ignored when
+    /// recorded, as before). Failures are recorded at once, as jobs of their own.
     fn complete(
         &self,
         id: i64,
         outcome: DeliveryOutcome,
     ) -> BoxFuture<'_, Result<Disposition, SpoolError>> {
+        if outcome == DeliveryOutcome::Done {
+            if self.handoff.push_delivered(id) && self.tx.send(Msg::Wake).is_err() {
+                return Box::pin(async { Err(SpoolError::Closed) });
+            }
+            return Box::pin(async { Ok(Disposition::Delivered) });
+        }
         Box::pin(writer::call(&self.tx, 0, false, move |ctx, conn| {
             let now = ctx.now;
             if ctx.intake.held.contains_key(&id) {
                 if !ctx.flight.is_claimed(id) {
                     return Ok(Disposition::Stale);
                 }
-                if outcome == DeliveryOutcome::Done {
-                    // Delivered straight from the journal: a forget record, no row ever.
-                    ctx.intake.forget(id);
-                    if let Some(route) = ctx.flight.end(id) {
-                        ctx.claim_waiting(&route);
-                    }
-                    ctx.delta.delivered += 1;
-                    return Ok(Disposition::Delivered);
-                }
                 // Retries and dead letters are rows' business.
                 ctx.materialize(conn, id)?;
-            }
-            if outcome == DeliveryOutcome::Done {
-                // The common case, in one statement.
-                if !sql::delete_in_flight(conn, id)? {
-                    return Ok(Disposition::Stale);
-                }
-                if let Some(route) = ctx.flight.end(id) {
-                    ctx.claim_waiting(&route);
-                }
-                ctx.delta.delivered += 1;
-                return Ok(Disposition::Delivered);
             }
             let Some((attempts, since)) = sql::in_flight(conn, id)? else {
                 return Ok(Disposition::Stale);
@@ -315,6 +352,11 @@ impl Store for SqliteStore {
                 }
             }
         }))
+    }
+
+    /// Any job will do: queued successes are recorded first in the batch that runs it.
+    fn settle(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(writer::call(&self.tx, 0, false, |_, _| Ok(())))
     }
 
     fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>> {

@@ -268,9 +268,61 @@ where
     }
 }
 
+/// The successful deliveries queued since the last batch, as one job of bookkeeping (see
+/// `SqliteStore::complete`); a batch that fails puts them back in the queue.
+struct Delivered {
+    ids: Vec<i64>,
+    handoff: Arc<Handoff>,
+    ok: bool,
+}
+
+impl Delivered {
+    fn take(handoff: &Arc<Handoff>) -> Option<Box<dyn Job>> {
+        let ids = handoff.take_delivered();
+        (!ids.is_empty()).then(|| {
+            Box::new(Delivered {
+                ids,
+                handoff: handoff.clone(),
+                ok: false,
+            }) as Box<dyn Job>
+        })
+    }
+}
+
+impl Job for Delivered {
+    fn weight(&self) -> usize {
+        0
+    }
+
+    fn durable(&self) -> bool {
+        false
+    }
+
+    fn run(&mut self, ctx: &mut Ctx, conn: &Connection) -> Result<(), rusqlite::Error> {
+        for &id in &self.ids {
+            if super::record_delivered(ctx, conn, id)? == super::Disposition::Stale {
+                debug!(
+                    id,
+                    "spool: outcome for an event no longer in flight ignored"
+                );
+            }
+        }
+        self.ok = true;
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, batch: &Result<(), SpoolError>) {
+        if batch.is_err() || !self.ok {
+            self.handoff.return_delivered(self.ids);
+        }
+    }
+}
+
 /// What the writer's channel carries.
 pub(crate) enum Msg {
     Job(Box<dyn Job>),
+    /// Deliveries were queued in [`Handoff`]'s `delivered`: record them.
+    Wake,
     /// Finish the current batch, close the database and the lock, then answer.
     Close(oneshot::Sender<()>),
 }
@@ -531,6 +583,7 @@ fn run(
                     bytes += j.weight();
                     jobs.push(j);
                 }
+                Some(Msg::Wake) => {}
                 Some(Msg::Close(r)) => {
                     close = Some(r);
                     break;
@@ -558,12 +611,24 @@ fn run(
             let _ = ckpt.wrote.try_send(());
             merges.plan(&mut ctx);
         }
-        if jobs.is_empty() && !prune {
+        let delivered = Delivered::take(&ctx.handoff);
+        if jobs.is_empty() && !prune && delivered.is_none() {
             continue;
         }
         // Delivery bookkeeping first, in a batch of its own: it needs no fsync, and a delivery
         // that ended must not wait for the accepts' fsync before its route's next event can go.
-        let (durable, bookkeeping): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.durable());
+        // Successful deliveries, though, ride with the accepts when there are any (one
+        // transaction and one write for both; the route's next events go after that fsync).
+        let (mut durable, mut bookkeeping): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|j| j.durable());
+        // First in its batch, so that the jobs beside it (a summary, a settle) see them.
+        if let Some(d) = delivered {
+            if durable.is_empty() {
+                bookkeeping.insert(0, d);
+            } else {
+                durable.insert(0, d);
+            }
+        }
         if !bookkeeping.is_empty() && !durable.is_empty() {
             commit_batch(&conn, &mut ctx, &shared, bookkeeping, false);
             jobs = durable;
@@ -601,6 +666,10 @@ fn run(
     }
     // Jobs still queued are dropped with the receiver: their waiters see `Closed`.
     drop(rx);
+    // Deliveries that ended since the last batch are recorded before everything becomes rows.
+    if let Some(d) = Delivered::take(&ctx.handoff) {
+        commit_batch(&conn, &mut ctx, &shared, vec![d], false);
+    }
     // Everything the journal holds becomes a row, so that what follows deals with rows only.
     absorb(&conn, &mut ctx, &shared, true);
     unclaim_untaken(&conn, &ctx);
