@@ -170,7 +170,7 @@ impl SqliteStore {
 /// becomes a row), else its row deleted; its route's room goes to the next waiting event.
 pub(crate) fn record_delivered(
     ctx: &mut writer::Ctx,
-    conn: &rusqlite::Connection,
+    tx: &writer::Tx<'_>,
     id: i64,
 ) -> rusqlite::Result<Disposition> {
     if ctx.intake.held.contains_key(&id) {
@@ -178,7 +178,7 @@ pub(crate) fn record_delivered(
             return Ok(Disposition::Stale);
         }
         ctx.intake.forget(id);
-    } else if !sql::delete_in_flight(conn, id)? {
+    } else if !sql::delete_in_flight(tx.conn()?, id)? {
         return Ok(Disposition::Stale);
     }
     if let Some(route) = ctx.flight.end(id) {
@@ -196,7 +196,7 @@ pub(crate) fn record_delivered(
 /// started), it is a pending row in the file's queue.
 fn insert_one(
     ctx: &mut writer::Ctx,
-    conn: &rusqlite::Connection,
+    tx: &writer::Tx<'_>,
     mut prepared: sql::Prepared,
 ) -> rusqlite::Result<Accepted> {
     let dedupe = !ctx.settings.dedupe_window.is_zero();
@@ -218,7 +218,7 @@ fn insert_one(
         }
         ctx.intake.hold(id, born, ctx.now, prepared, dedupe);
     } else {
-        sql::insert_event(conn, &prepared, id, ctx.now, sql::Insert::Pending)?;
+        sql::insert_event(tx.conn()?, &prepared, id, ctx.now, sql::Insert::Pending)?;
         if dedupe {
             ctx.row_keys.push((prepared.key, ctx.now, id));
         }
@@ -251,11 +251,11 @@ impl Store for SqliteStore {
                 })
                 .collect();
             from.reverse();
-            writer::call(&self.tx, weight, true, move |ctx, conn| {
+            writer::call(&self.tx, weight, true, move |ctx, tx| {
                 let mut answers = Vec::with_capacity(prepared.len());
                 let mut checked = false;
                 for (p, size) in prepared.into_iter().zip(from) {
-                    if ctx.seen(conn, &p.key)? {
+                    if ctx.seen(tx.reader(), &p.key)? {
                         answers.push(Accepted::Duplicate);
                         continue;
                     }
@@ -264,14 +264,14 @@ impl Store for SqliteStore {
                         // The size cap refuses these events only (all of them: nothing of
                         // theirs is written yet); the rest of the batch commits.
                         if let Some(max) = ctx.settings.max_size_bytes {
-                            if sql::used_bytes(conn)? + ctx.intake.bytes() + size > max {
+                            if sql::used_bytes(tx.reader())? + ctx.intake.bytes() + size > max {
                                 return Ok(Err(SpoolError::Full {
                                     path: ctx.settings.path.clone(),
                                 }));
                             }
                         }
                     }
-                    answers.push(insert_one(ctx, conn, p)?);
+                    answers.push(insert_one(ctx, tx, p)?);
                 }
                 let duplicates = answers
                     .iter()
@@ -322,7 +322,8 @@ impl Store for SqliteStore {
             }
             return Box::pin(async { Ok(Disposition::Delivered) });
         }
-        Box::pin(writer::call(&self.tx, 0, false, move |ctx, conn| {
+        Box::pin(writer::call(&self.tx, 0, false, move |ctx, tx| {
+            let conn = tx.conn()?;
             let now = ctx.now;
             if ctx.intake.held.contains_key(&id) {
                 if !ctx.flight.is_claimed(id) {
@@ -360,7 +361,8 @@ impl Store for SqliteStore {
     }
 
     fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>> {
-        Box::pin(writer::call(&self.tx, 0, false, move |ctx, conn| {
+        Box::pin(writer::call(&self.tx, 0, false, move |ctx, tx| {
+            let conn = tx.conn()?;
             let mut n = 0;
             for id in ids {
                 ctx.materialize(conn, id)?;
@@ -477,7 +479,8 @@ fn held_counts(ctx: &writer::Ctx) -> Vec<(String, EventState, u64, i64)> {
 
 /// The writer's side of a claim: due events from every route's queue, as many as the route
 /// has room for; a route whose due events all fit leaves the backlog.
-fn search_queue(ctx: &mut writer::Ctx, conn: &rusqlite::Connection) -> rusqlite::Result<Claimed> {
+fn search_queue(ctx: &mut writer::Ctx, tx: &writer::Tx<'_>) -> rusqlite::Result<Claimed> {
+    let conn = tx.conn()?;
     let max = ctx.settings.max_concurrency_per_route.max(1);
     let mut events = Vec::new();
     let mut next_due: Option<i64> = None;

@@ -214,6 +214,38 @@ impl Ctx {
     }
 }
 
+/// A batch's transaction, begun only when one of its jobs writes to the database: a batch
+/// of accepts and deliveries that the journal holds alone costs no `BEGIN`/`COMMIT` (and
+/// their locks).
+pub(crate) struct Tx<'c> {
+    conn: &'c Connection,
+    begun: std::cell::Cell<bool>,
+}
+
+impl<'c> Tx<'c> {
+    fn new(conn: &'c Connection) -> Tx<'c> {
+        Tx {
+            conn,
+            begun: std::cell::Cell::new(false),
+        }
+    }
+
+    /// The connection inside the batch's transaction (begun now if need be).
+    pub fn conn(&self) -> rusqlite::Result<&'c Connection> {
+        if !self.begun.get() {
+            cached(self.conn, "BEGIN IMMEDIATE")?;
+            self.begun.set(true);
+        }
+        Ok(self.conn)
+    }
+
+    /// The connection for reads that need no transaction: only this writer changes what they
+    /// read (the de-duplication keys' runs).
+    pub fn reader(&self) -> &'c Connection {
+        self.conn
+    }
+}
+
 /// One unit of work for the writer.
 pub(crate) trait Job: Send {
     /// Body bytes it writes, for the batch's byte budget.
@@ -221,8 +253,9 @@ pub(crate) trait Job: Send {
     /// Whether its commit must be on disk before it is answered (accepts). Bookkeeping of
     /// deliveries is not: see [`commit_batch`].
     fn durable(&self) -> bool;
-    /// Runs inside the batch's transaction. An error here fails the batch.
-    fn run(&mut self, ctx: &mut Ctx, conn: &Connection) -> Result<(), rusqlite::Error>;
+    /// Runs in the batch (its writes inside the batch's transaction, [`Tx::conn`]). An error
+    /// here fails the batch.
+    fn run(&mut self, ctx: &mut Ctx, tx: &Tx<'_>) -> Result<(), rusqlite::Error>;
     /// Answers the waiter once the batch committed (`Ok`) or failed.
     fn finish(self: Box<Self>, batch: &Result<(), SpoolError>);
 }
@@ -238,7 +271,7 @@ struct FnJob<T, F> {
 impl<T, F> Job for FnJob<T, F>
 where
     T: Send,
-    F: FnOnce(&mut Ctx, &Connection) -> rusqlite::Result<T> + Send,
+    F: FnOnce(&mut Ctx, &Tx<'_>) -> rusqlite::Result<T> + Send,
 {
     fn weight(&self) -> usize {
         self.weight
@@ -248,13 +281,13 @@ where
         self.durable
     }
 
-    fn run(&mut self, ctx: &mut Ctx, conn: &Connection) -> Result<(), rusqlite::Error> {
+    fn run(&mut self, ctx: &mut Ctx, tx: &Tx<'_>) -> Result<(), rusqlite::Error> {
         let Some(f) = self.f.take() else {
             return Ok(());
         };
         // A storage error fails the whole batch: SQLite may have rolled the transaction back
         // (SQLITE_FULL, I/O errors), so everyone in the batch gets the error.
-        self.out = Some(Ok(f(ctx, conn)?));
+        self.out = Some(Ok(f(ctx, tx)?));
         Ok(())
     }
 
@@ -298,9 +331,9 @@ impl Job for Delivered {
         false
     }
 
-    fn run(&mut self, ctx: &mut Ctx, conn: &Connection) -> Result<(), rusqlite::Error> {
+    fn run(&mut self, ctx: &mut Ctx, tx: &Tx<'_>) -> Result<(), rusqlite::Error> {
         for &id in &self.ids {
-            if super::record_delivered(ctx, conn, id)? == super::Disposition::Stale {
+            if super::record_delivered(ctx, tx, id)? == super::Disposition::Stale {
                 debug!(
                     id,
                     "spool: outcome for an event no longer in flight ignored"
@@ -337,7 +370,7 @@ pub(crate) async fn call<T, F>(
 ) -> Result<T, SpoolError>
 where
     T: Send + 'static,
-    F: FnOnce(&mut Ctx, &Connection) -> rusqlite::Result<T> + Send + 'static,
+    F: FnOnce(&mut Ctx, &Tx<'_>) -> rusqlite::Result<T> + Send + 'static,
 {
     let (reply, answer) = oneshot::channel();
     let job = FnJob {
@@ -1029,24 +1062,26 @@ fn commit_batch(
     let changes_before = conn.total_changes();
     // BEGIN and COMMIT as cached statements: rusqlite's `Transaction` parses them anew for
     // every batch (bench/cost.sh showed it).
+    let tx = Tx::new(conn);
     let result = (|| -> Result<(), BatchError> {
-        cached(conn, "BEGIN IMMEDIATE")?;
         if prune {
             let cutoff = ctx
                 .now
                 .saturating_sub(duration_ms(ctx.settings.dedupe_window));
-            pruned = Some(ctx.runs.expire(conn, cutoff)?);
+            pruned = Some(ctx.runs.expire(tx.conn()?, cutoff)?);
         }
         for job in jobs.iter_mut() {
-            job.run(ctx, conn)?;
+            job.run(ctx, &tx)?;
         }
         if !ctx.row_keys.is_empty() {
-            new_run = KeyRuns::write(conn, &mut ctx.row_keys)?;
+            new_run = KeyRuns::write(tx.conn()?, &mut ctx.row_keys)?;
         }
         let started = Instant::now();
         // The journal first: its records are durable before the rows that may refer to them.
         synced_journal = ctx.intake.write(durable).map_err(BatchError::Intake)?;
-        cached(conn, "COMMIT")?;
+        if tx.begun.get() {
+            cached(conn, "COMMIT")?;
+        }
         commit_time = started.elapsed();
         Ok(())
     })();
