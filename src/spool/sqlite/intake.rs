@@ -134,6 +134,16 @@ impl Held {
     }
 }
 
+impl Drop for Intake {
+    /// Waits for the segment being prepared: a spool opened again in this process must not
+    /// find a thread still writing zeros into the file it prepares anew.
+    fn drop(&mut self) {
+        if let Some((_, thread)) = self.next.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// What a failed batch takes back.
 enum Undo {
     Held(i64),
@@ -444,7 +454,8 @@ impl Intake {
         })();
         self.buf.clear();
         if result.is_err() {
-            self.cut(before);
+            // Part of the batch may have reached the file: whatever did is taken back out.
+            self.truncate(before);
         }
         result
     }
@@ -458,9 +469,13 @@ impl Intake {
     /// written): what it held must not come back at the next start. (The zero-filled room past
     /// it becomes a hole, which reads as zeros too.)
     pub(crate) fn cut(&mut self, len: u64) {
-        if self.len == len {
-            return;
+        if self.len != len {
+            self.truncate(len);
         }
+    }
+
+    /// Makes the current segment end at `len`, synced: nothing past it comes back.
+    fn truncate(&mut self, len: u64) {
         let file = &self.file;
         let room = self.capacity.max(len);
         match file

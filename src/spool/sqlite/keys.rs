@@ -655,6 +655,26 @@ mod tests {
     }
 
     #[test]
+    fn a_merge_whose_runs_expired_meanwhile_deletes_nothing_newer() {
+        let (dir, conn) = spool();
+        let mut runs = KeyRuns::default();
+        for r in 0..FANOUT as u64 {
+            write(&conn, &mut runs, &[(key(r), 100, r as i64)]);
+        }
+        let req = runs.plan(0).unwrap();
+        // The window passes while the merge is made: its runs are deleted before it reads
+        // them, and a new run is written before it comes back (whose id must not be one the
+        // merge names).
+        assert_eq!(runs.expire(&conn, 1_000).unwrap(), FANOUT as u64);
+        let reader = super::super::sql::open_reader(&dir.path().join("spool.db")).unwrap();
+        let merged = merge(&reader, req).unwrap();
+        write(&conn, &mut runs, &[(key(99), 2_000, 99)]);
+        runs.apply(&conn, merged).unwrap();
+        assert!(runs.contains_since(&conn, &key(99), 2_000).unwrap());
+        assert_eq!((runs.len(), stored_keys(&conn)), (1, 1));
+    }
+
+    #[test]
     fn runs_past_the_window_are_deleted_whole() {
         let (_dir, conn) = spool();
         let mut runs = KeyRuns::default();

@@ -104,6 +104,15 @@ impl Handoff {
         std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Whether delivered events wait to be recorded.
+    pub(crate) fn has_delivered(&self) -> bool {
+        !self
+            .delivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// Puts back delivered events whose batch failed.
     pub(crate) fn return_delivered(&self, ids: Vec<i64>) {
         self.delivered

@@ -24,7 +24,7 @@
 //! CREATE INDEX events_due ON events (route, next_attempt_ms, id) WHERE state = 'pending';
 //! CREATE INDEX events_dead ON events (updated_ms) WHERE state = 'dead';
 //! CREATE TABLE key_runs (                                 -- de-duplication keys (`keys`)
-//!     id        INTEGER PRIMARY KEY,
+//!     id        INTEGER PRIMARY KEY AUTOINCREMENT,         -- never reused: merges name theirs
 //!     level     INTEGER NOT NULL,                        -- merges it took to make
 //!     keys      INTEGER NOT NULL,
 //!     oldest_ms INTEGER NOT NULL,                        -- when its keys were accepted
@@ -99,7 +99,7 @@ CREATE INDEX IF NOT EXISTS events_due ON events (route, next_attempt_ms, id)
     WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS events_dead ON events (updated_ms) WHERE state = 'dead';
 CREATE TABLE IF NOT EXISTS key_runs (
-    id        INTEGER PRIMARY KEY,
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
     level     INTEGER NOT NULL,
     keys      INTEGER NOT NULL,
     oldest_ms INTEGER NOT NULL,

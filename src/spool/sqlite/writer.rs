@@ -139,6 +139,11 @@ pub(crate) struct Ctx {
     collectable: std::collections::VecDeque<(u64, u64)>,
     /// Segments below this may go (their keys are durable).
     collect_below: u64,
+    /// This batch made rows of held events.
+    materialized: bool,
+    /// No segment may go before this "chunk" is durable: a commit without a sync that made rows
+    /// of held events (their segments are all that keeps them until the WAL is synced).
+    rows_chunk: u64,
     rng: Rng,
 }
 
@@ -184,6 +189,7 @@ impl Ctx {
             return Ok(false);
         };
         store::insert_event(conn, &held.event, id, held.stored_ms, how)?;
+        self.materialized = true;
         Ok(true)
     }
 
@@ -408,6 +414,8 @@ pub(crate) fn spawn(
         key_sync: Arc::new(KeySync::default()),
         collectable: std::collections::VecDeque::new(),
         collect_below: 0,
+        materialized: false,
+        rows_chunk: 0,
         routes,
         settings,
         now: 0,
@@ -593,7 +601,8 @@ fn run(
     merges.plan(&mut ctx);
     while close.is_none() {
         let mut wait = PRUNE_EVERY;
-        if ctx.runs.merging() {
+        // A merge under way, or deliveries a failed batch put back: look again soon.
+        if ctx.runs.merging() || ctx.handoff.has_delivered() {
             wait = MERGE_POLL;
         }
         if !ctx.intake.keys.is_empty() {
@@ -650,16 +659,17 @@ fn run(
         }
         // Delivery bookkeeping first, in a batch of its own: it needs no fsync, and a delivery
         // that ended must not wait for the accepts' fsync before its route's next event can go.
-        // Successful deliveries, though, ride with the accepts when there are any (one
-        // transaction and one write for both; the route's next events go after that fsync).
+        // Successful deliveries ride with the first batch: the accepts' when there is no other
+        // bookkeeping (one transaction, if any, and one write for both).
         let (mut durable, mut bookkeeping): (Vec<_>, Vec<_>) =
             jobs.into_iter().partition(|j| j.durable());
-        // First in its batch, so that the jobs beside it (a summary, a settle) see them.
+        // First in the first batch, so that every job after it (a summary, a claim, a settle)
+        // sees them.
         if let Some(d) = delivered {
-            if durable.is_empty() {
-                bookkeeping.insert(0, d);
-            } else {
+            if bookkeeping.is_empty() {
                 durable.insert(0, d);
+            } else {
+                bookkeeping.insert(0, d);
             }
         }
         if !bookkeeping.is_empty() && !durable.is_empty() {
@@ -854,9 +864,13 @@ fn journal_keys(ctx: &Ctx) -> Vec<Entry> {
         .collect()
 }
 
-/// Deletes the segments the journal no longer needs whose keys are durable.
+/// Deletes the segments the journal no longer needs whose keys are durable (and none while
+/// rows made of held events are not: see `Ctx::rows_chunk`).
 fn collect(ctx: &mut Ctx) {
     let durable = ctx.key_sync.durable.load(Ordering::SeqCst);
+    if durable < ctx.rows_chunk {
+        return;
+    }
     while let Some(&(chunk, below)) = ctx.collectable.front() {
         if chunk > durable {
             break;
@@ -1052,6 +1066,7 @@ fn commit_batch(
     ctx.delta = Delta::default();
     ctx.born.clear();
     ctx.row_keys.clear();
+    ctx.materialized = false;
     let flight_before = ctx.flight.clone();
     ctx.intake.begin();
     let journal_before = ctx.intake.len();
@@ -1123,6 +1138,11 @@ fn commit_batch(
             }
             if let Some(run) = new_run.take() {
                 ctx.runs.add(run);
+            }
+            if ctx.materialized && !durable {
+                // Counted like a chunk of keys: the checkpointer's next WAL sync makes it
+                // durable, and only then may segments go.
+                ctx.rows_chunk = ctx.key_sync.written.fetch_add(1, Ordering::SeqCst) + 1;
             }
             if ctx.stored {
                 shared.notify.notify_one();
