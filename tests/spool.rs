@@ -1125,9 +1125,12 @@ async fn crash_test(pad: usize) {
     segments.sort_unstable();
     eprintln!("crash test: journal segments left: {segments:?}");
     if pad > 0 {
-        // Every restart starts a segment of its own; more than that means segments filled up.
+        // Every restart starts a segment of its own (numbers 0 to CRASH_KILLS without a
+        // fill); past that, at least three segments filled up. (Four were asked before: a run
+        // alone ends at segment 10 to 15, at this build as at the one before it, but one beside
+        // the rest of the suite on a loaded machine ended at 8.)
         assert!(
-            segments.last().is_some_and(|&n| n > 2 * CRASH_KILLS as u64),
+            segments.last().is_some_and(|&n| n > CRASH_KILLS as u64 + 2),
             "seed {seed}: the journal never filled a segment: {segments:?}"
         );
     }
