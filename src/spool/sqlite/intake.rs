@@ -620,7 +620,11 @@ fn prepare(db: &Path, n: u64, size: u64) -> std::io::Result<File> {
         .truncate(true)
         .mode(0o600)
         .open(prepared_path(db, n))?;
-    let zeros = vec![0u8; 1 << 20];
+    // A page at a time: the page cache keeps what one write brings in as one folio, and a
+    // later record dirties (and a sync writes back) the whole folio it lands in — 1 MiB each
+    // when filled in 1 MiB writes (65 KiB written per 1.2 KiB record, measured), a page each
+    // this way (1.4 KiB, as for a file that grows).
+    let zeros = [0u8; 4096];
     let mut at = 0;
     while at < size {
         let n = (size - at).min(zeros.len() as u64);
