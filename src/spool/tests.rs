@@ -192,6 +192,44 @@ async fn accept_stores_and_dedupes_per_route() {
 }
 
 #[tokio::test]
+async fn keys_merged_into_fewer_runs_still_recognise_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(&dir)).unwrap();
+    // Before deliveries start, each accept awaited alone is a batch of its own, and its key a
+    // run of its own: 40 runs, merged eight at a time by the merger thread.
+    for i in 0..40 {
+        let e = event("/a", &format!("merged {i}"));
+        assert!(matches!(spool.accept(e).await, Ok(Accepted::Stored(_))));
+    }
+    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
+    let runs = || -> (i64, i64, i64) {
+        db.query_row(
+            "SELECT count(*), coalesce(max(level), 0), coalesce(sum(keys), 0) FROM key_runs",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    eventually("the runs merged", || runs().0 <= 8).await;
+    let (count, level, keys) = runs();
+    assert_eq!((level, keys), (1, 40), "{count} runs");
+    for i in 0..40 {
+        let e = event("/a", &format!("merged {i}"));
+        assert_eq!(spool.accept(e).await.unwrap(), Accepted::Duplicate, "{i}");
+    }
+    assert_eq!(spool.summary().await.unwrap().dedupe_keys, 40);
+    // Loaded again from the runs by the next gate.
+    spool.close().await;
+    let spool = Spool::open(settings(&dir)).unwrap();
+    for i in (0..40).step_by(7) {
+        let e = event("/a", &format!("merged {i}"));
+        assert_eq!(spool.accept(e).await.unwrap(), Accepted::Duplicate, "{i}");
+    }
+    let e = event("/a", "merged 40");
+    assert!(matches!(spool.accept(e).await, Ok(Accepted::Stored(_))));
+}
+
+#[tokio::test]
 async fn dedupe_window_expires() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&dir);
