@@ -74,7 +74,7 @@ pub(crate) struct Handoff {
     /// Events whose delivery succeeded, for the writer to record with its next batch (see
     /// [`SqliteStore::complete`]).
     delivered: Mutex<Vec<i64>>,
-    /// Moves of what the writer holds in memory into the file (absorbs and chunks of keys),
+    /// Moves of what the writer holds in memory into the file (absorbs and runs of keys),
     /// counted as each begins, before its commit: a summary that counted memory and then read
     /// the file across one would count the moved events or keys twice, and is taken again.
     moves: AtomicU64,

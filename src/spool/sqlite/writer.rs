@@ -532,9 +532,10 @@ impl Checkpoints {
     }
 }
 
-/// The chunks of keys written with `synchronous=NORMAL` (numbered from 1) and how many of
-/// them are durable: the checkpointer syncs the WAL file, off the writer's path, and a segment
-/// of the journal may be deleted only once the keys of its events are durable.
+/// The commits made with `synchronous=NORMAL` whose durability a segment of the journal waits
+/// for — runs of keys, and bookkeeping that made rows of held events — numbered from 1 as
+/// "chunks", and how many of them are durable: the checkpointer syncs the WAL file, off the
+/// writer's path, and a segment may be deleted only once what it kept is durable elsewhere.
 #[derive(Default)]
 struct KeySync {
     written: std::sync::atomic::AtomicU64,
