@@ -71,27 +71,33 @@ pub(crate) fn segment_path(db: &Path, n: u64) -> PathBuf {
     beside(db, &format!(".intake-{n}"))
 }
 
-/// The journal's segments beside `db`, by number.
-fn segments_of(db: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let dir = folder_of(db);
+/// The journal's files beside `db`: what follows `<db>.intake-` in each name, and its path.
+fn journal_files(db: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let Some(name) = db.file_name().and_then(|n| n.to_str()) else {
         return Ok(Vec::new());
     };
     let prefix = format!("{name}.intake-");
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
+    for entry in std::fs::read_dir(folder_of(db))? {
         let entry = entry?;
-        let file_name = entry.file_name();
-        let Some(n) = file_name
+        if let Some(rest) = entry
+            .file_name()
             .to_str()
             .and_then(|f| f.strip_prefix(&prefix))
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        found.push((n, entry.path()));
+        {
+            found.push((rest.to_owned(), entry.path()));
+        }
     }
+    Ok(found)
+}
+
+/// The journal's segments beside `db`, by number.
+fn segments_of(db: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found: Vec<(u64, PathBuf)> = journal_files(db)?
+        .into_iter()
+        .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|(n, path)| Some((n.parse().ok()?, path)))
+        .collect();
     found.sort();
     Ok(found)
 }
@@ -637,18 +643,9 @@ fn prepare(db: &Path, n: u64, size: u64) -> std::io::Result<File> {
 
 /// Deletes segments a previous process prepared and never used.
 fn remove_unused_prepared(db: &Path) -> std::io::Result<()> {
-    let Some(name) = db.file_name().and_then(|n| n.to_str()) else {
-        return Ok(());
-    };
-    let prefix = format!("{name}.intake-");
-    for entry in std::fs::read_dir(folder_of(db))? {
-        let entry = entry?;
-        let file_name = entry.file_name();
-        if file_name
-            .to_str()
-            .is_some_and(|f| f.starts_with(&prefix) && f.ends_with(".next"))
-        {
-            std::fs::remove_file(entry.path())?;
+    for (rest, path) in journal_files(db)? {
+        if rest.ends_with(".next") {
+            std::fs::remove_file(path)?;
         }
     }
     Ok(())

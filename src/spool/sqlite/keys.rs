@@ -352,39 +352,25 @@ impl KeyRuns {
     /// key it did).
     pub(crate) fn apply(&mut self, conn: &Connection, merged: Merged) -> rusqlite::Result<()> {
         self.merging = false;
-        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        let result = (|| -> rusqlite::Result<Option<i64>> {
+        let id = super::writer::in_transaction(conn, || -> rusqlite::Result<_> {
             let mut delete = conn.prepare_cached("DELETE FROM key_runs WHERE id = ?1")?;
             for id in &merged.ids {
                 delete.execute(params![id])?;
             }
-            let id = if merged.records.is_empty() {
-                None
-            } else {
-                Some(insert(conn, merged.level, &merged.records, &merged.shape)?)
-            };
-            conn.prepare_cached("COMMIT")?.execute([])?;
-            Ok(id)
-        })();
-        match result {
-            Ok(id) => {
-                self.runs.retain(|r| !merged.ids.contains(&r.id));
-                if let Some(id) = id {
-                    self.runs.push(Run {
-                        id,
-                        level: merged.level,
-                        shape: merged.shape,
-                    });
-                }
-                Ok(())
+            if merged.records.is_empty() {
+                return Ok(None);
             }
-            Err(e) => {
-                if !conn.is_autocommit() {
-                    let _ = conn.execute_batch("ROLLBACK");
-                }
-                Err(e)
-            }
+            insert(conn, merged.level, &merged.records, &merged.shape).map(Some)
+        })?;
+        self.runs.retain(|r| !merged.ids.contains(&r.id));
+        if let Some(id) = id {
+            self.runs.push(Run {
+                id,
+                level: merged.level,
+                shape: merged.shape,
+            });
         }
+        Ok(())
     }
 }
 

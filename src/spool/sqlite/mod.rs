@@ -92,33 +92,30 @@ impl Handoff {
         self.born.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_delivered(&self) -> MutexGuard<'_, Vec<i64>> {
+        self.delivered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Queues a delivered event; whether the queue was empty (the writer must be woken).
     fn push_delivered(&self, id: i64) -> bool {
-        let mut q = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.lock_delivered();
         q.push(id);
         q.len() == 1
     }
 
     /// Takes every queued delivered event.
     pub(crate) fn take_delivered(&self) -> Vec<i64> {
-        std::mem::take(&mut *self.delivered.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.lock_delivered())
     }
 
     /// Whether delivered events wait to be recorded.
     pub(crate) fn has_delivered(&self) -> bool {
-        !self
-            .delivered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        !self.lock_delivered().is_empty()
     }
 
     /// Puts back delivered events whose batch failed.
     pub(crate) fn return_delivered(&self, ids: Vec<i64>) {
-        self.delivered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(ids);
+        self.lock_delivered().extend(ids);
     }
 
     /// Whether a claim must search the queue in the file.

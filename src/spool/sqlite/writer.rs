@@ -683,9 +683,11 @@ fn run(
                 durable
             };
         }
+        let runs_before = ctx.runs.len();
         let pruned = commit_batch(&conn, &mut ctx, &shared, jobs, prune);
         let _ = ckpt.wrote.try_send(());
-        if ctx.runs.len() >= keys::FANOUT {
+        // Keys of events made rows directly (before deliveries start) are a run of the batch.
+        if ctx.runs.len() > runs_before {
             merges.plan(&mut ctx);
         }
         // Looked at every WAL_CHECK_EVERY, not after every batch (a `statx` each: 2 % of the
@@ -738,22 +740,19 @@ fn unclaim_untaken(conn: &Connection, ctx: &Ctx) {
         return;
     }
     let now = now_ms();
-    let result = (|| -> rusqlite::Result<usize> {
-        cached(conn, "BEGIN IMMEDIATE")?;
+    let result = in_transaction(conn, || -> rusqlite::Result<usize> {
         let mut n = 0;
         for e in &untaken {
             n += usize::from(store::unclaim_born(conn, e.id, now)?);
         }
-        cached(conn, "COMMIT")?;
         Ok(n)
-    })();
+    });
     match result {
         Ok(n) => debug!(
             events = n,
             "spool: undelivered events claimed at birth are pending again"
         ),
         Err(e) => {
-            let _ = cached(conn, "ROLLBACK");
             warn!(error = %e, "spool: could not put events claimed at birth back; the next start will");
         }
     }
@@ -762,6 +761,22 @@ fn unclaim_untaken(conn: &Connection, ctx: &Ctx) {
 /// Runs a statement without parameters or rows through the statement cache.
 fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Runs `f` in a write transaction of its own, committed if it succeeds, rolled back (if
+/// SQLite has not already) if anything fails.
+pub(crate) fn in_transaction<T, E: From<rusqlite::Error>>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let result = cached(conn, "BEGIN IMMEDIATE")
+        .map_err(E::from)
+        .and_then(|()| f())
+        .and_then(|t| cached(conn, "COMMIT").map(|()| t).map_err(E::from));
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = cached(conn, "ROLLBACK");
+    }
+    result
 }
 
 /// Why a batch failed.
@@ -829,14 +844,12 @@ fn write_keys(conn: &Connection, ctx: &mut Ctx) -> bool {
     let mut entries = journal_keys(ctx);
     // Counted before the keys can reach the file (see `Handoff::moves`).
     ctx.handoff.moves.fetch_add(1, Ordering::SeqCst);
-    let result = (|| -> rusqlite::Result<_> {
-        cached(conn, "BEGIN IMMEDIATE")?;
+    let result = in_transaction(conn, || -> rusqlite::Result<_> {
         let run = KeyRuns::write(conn, &mut entries)?;
         // Ids are never reused, also those of delivered events whose segments are gone.
         store::save_next_id(conn, ctx.next_id)?;
-        cached(conn, "COMMIT")?;
         Ok(run)
-    })();
+    });
     match result {
         Ok(run) => {
             ctx.intake.keys.clear();
@@ -847,9 +860,6 @@ fn write_keys(conn: &Connection, ctx: &mut Ctx) -> bool {
             true
         }
         Err(e) => {
-            if !conn.is_autocommit() {
-                let _ = cached(conn, "ROLLBACK");
-            }
             warn!(error = %e, "spool: writing de-duplication keys failed; trying again shortly");
             false
         }
@@ -946,8 +956,7 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     // Counted before anything can reach the file (see `Handoff::moves`).
     ctx.handoff.moves.fetch_add(1, Ordering::SeqCst);
     let mut entries = journal_keys(ctx);
-    let result = (|| -> Result<_, BatchError> {
-        cached(conn, "BEGIN IMMEDIATE")?;
+    let result = in_transaction(conn, || -> Result<_, BatchError> {
         for &id in &evict {
             if !ctx.flight.is_claimed(id) {
                 if let Some(h) = ctx.intake.held.get(&id) {
@@ -960,9 +969,8 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
         store::save_next_id(conn, ctx.next_id)?;
         // The forget records of what became rows, before the rows.
         ctx.intake.write(true).map_err(BatchError::Intake)?;
-        cached(conn, "COMMIT")?;
         Ok(run)
-    })();
+    });
     match result {
         Ok(run) => {
             ctx.intake.keys.clear();
@@ -982,9 +990,6 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
             collect(ctx);
         }
         Err(e) => {
-            if !conn.is_autocommit() {
-                let _ = cached(conn, "ROLLBACK");
-            }
             ctx.intake.cut(journal_before);
             ctx.intake.rollback();
             warn!(error = %e, "spool: absorbing the intake journal failed; trying again shortly");
