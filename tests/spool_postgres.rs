@@ -189,6 +189,59 @@ async fn the_same_body_accepted_by_two_gates_at_once_is_stored_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_at_once_share_statements_and_each_gets_its_own_row() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let spool = Spool::connect(settings(&db.url())).await.unwrap();
+    // 64 accepts at once: 48 bodies, 16 of them sent twice.
+    let bodies: Vec<String> = (0..64)
+        .map(|i| {
+            format!(
+                "{{\"at_once\":{},\"pad\":\"{}\"}}",
+                i % 48,
+                "x".repeat(i % 48)
+            )
+        })
+        .collect();
+    let calls: Vec<_> = bodies
+        .iter()
+        .map(|body| {
+            let (spool, body) = (spool.clone(), body.clone());
+            tokio::spawn(async move { spool.accept(event(&body)).await })
+        })
+        .collect();
+    let mut stored = std::collections::HashMap::new();
+    for (body, call) in bodies.iter().zip(calls) {
+        match call.await.unwrap().unwrap() {
+            Accepted::Stored(id) => {
+                assert!(stored.insert(id, body.clone()).is_none(), "id {id} twice");
+            }
+            Accepted::Duplicate => {}
+        }
+    }
+    assert_eq!(stored.len(), 48, "each body stored once");
+    assert_eq!(
+        stored
+            .values()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        48
+    );
+    // Each answer's id is its own event's row.
+    for (id, body) in &stored {
+        let detail = spool.show(*id).await.unwrap();
+        assert_eq!(&detail.body[..], body.as_bytes(), "event {id}");
+    }
+    let stats = spool.stats();
+    assert!(
+        stats.commits < 32,
+        "64 accepts at once took {} statements",
+        stats.commits
+    );
+    assert_eq!(db.psql("SELECT count(*) FROM hubgate.events").trim(), "48");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gates_deliver_every_event_once_within_the_fleet_wide_limit() {
     let Some(pg) = postgres() else { return };
     let db = pg.fresh_database();

@@ -1,28 +1,33 @@
 //! The PostgreSQL store: one database shared by every gate — one queue, one de-duplication
 //! table, fleet-wide delivery limits.
 //!
-//! - **Accept** is one statement (so one transaction): the de-duplication key is inserted
-//!   (`ON CONFLICT` refreshes it only when it is older than the window), the event is inserted
-//!   only if the key was new. This gate's scheduler is woken in-process; the other gates
-//!   through `NOTIFY`, sent outside the accept (a `NOTIFY` in the accept's transaction holds a
-//!   database-wide lock through its commit, which serialised every accept: 1 commit per WAL
-//!   flush, 0.1× sync in bench/results/spool-pg-2026-12-01.md), at most every 50 ms. The
-//!   statement returns after the COMMIT, which with `synchronous_commit = on` (checked at
-//!   connect) is after the WAL flush — and, with synchronous standbys configured, after they
-//!   have it too. Two gates accepting the same body at once: the second waits on the first's
-//!   key and sees a duplicate.
+//! - **Accepts** are written by one task per gate, every accept that arrived while the previous
+//!   one ran in one statement (so one transaction, one WAL flush: group commit; `intake`): the
+//!   de-duplication keys are inserted (`ON CONFLICT` refreshes one only when it is older than
+//!   the window), the events only where the key was new. This gate's scheduler is woken
+//!   in-process; the other gates through `NOTIFY`, sent outside the accept (a `NOTIFY` in the
+//!   accept's transaction holds a database-wide lock through its commit, which serialised
+//!   every accept: 1 commit per WAL flush, 0.1× sync in bench/results/spool-pg-2026-12-01.md),
+//!   at most every 50 ms. An accept is answered after the COMMIT, which with
+//!   `synchronous_commit = on` (checked at connect) is after the WAL flush — and, with
+//!   synchronous standbys configured, after they have it too. Two gates accepting the same
+//!   body at once: the second waits on the first's key and sees a duplicate.
 //! - **Claims** take a lease (`lease_owner`, `lease_until_ms` on the database's clock) with
 //!   `FOR UPDATE SKIP LOCKED`, under a per-route advisory lock that makes
 //!   `max_concurrency` a fleet-wide limit. A lease that expires (its gate died or lost the
 //!   database) makes the event claimable by any gate: at least once, never lost. Running
-//!   deliveries renew their leases.
+//!   deliveries renew their leases. A claim's commit does not wait for its WAL flush: a
+//!   database crash that loses it makes the event due again (delivered again: at least once).
 //! - **Outcomes** are recorded only by the lease's owner; a gate that lost its lease gets
-//!   [`Disposition::Stale`] and records nothing.
+//!   [`Disposition::Stale`] and records nothing. A delivered event's row is deleted with the
+//!   scheduler's next claim, in its transaction: one statement for every delivery finished
+//!   meanwhile (the delivery is answered at once; a gate that dies first leaves the row to its
+//!   lease: delivered again).
 //! - **Trouble** (connection refused or lost, failover, read-only, no connection free within
 //!   `accept_timeout`) is [`SpoolError::Unavailable`]: the gate answers 503 and Meta retries.
 //!   The pool reconnects on the next use; the listener reconnects with back-off capped at 5 s.
-
 mod connect;
+mod intake;
 mod ops;
 mod schema;
 
@@ -40,9 +45,9 @@ use tracing::{info, warn};
 pub(crate) use connect::Target;
 
 use super::store::{
-    decode_headers, duration_ms, encode_headers, event_key, from_unix_ms, now_ms, plan, unix_ms,
-    BoxFuture, Claimed, Disposition, EventDetail, EventInfo, EventState, ListFilter, Operations,
-    Plan, ReplayTarget, Rng, Store, Summary,
+    decode_headers, duration_ms, from_unix_ms, now_ms, plan, BoxFuture, Claimed, Disposition,
+    EventDetail, EventInfo, EventState, ListFilter, Operations, Plan, ReplayTarget, Rng, Store,
+    Summary,
 };
 use super::{
     Accepted, Backend, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings, StoredEvent,
@@ -58,25 +63,6 @@ const PRUNE_CHUNK: i64 = 2000;
 const ROUTES_EVERY: Duration = Duration::from_secs(10);
 /// The notification channel.
 const CHANNEL: &str = "hubgate_spool";
-
-/// One statement, so one transaction: the key (only when de-duplicating, `$2 > 0`; refreshed
-/// only when older than the window), the event if the key was new, and the wake-up.
-const ACCEPT: &str = "
-WITH now AS (SELECT hubgate.now_ms() AS n),
-key AS (
-    INSERT INTO hubgate.dedupe AS d (key, accepted_ms) SELECT $1, n FROM now WHERE $2::bigint > 0
-    ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms
-        WHERE d.accepted_ms <= EXCLUDED.accepted_ms - $2
-    RETURNING 1
-),
-ev AS (
-    INSERT INTO hubgate.events (route, state, received_ms, stored_ms, retry_since_ms,
-        next_attempt_ms, attempts, updated_ms, client_identity, query, headers, body)
-    SELECT $3, 'pending', $4, n, n, n, 0, n, $5, $6, $7, $8 FROM now
-    WHERE $2::bigint = 0 OR EXISTS (SELECT 1 FROM key)
-    RETURNING id
-)
-SELECT id FROM ev";
 
 const CLAIM: &str = "
 WITH now AS (SELECT hubgate.now_ms() AS n),
@@ -99,9 +85,9 @@ FROM picked, now WHERE ev.id = picked.id
 RETURNING ev.id, ev.route, ev.received_ms, ev.attempts, ev.client_identity, ev.query,
     ev.headers, ev.body, ev.next_attempt_ms";
 
-/// A delivered event's row goes (its dedupe key stays); only its lease's owner may say so.
+/// Delivered events' rows go (their dedupe keys stay); only their leases' owner may say so.
 const DELIVERED: &str =
-    "DELETE FROM hubgate.events WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2";
+    "DELETE FROM hubgate.events WHERE id = ANY($1) AND state = 'in_flight' AND lease_owner = $2";
 
 /// One claimer per route at a time (see `claim_due`).
 const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
@@ -116,8 +102,26 @@ SELECT least(
 const INFO_COLUMNS: &str = "id, route, state, attempts, received_ms, next_attempt_ms, \
      updated_ms, last_error, client_identity, length(body)::bigint";
 
-/// The PostgreSQL store of one gate.
+/// The PostgreSQL store of one gate: the database ([`Db`]) and the tasks around it.
 pub(crate) struct PgStore {
+    db: Arc<Db>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Accepts for the intake task (group commit).
+    intake: tokio::sync::mpsc::UnboundedSender<intake::Pending>,
+    /// Delivered events whose rows are deleted with the next claim (see `record`).
+    delivered: Mutex<Vec<i64>>,
+}
+
+impl std::ops::Deref for PgStore {
+    type Target = Db;
+
+    fn deref(&self) -> &Db {
+        &self.db
+    }
+}
+
+/// What the store's methods and its tasks share.
+pub(crate) struct Db {
     settings: Arc<SpoolSettings>,
     pool: Pool,
     shared: Arc<Shared>,
@@ -130,7 +134,6 @@ pub(crate) struct PgStore {
     /// Since when the database has failed us, if it has.
     failing_since: Mutex<Option<Instant>>,
     rng: Mutex<Rng>,
-    tasks: Vec<JoinHandle<()>>,
     /// Tells the notifier that this gate stored events of these routes.
     stored: tokio::sync::mpsc::UnboundedSender<String>,
 }
@@ -193,19 +196,8 @@ impl PgStore {
                 });
             }
             drop(client);
-            return Ok(PgStore {
-                owner: owner_name(),
-                location,
-                pool,
-                shared,
-                routes: Arc::default(),
-                routes_read: Mutex::new(Instant::now()),
-                failing_since: Mutex::new(None),
-                rng: Mutex::new(Rng::seeded()),
-                tasks: vec![],
-                stored: tokio::sync::mpsc::unbounded_channel().0,
-                settings,
-            });
+            let db = Db::new(settings, pool, shared, location, Arc::default());
+            return Ok(PgStore::around(db, vec![]).0);
         }
         match schema::migrate(&mut client).await {
             Ok(Ok(m)) if m.applied > 0 => {
@@ -261,21 +253,60 @@ impl PgStore {
             routes.clone(),
         ));
         let pruner = tokio::spawn(prune(pool.clone(), settings.dedupe_window));
+        let db = Db::new(settings, pool, shared, location, routes);
+        let (mut store, news, queue) = PgStore::around(db, vec![listener, pruner]);
+        store
+            .tasks
+            .push(tokio::spawn(announce(store.pool.clone(), news)));
+        store
+            .tasks
+            .push(tokio::spawn(intake::run(store.db.clone(), queue)));
+        Ok(store)
+    }
+
+    /// The store around `db`, with the receiving ends of its notifier's and its intake's
+    /// queues (for the tasks that serve them; dropped, the store only reads).
+    fn around(
+        mut db: Db,
+        tasks: Vec<JoinHandle<()>>,
+    ) -> (
+        PgStore,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+        tokio::sync::mpsc::UnboundedReceiver<intake::Pending>,
+    ) {
         let (stored, news) = tokio::sync::mpsc::unbounded_channel();
-        let notifier = tokio::spawn(announce(pool.clone(), news));
-        Ok(PgStore {
-            owner: owner_name(),
-            location,
+        db.stored = stored;
+        let (intake, queue) = tokio::sync::mpsc::unbounded_channel();
+        let store = PgStore {
+            db: Arc::new(db),
+            tasks,
+            intake,
+            delivered: Mutex::default(),
+        };
+        (store, news, queue)
+    }
+}
+
+impl Db {
+    fn new(
+        settings: Arc<SpoolSettings>,
+        pool: Pool,
+        shared: Arc<Shared>,
+        location: String,
+        routes: Arc<Mutex<BTreeSet<String>>>,
+    ) -> Db {
+        Db {
+            settings,
             pool,
             shared,
+            owner: owner_name(),
+            location,
             routes,
             routes_read: Mutex::new(Instant::now()),
             failing_since: Mutex::new(None),
             rng: Mutex::new(Rng::seeded()),
-            tasks: vec![listener, pruner, notifier],
-            stored,
-            settings,
-        })
+            stored: tokio::sync::mpsc::unbounded_channel().0,
+        }
     }
 
     /// A pooled connection (with `synchronous_commit = on` where the server's default is
@@ -337,98 +368,37 @@ impl PgStore {
         }
         Ok(self.routes.lock().expect("lock").iter().cloned().collect())
     }
+}
 
-    /// Stores events, each or its duplicate recognised: one statement for one event (its own
-    /// commit), one transaction for several.
-    async fn accept_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>, SpoolError> {
-        struct Row {
-            key: [u8; 32],
-            received: i64,
-            headers: Vec<u8>,
-            event: NewEvent,
-        }
-        let mut rows = Vec::with_capacity(events.len());
-        for event in events {
-            if event.route.is_empty() {
-                return Err(SpoolError::InvalidEvent("empty route".to_owned()));
-            }
-            rows.push(Row {
-                key: event_key(&event),
-                received: unix_ms(event.received_at),
-                headers: encode_headers(&event.headers).map_err(SpoolError::InvalidEvent)?,
-                event,
-            });
-        }
-        let window = duration_ms(self.settings.dedupe_window);
-        let mut client = self.client().await?;
-        let started = Instant::now();
-        let stmt = client
-            .prepare_cached(ACCEPT)
-            .await
-            .map_err(|e| self.failed(&e))?;
-        // `ACCEPT`'s parameters, borrowed from a row (the body is not copied).
-        macro_rules! accept_params {
-            ($r:expr) => {
-                [
-                    &&$r.key[..] as &(dyn tokio_postgres::types::ToSql + Sync),
-                    &window,
-                    &$r.event.route,
-                    &$r.received,
-                    &$r.event.client_identity,
-                    &$r.event.query,
-                    &$r.headers,
-                    &&$r.event.body[..],
-                ]
-            };
-        }
-        let mut ids: Vec<Option<i64>> = Vec::with_capacity(rows.len());
-        if let [row] = rows.as_slice() {
-            let found = client
-                .query(&stmt, &accept_params!(row))
-                .await
-                .map_err(|e| self.failed(&e))?;
-            ids.push(found.first().map(|r| r.get(0)));
-        } else {
-            let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
-            for row in &rows {
-                let found = tx
-                    .query(&stmt, &accept_params!(row))
-                    .await
-                    .map_err(|e| self.failed(&e))?;
-                ids.push(found.first().map(|r| r.get(0)));
-            }
-            tx.commit().await.map_err(|e| self.failed(&e))?;
-        }
-        self.note_success();
-        let stats = &self.shared.stats;
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        stats.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
-        stats.jobs.fetch_add(rows.len() as u64, Ordering::Relaxed);
-        let mut answers = Vec::with_capacity(ids.len());
-        for (row, id) in rows.into_iter().zip(ids) {
-            match id {
-                Some(id) => {
-                    stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.stored.send(row.event.route.clone());
-                    self.routes.lock().expect("lock").insert(row.event.route);
-                    answers.push(Accepted::Stored(id));
-                }
-                None => {
-                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    answers.push(Accepted::Duplicate);
-                }
-            }
-        }
-        if answers.iter().any(|a| matches!(a, Accepted::Stored(_))) {
-            self.shared.notify.notify_one();
-        }
-        Ok(answers)
-    }
-
+impl PgStore {
+    /// Claims due events route by route, one transaction each. Delivered events' rows are
+    /// deleted in the first of them (or on their own when no route has room).
     async fn claim_due(&self, busy: HashMap<String, usize>) -> Result<Claimed, SpoolError> {
         let mut client = self.client().await?;
-        let routes = self.routes(&client).await?;
+        let mut delivered = self.take_delivered();
+        let claimed = self.claim_routes(&mut client, &busy, &mut delivered).await;
+        if !delivered.is_empty() {
+            let deleted = match &claimed {
+                Ok(_) => self.delete_delivered(&mut client, &delivered).await,
+                Err(e) => Err(e.clone()),
+            };
+            if let Err(e) = deleted {
+                self.delivered.lock().expect("lock").append(&mut delivered);
+                return Err(e);
+            }
+        }
+        claimed
+    }
+
+    /// The claims of [`claim_due`](PgStore::claim_due); `delivered` is emptied once its rows
+    /// are deleted.
+    async fn claim_routes(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        busy: &HashMap<String, usize>,
+        delivered: &mut Vec<i64>,
+    ) -> Result<Claimed, SpoolError> {
+        let routes = self.routes(client).await?;
         let max = self.settings.max_concurrency_per_route.max(1);
         let lease = duration_ms(self.settings.lease);
         let mut events = Vec::new();
@@ -439,15 +409,33 @@ impl PgStore {
                 continue;
             }
             let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
-            // One claimer per route at a time: the in-flight count it reads stays true until
-            // its claims commit, so the limit holds across gates.
             // Statements prepared once per connection: parsing and planning them on every
             // call was a visible share of the database's CPU (bench/results, spool-pg).
             let prepare = |sql| tx.prepare_cached(sql);
             let lock = prepare(CLAIM_LOCK).await.map_err(|e| self.failed(&e))?;
-            tx.execute(&lock, &[&format!("hubgate.claim:{route}")])
-                .await
-                .map_err(|e| self.failed(&e))?;
+            let delete = prepare(DELIVERED).await.map_err(|e| self.failed(&e))?;
+            let lock_key = format!("hubgate.claim:{route}");
+            // Sent together (pipelined, one round trip). A claim's commit need not wait for
+            // its WAL flush: lost in a database crash, the claim (or the delivered rows'
+            // deletion) is undone and the event delivered again — at least once, as after a
+            // lease that expired; an accept's commit still waits. One claimer per route at a
+            // time (the advisory lock): the in-flight count it reads stays true until its
+            // claims commit, so the limit holds across gates.
+            let ids = std::mem::take(delivered);
+            let (relaxed, deleted, locked) = tokio::join!(
+                tx.batch_execute("SET LOCAL synchronous_commit = off"),
+                async {
+                    match ids.is_empty() {
+                        true => Ok(0),
+                        false => tx.execute(&delete, &[&ids, &self.owner]).await,
+                    }
+                },
+                async { tx.execute(&lock, &[&lock_key]).await },
+            );
+            *delivered = ids;
+            relaxed.map_err(|e| self.failed(&e))?;
+            deleted.map_err(|e| self.failed(&e))?;
+            locked.map_err(|e| self.failed(&e))?;
             let claim = prepare(CLAIM).await.map_err(|e| self.failed(&e))?;
             let rows = tx
                 .query(&claim, &[&route, &(max as i64), &self.owner, &lease])
@@ -467,6 +455,7 @@ impl PgStore {
                 }
             }
             tx.commit().await.map_err(|e| self.failed(&e))?;
+            delivered.clear();
             let mut claimed: Vec<(i64, StoredEvent)> =
                 rows.iter().map(|r| (r.get(8), stored_event(r))).collect();
             claimed.sort_by_key(|(due, e)| (*due, e.id));
@@ -476,24 +465,59 @@ impl PgStore {
         Ok(Claimed { events, next_due })
     }
 
+    fn take_delivered(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.delivered.lock().expect("lock"))
+    }
+
+    /// Deletes delivered events' rows in a transaction of their own (whose commit, as a
+    /// claim's, does not wait for its WAL flush).
+    async fn delete_delivered(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        ids: &[i64],
+    ) -> Result<(), SpoolError> {
+        let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+        let delete = tx
+            .prepare_cached(DELIVERED)
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let (relaxed, deleted) = tokio::join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            async { tx.execute(&delete, &[&ids, &self.owner]).await },
+        );
+        relaxed.map_err(|e| self.failed(&e))?;
+        deleted.map_err(|e| self.failed(&e))?;
+        tx.commit().await.map_err(|e| self.failed(&e))
+    }
+
+    /// Deletes the rows of every delivery recorded so far.
+    async fn settle_delivered(&self) -> Result<(), SpoolError> {
+        let mut ids = self.take_delivered();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let deleted = match self.client().await {
+            Ok(mut client) => self.delete_delivered(&mut client, &ids).await,
+            Err(e) => Err(e),
+        };
+        if deleted.is_err() {
+            self.delivered.lock().expect("lock").append(&mut ids);
+        }
+        deleted
+    }
+
     async fn record(&self, id: i64, outcome: DeliveryOutcome) -> Result<Disposition, SpoolError> {
-        let mut client = self.client().await?;
         let stats = &self.shared.stats;
         if outcome == DeliveryOutcome::Done {
-            let delete = client
-                .prepare_cached(DELIVERED)
-                .await
-                .map_err(|e| self.failed(&e))?;
-            let n = client
-                .execute(&delete, &[&id, &self.owner])
-                .await
-                .map_err(|e| self.failed(&e))?;
-            if n == 0 {
-                return Ok(Disposition::Stale);
-            }
+            // Deleted with the scheduler's next claim, which follows at once (a finished
+            // delivery wakes it): one statement for every delivery finished meanwhile, in the
+            // claim's transaction. Lost with the gate before that, the event is delivered
+            // again once its lease ends (at least once).
+            self.delivered.lock().expect("lock").push(id);
             stats.delivered.fetch_add(1, Ordering::Relaxed);
             return Ok(Disposition::Delivered);
         }
+        let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
         let row = tx
             .query_opt(
@@ -759,7 +783,7 @@ impl Store for PgStore {
         &self,
         events: Vec<NewEvent>,
     ) -> BoxFuture<'_, Result<Vec<Accepted>, SpoolError>> {
-        Box::pin(self.accept_events(events))
+        Box::pin(intake::accept(&self.intake, events))
     }
 
     fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>> {
@@ -772,6 +796,10 @@ impl Store for PgStore {
         outcome: DeliveryOutcome,
     ) -> BoxFuture<'_, Result<Disposition, SpoolError>> {
         Box::pin(self.record(id, outcome))
+    }
+
+    fn settle(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(self.settle_delivered())
     }
 
     fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>> {
