@@ -64,20 +64,34 @@ const ROUTES_EVERY: Duration = Duration::from_secs(10);
 /// The notification channel.
 const CHANNEL: &str = "hubgate_spool";
 
+/// Due pending events and expired leases of one route, as many as the route has room for,
+/// oldest due first. Each kind is read in its own index's order with its own limit (one query
+/// with `OR` over both sorted every pending event of the route: 24 ms per claim with a backlog
+/// of 40,000, and deliveries fell behind accepts); a claim locks at most twice its room.
 const CLAIM: &str = "
 WITH now AS (SELECT hubgate.now_ms() AS n),
-busy AS (
-    SELECT count(*) AS c FROM hubgate.events, now
-    WHERE route = $1 AND state = 'in_flight' AND lease_until_ms > now.n
+room AS (
+    SELECT greatest($2 - count(*), 0) AS k FROM hubgate.events
+    WHERE route = $1 AND state = 'in_flight' AND lease_until_ms > (SELECT n FROM now)
+),
+due AS (
+    SELECT e.id, e.next_attempt_ms FROM hubgate.events e
+    WHERE e.route = $1 AND e.state = 'pending' AND e.next_attempt_ms <= (SELECT n FROM now)
+    ORDER BY e.next_attempt_ms, e.id
+    LIMIT (SELECT k FROM room)
+    FOR UPDATE OF e SKIP LOCKED
+),
+expired AS (
+    SELECT e.id, e.next_attempt_ms FROM hubgate.events e
+    WHERE e.route = $1 AND e.state = 'in_flight' AND e.lease_until_ms <= (SELECT n FROM now)
+    ORDER BY e.lease_until_ms
+    LIMIT (SELECT k FROM room)
+    FOR UPDATE OF e SKIP LOCKED
 ),
 picked AS (
-    SELECT e.id FROM hubgate.events e, now
-    WHERE e.route = $1 AND (
-        (e.state = 'pending' AND e.next_attempt_ms <= now.n)
-        OR (e.state = 'in_flight' AND e.lease_until_ms <= now.n))
-    ORDER BY e.next_attempt_ms, e.id
-    LIMIT greatest($2 - (SELECT c FROM busy), 0)
-    FOR UPDATE OF e SKIP LOCKED
+    SELECT id FROM (SELECT * FROM due UNION ALL SELECT * FROM expired) both_kinds
+    ORDER BY next_attempt_ms, id
+    LIMIT (SELECT k FROM room)
 )
 UPDATE hubgate.events ev SET state = 'in_flight', attempts = ev.attempts + 1,
     lease_owner = $3, lease_until_ms = now.n + $4, updated_ms = now.n
