@@ -272,9 +272,11 @@ impl PgStore {
         store
             .tasks
             .push(tokio::spawn(announce(store.pool.clone(), news)));
-        store
-            .tasks
-            .push(tokio::spawn(intake::run(store.db.clone(), queue)));
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..intake::WRITERS {
+            let task = intake::run(store.db.clone(), queue.clone());
+            store.tasks.push(tokio::spawn(task));
+        }
         Ok(store)
     }
 
