@@ -128,6 +128,9 @@ pub struct SpoolSettings {
     /// How long a claim holds on a shared store before another gate may take the event over;
     /// renewed while the delivery runs. Default 30 s (unused by SQLite: one gate per file).
     pub lease: Duration,
+    /// SQLite: the memory events waiting for delivery room may take before new ones are kept
+    /// only in the journal (64 MiB; smaller in tests).
+    pub(crate) held_budget: u64,
 }
 
 impl SpoolSettings {
@@ -148,6 +151,7 @@ impl SpoolSettings {
             max_batch_events: 1024,
             accept_timeout: Duration::from_secs(3),
             lease: Duration::from_secs(30),
+            held_budget: sqlite::HELD_BUDGET,
         }
     }
 

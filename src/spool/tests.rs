@@ -976,9 +976,80 @@ async fn a_queue_waiting_for_delivery_room_stays_in_the_journal() {
 }
 
 #[tokio::test]
-async fn a_spool_closed_cleanly_is_all_rows() {
+async fn waiting_events_past_the_memory_budget_are_read_back_from_the_journal_whole() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&dir);
+    s.max_concurrency_per_route = 2;
+    // Room in memory for about eight of these events; the rest wait in the journal only.
+    s.held_budget = 2048;
+    let spool = Spool::open(s).unwrap();
+    let fake = Fake::slow(Duration::from_millis(5), |e| {
+        let want = event("/a", "");
+        if (&e.headers, &e.query, &e.client_identity)
+            == (&want.headers, &want.query, &want.client_identity)
+        {
+            DeliveryOutcome::Done
+        } else {
+            DeliveryOutcome::Permanent(format!("sent without what it came with: {e:?}"))
+        }
+    });
+    let (stop, stopped) = watch::channel(false);
+    let task = spool.start_delivery(fake.clone(), stopped);
+    eventually("the first claim", || spool.stats().jobs >= 1).await;
+    let body = |c: usize, i: usize| format!("c{c}-{i} {}", "p".repeat(150));
+    let clients = (0..20).map(|c| {
+        let spool = spool.clone();
+        tokio::spawn(async move {
+            for i in 0..10 {
+                let e = event("/a", &body(c, i));
+                assert!(matches!(spool.accept(e).await, Ok(Accepted::Stored(_))));
+            }
+        })
+    });
+    for c in clients.collect::<Vec<_>>() {
+        c.await.unwrap();
+    }
+    let waiting = route_summary(&spool.summary().await.unwrap(), "/a").map_or(0, |r| r.pending);
+    assert!(
+        waiting > 20,
+        "only {waiting} waited: nothing was past the budget"
+    );
+    eventually("all delivered", || spool.stats().delivered == 200).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let mut sent: Vec<Bytes> = fake.calls().into_iter().map(|c| c.2).collect();
+    sent.sort();
+    let mut want: Vec<Bytes> = (0..20)
+        .flat_map(|c| (0..10).map(move |i| Bytes::from(body(c, i))))
+        .collect();
+    want.sort();
+    assert_eq!(sent, want, "every body once, byte for byte");
+    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
+    let rows: i64 = db
+        .query_row(
+            "SELECT count(*) FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 0, "no event became a row");
+}
+
+#[tokio::test]
+async fn a_spool_closed_cleanly_is_all_rows() {
+    closed_cleanly_all_rows(crate::spool::sqlite::HELD_BUDGET).await;
+}
+
+#[tokio::test]
+async fn a_spool_closed_cleanly_is_all_rows_also_with_waiting_events_only_in_the_journal() {
+    closed_cleanly_all_rows(0).await;
+}
+
+/// `held_budget` 0: the waiting events are spilled, read back from the journal at the close.
+async fn closed_cleanly_all_rows(held_budget: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&dir);
+    s.held_budget = held_budget;
     s.shutdown_grace = Duration::from_millis(100);
     s.max_concurrency_per_route = 1;
     let spool = Spool::open(s).unwrap();

@@ -38,6 +38,8 @@ mod keys;
 pub(crate) mod sql;
 mod writer;
 
+pub(crate) use intake::HELD_BUDGET;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;

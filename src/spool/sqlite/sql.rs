@@ -469,10 +469,11 @@ pub(crate) fn open_gate(settings: &SpoolSettings) -> Result<Opened, SpoolError> 
     tx.commit().map_err(oe)?;
     let runs = KeyRuns::load(&conn).map_err(oe)?;
     // Only now that its events are rows is the journal emptied.
-    let intake = Intake::open(path).map_err(|e| SpoolError::Open {
+    let mut intake = Intake::open(path).map_err(|e| SpoolError::Open {
         path: journal.clone(),
         message: format!("cannot open the intake journal: {e}"),
     })?;
+    intake.held_budget = settings.held_budget;
     if recovered.torn_bytes > 0 {
         tracing::warn!(
             bytes = recovered.torn_bytes,

@@ -36,9 +36,6 @@ const FLUSH_KEYS: usize = 1 << 14;
 const MERGE_POLL: Duration = Duration::from_millis(50);
 /// How often the intake journal is absorbed (see `intake`).
 const ABSORB_EVERY: Duration = Duration::from_millis(200);
-/// Held events whose bodies and headers take more memory than this: waiting ones become rows
-/// (the oldest first) until they take half, at most [`MAX_EVICT`] per absorb.
-const MAX_HELD_BYTES: u64 = 64 << 20;
 /// The most held events one absorb makes rows of (each absorb holds up the accepts).
 const MAX_EVICT: usize = 2000;
 /// When the journal keeps this many segments (a slow delivery pins the oldest), the events in
@@ -163,8 +160,13 @@ impl Ctx {
         }
         let max = self.settings.max_concurrency_per_route.max(1);
         while self.flight.room(route, max) > 0 {
-            let Some(id) = self.intake.next_waiting(route) else {
-                break;
+            let id = match self.intake.next_waiting(route) {
+                Ok(Some(id)) => id,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(route, error = %e, "spool: cannot read a waiting event back from the intake journal; it waits");
+                    break;
+                }
             };
             let Some(held) = self.intake.held.get_mut(&id) else {
                 break;
@@ -185,6 +187,11 @@ impl Ctx {
         } else {
             Insert::Pending
         };
+        if let Err(e) = self.intake.fill(id) {
+            let code = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR);
+            let message = format!("reading event {id} back from the intake journal: {e}");
+            return Err(rusqlite::Error::SqliteFailure(code, Some(message)));
+        }
         let Some(held) = self.intake.forget(id) else {
             return Ok(false);
         };
@@ -906,9 +913,9 @@ fn keys_written_below_current(ctx: &mut Ctx) {
 
 /// Absorbs the intake journal (see `intake`): writes the keys not written yet, makes rows —
 /// in one `synchronous=FULL` transaction, with those keys, whose WAL sync also makes durable
-/// the chunks [`write_keys`] wrote — of the events the journal should not keep (waiting
-/// events past [`MAX_HELD_BYTES`], oldest first, their routes then served from the file's
-/// queue; events pinning segments past [`MAX_SEGMENTS_KEPT`]); then deletes the segments that
+/// the chunks [`write_keys`] wrote — of the events the journal should not keep (events
+/// pinning segments past [`MAX_SEGMENTS_KEPT`], oldest first; the routes of waiting ones are
+/// then served from the file's queue); then deletes the segments that
 /// hold nothing live and whose keys are durable. Without rows to make, nothing is synced here.
 /// On failure nothing changes and the next absorb tries again (the journal
 /// keeps everything durable meanwhile).
@@ -997,42 +1004,23 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     }
 }
 
-/// The held events an absorb makes rows of, by id.
+/// The held events an absorb makes rows of, by id: those in the older half of too many
+/// segments (a slow delivery pins them), oldest first, at most [`MAX_EVICT`].
 fn to_evict(ctx: &Ctx) -> Vec<i64> {
     let intake = &ctx.intake;
-    let mut evict = Vec::new();
-    // Waiting events past the memory budget, oldest first (by id: acceptance order).
-    if intake.held_bytes() > MAX_HELD_BYTES {
-        let mut waiting: Vec<i64> = intake
-            .waiting()
-            .flat_map(|(_, q)| q.iter().copied())
-            .collect();
-        waiting.sort_unstable();
-        let mut left = intake.held_bytes();
-        for id in waiting {
-            if left <= MAX_HELD_BYTES / 2 || evict.len() >= MAX_EVICT {
-                break;
-            }
-            if let Some(h) = intake.held.get(&id) {
-                evict.push(id);
-                left -= super::intake::size_of(&h.event);
-            }
-        }
-    }
-    // Events in the older half of too many segments.
     let (oldest, current) = intake.segments();
-    if current - oldest >= MAX_SEGMENTS_KEPT {
-        let before = current - MAX_SEGMENTS_KEPT / 2;
-        evict.extend(
-            intake
-                .held
-                .iter()
-                .filter(|(_, h)| h.segment < before)
-                .map(|(&id, _)| id),
-        );
+    if current - oldest < MAX_SEGMENTS_KEPT {
+        return Vec::new();
     }
+    let before = current - MAX_SEGMENTS_KEPT / 2;
+    let mut evict: Vec<i64> = intake
+        .held
+        .iter()
+        .filter(|(_, h)| h.segment < before)
+        .map(|(&id, _)| id)
+        .collect();
     evict.sort_unstable();
-    evict.dedup();
+    evict.truncate(MAX_EVICT);
     evict
 }
 
