@@ -241,6 +241,30 @@ async fn accepts_at_once_share_statements_and_each_gets_its_own_row() {
     assert_eq!(db.psql("SELECT count(*) FROM hubgate.events").trim(), "48");
 }
 
+/// One thread: both calls are queued before an intake task runs, so the first task takes the
+/// one-event call and holds back the two-event one (it does not fit with it), while the second
+/// task waits for the queue. The held-back call must still be written at once.
+#[tokio::test]
+async fn an_accept_that_did_not_fit_in_a_statement_goes_in_the_next_at_once() {
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let mut s = settings(&db.url());
+    s.max_batch_events = 2;
+    s.accept_timeout = Duration::from_secs(2);
+    let spool = Spool::connect(s).await.unwrap();
+    let (one, two) = tokio::join!(
+        spool.accept_all(vec![event("alone")]),
+        spool.accept_all(vec![event("pair 1"), event("pair 2")]),
+    );
+    assert!(matches!(one.unwrap()[..], [Accepted::Stored(_)]));
+    let two = two.expect("the held-back call is answered within accept_timeout");
+    assert!(matches!(
+        two[..],
+        [Accepted::Stored(_), Accepted::Stored(_)]
+    ));
+    assert_eq!(db.psql("SELECT count(*) FROM hubgate.events").trim(), "3");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gates_deliver_every_event_once_within_the_fleet_wide_limit() {
     let Some(pg) = postgres() else { return };

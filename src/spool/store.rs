@@ -11,7 +11,9 @@
 //!   claimed by a process that died becomes due again (SQLite: at the next start; PostgreSQL:
 //!   when its lease expires).
 //! - [`Store::complete`] records an attempt's outcome only while the event is still this
-//!   process's to record (else [`Disposition::Stale`]); [`Store::release`] puts interrupted
+//!   process's to record (else [`Disposition::Stale`]; a success may be answered
+//!   [`Disposition::Delivered`] before it is recorded — see [`Store::settle`] — and is then
+//!   not recorded if the event is no longer this process's); [`Store::release`] puts interrupted
 //!   attempts back; [`Store::renew`] extends the claims of attempts still running.
 
 use std::collections::HashMap;

@@ -9,7 +9,7 @@
 //! error fails every accept of the statement: none of them is acknowledged.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,12 +66,52 @@ pub(super) struct Pending {
     /// Each event's de-duplication key and encoded headers, made by the caller's task.
     keys: Vec<[u8; 32]>,
     headers: Vec<Vec<u8>>,
+    /// What it counts against [`MAX_QUEUED_BYTES`].
+    size: usize,
     answer: oneshot::Sender<Result<Vec<Accepted>, SpoolError>>,
+}
+
+/// The most body and header bytes waiting for the intake tasks: past it (a database that
+/// stopped answering), accepts are answered 503 at once instead of queued.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// The accepts' queue, shared by the callers and the intake tasks.
+pub(super) struct Queue {
+    calls: mpsc::UnboundedSender<Pending>,
+    taken: Mutex<mpsc::UnboundedReceiver<Pending>>,
+    bytes: AtomicUsize,
+    location: String,
+}
+
+impl Queue {
+    pub(super) fn new(location: String) -> Arc<Queue> {
+        let (calls, taken) = mpsc::unbounded_channel();
+        Arc::new(Queue {
+            calls,
+            taken: Mutex::new(taken),
+            bytes: AtomicUsize::new(0),
+            location,
+        })
+    }
+
+    /// Refuses accepts from now on (a store that only reads: no intake task serves it).
+    pub(super) fn close(&self) {
+        if let Ok(mut taken) = self.taken.try_lock() {
+            taken.close();
+        }
+    }
+
+    /// The next call that still has a caller waiting (one that gave up — `accept_timeout` —
+    /// was answered 503 and is not stored), and what it counted is given back.
+    fn admit(&self, call: Pending) -> Option<Pending> {
+        self.bytes.fetch_sub(call.size, Ordering::Relaxed);
+        (!call.answer.is_closed()).then_some(call)
+    }
 }
 
 /// Checks and queues one call's events; its answer comes once their statement has committed.
 pub(super) async fn accept(
-    queue: &mpsc::UnboundedSender<Pending>,
+    queue: &Queue,
     events: Vec<NewEvent>,
 ) -> Result<Vec<Accepted>, SpoolError> {
     if events.iter().any(|e| e.route.is_empty()) {
@@ -80,54 +120,80 @@ pub(super) async fn accept(
     let headers = events
         .iter()
         .map(|e| encode_headers(&e.headers))
-        .collect::<Result<Vec<_>, _>>()
+        .collect::<Result<Vec<Vec<u8>>, _>>()
         .map_err(SpoolError::InvalidEvent)?;
+    let size = events.iter().map(|e| e.body.len()).sum::<usize>()
+        + headers.iter().map(Vec::len).sum::<usize>();
+    if queue.bytes.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {
+        queue.bytes.fetch_sub(size, Ordering::Relaxed);
+        return Err(SpoolError::Unavailable {
+            location: queue.location.clone(),
+            message: "the database is behind: too many accepts wait for it".to_owned(),
+        });
+    }
     let keys = events.iter().map(event_key).collect();
     let (answer, answered) = oneshot::channel();
-    queue
-        .send(Pending {
-            events,
-            keys,
-            headers,
-            answer,
-        })
-        .map_err(|_| SpoolError::Closed)?;
+    let call = Pending {
+        events,
+        keys,
+        headers,
+        size,
+        answer,
+    };
+    if queue.calls.send(call).is_err() {
+        queue.bytes.fetch_sub(size, Ordering::Relaxed);
+        return Err(SpoolError::Closed);
+    }
     answered.await.map_err(|_| SpoolError::Closed)?
 }
 
 /// One intake task: takes what is queued (up to `max_batch_events` events and
 /// [`MAX_STATEMENT_BYTES`]), writes it in one statement, answers each call, and goes again.
 /// [`WRITERS`] of them share the queue, so one statement runs while another waits for its
-/// WAL flush.
-pub(super) async fn run(db: Arc<Db>, queue: Arc<Mutex<mpsc::UnboundedReceiver<Pending>>>) {
+/// WAL flush. A call held back because it did not fit goes first in this task's next
+/// statement, without waiting for the queue (another task may be waiting on it).
+pub(super) async fn run(db: Arc<Db>, queue: Arc<Queue>) {
     let max_events = db.settings.max_batch_events.max(1);
     let mut carried: Option<Pending> = None;
     loop {
-        let calls = {
-            let mut queue = queue.lock().await;
-            let first = match carried.take() {
-                Some(p) => p,
-                None => match queue.recv().await {
-                    Some(p) => p,
-                    None => return,
-                },
-            };
-            let (mut events, mut bytes) = (first.events.len(), body_bytes(&first));
-            let mut calls = vec![first];
-            while events < max_events && bytes < MAX_STATEMENT_BYTES {
-                let Ok(next) = queue.try_recv() else { break };
-                if events + next.events.len() > max_events
-                    || bytes + body_bytes(&next) > MAX_STATEMENT_BYTES
-                {
-                    carried = Some(next);
-                    break;
-                }
-                events += next.events.len();
-                bytes += body_bytes(&next);
-                calls.push(next);
+        let mut calls = Vec::new();
+        let mut taken = match carried.take() {
+            Some(call) => {
+                calls.push(call);
+                queue.taken.try_lock().ok()
             }
-            calls
+            None => {
+                let mut taken = queue.taken.lock().await;
+                while calls.is_empty() {
+                    let Some(call) = taken.recv().await else {
+                        return;
+                    };
+                    calls.extend(queue.admit(call));
+                }
+                Some(taken)
+            }
         };
+        let mut events: usize = calls.iter().map(|c| c.events.len()).sum();
+        let mut bytes: usize = calls.iter().map(body_bytes).sum();
+        while let Some(taken) = taken.as_mut() {
+            if events >= max_events || bytes >= MAX_STATEMENT_BYTES {
+                break;
+            }
+            let Ok(next) = taken.try_recv() else { break };
+            let Some(next) = queue.admit(next) else {
+                continue;
+            };
+            if events + next.events.len() > max_events
+                || bytes + body_bytes(&next) > MAX_STATEMENT_BYTES
+            {
+                carried = Some(next);
+                break;
+            }
+            events += next.events.len();
+            bytes += body_bytes(&next);
+            calls.push(next);
+        }
+        drop(taken);
         let mut answers = match db.write(&calls).await {
             Ok(answers) => answers.into_iter().map(Ok).collect(),
             Err(e) => vec![Err(e); calls.len()],

@@ -19,10 +19,13 @@
 //!   deliveries renew their leases. A claim's commit does not wait for its WAL flush: a
 //!   database crash that loses it makes the event due again (delivered again: at least once).
 //! - **Outcomes** are recorded only by the lease's owner; a gate that lost its lease gets
-//!   [`Disposition::Stale`] and records nothing. A delivered event's row is deleted with the
-//!   scheduler's next claim, in its transaction: one statement for every delivery finished
-//!   meanwhile (the delivery is answered at once; a gate that dies first leaves the row to its
-//!   lease: delivered again).
+//!   [`Disposition::Stale`] for a failed attempt and records nothing. A delivered event's row
+//!   is deleted with the scheduler's next claim, in its transaction: one statement for every
+//!   delivery finished meanwhile. A success is answered `Delivered` at once (as on SQLite);
+//!   a gate that dies before the deletion, or lost the lease meanwhile, leaves the row to its
+//!   lease: delivered again. With synchronous standbys, a failover can also lose claims and
+//!   deletions the standby did not have yet: events delivered again, and for a moment more
+//!   deliveries of a route at once than `max_concurrency` (accepts are never lost).
 //! - **Trouble** (connection refused or lost, failover, read-only, no connection free within
 //!   `accept_timeout`) is [`SpoolError::Unavailable`]: the gate answers 503 and Meta retries.
 //!   The pool reconnects on the next use; the listener reconnects with back-off capped at 5 s.
@@ -120,8 +123,8 @@ const INFO_COLUMNS: &str = "id, route, state, attempts, received_ms, next_attemp
 pub(crate) struct PgStore {
     db: Arc<Db>,
     tasks: Vec<JoinHandle<()>>,
-    /// Accepts for the intake task (group commit).
-    intake: tokio::sync::mpsc::UnboundedSender<intake::Pending>,
+    /// Accepts for the intake tasks (group commit).
+    intake: Arc<intake::Queue>,
     /// Delivered events whose rows are deleted with the next claim (see `record`).
     delivered: Mutex<Vec<i64>>,
 }
@@ -268,38 +271,36 @@ impl PgStore {
         ));
         let pruner = tokio::spawn(prune(pool.clone(), settings.dedupe_window));
         let db = Db::new(settings, pool, shared, location, routes);
-        let (mut store, news, queue) = PgStore::around(db, vec![listener, pruner]);
+        let (mut store, news) = PgStore::around(db, vec![listener, pruner]);
         store
             .tasks
             .push(tokio::spawn(announce(store.pool.clone(), news)));
-        let queue = Arc::new(tokio::sync::Mutex::new(queue));
         for _ in 0..intake::WRITERS {
-            let task = intake::run(store.db.clone(), queue.clone());
+            let task = intake::run(store.db.clone(), store.intake.clone());
             store.tasks.push(tokio::spawn(task));
         }
         Ok(store)
     }
 
-    /// The store around `db`, with the receiving ends of its notifier's and its intake's
-    /// queues (for the tasks that serve them; dropped, the store only reads).
+    /// The store around `db`, with the receiving end of its notifier's queue (for the task
+    /// that serves it; dropped, the store only reads — and then its accepts are refused).
     fn around(
         mut db: Db,
         tasks: Vec<JoinHandle<()>>,
-    ) -> (
-        PgStore,
-        tokio::sync::mpsc::UnboundedReceiver<String>,
-        tokio::sync::mpsc::UnboundedReceiver<intake::Pending>,
-    ) {
+    ) -> (PgStore, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let (stored, news) = tokio::sync::mpsc::unbounded_channel();
         db.stored = stored;
-        let (intake, queue) = tokio::sync::mpsc::unbounded_channel();
+        let intake = intake::Queue::new(db.location.clone());
+        if tasks.is_empty() {
+            intake.close();
+        }
         let store = PgStore {
             db: Arc::new(db),
             tasks,
             intake,
             delivered: Mutex::default(),
         };
-        (store, news, queue)
+        (store, news)
     }
 }
 
@@ -416,7 +417,6 @@ impl PgStore {
     ) -> Result<Claimed, SpoolError> {
         let routes = self.routes(client).await?;
         let max = self.settings.max_concurrency_per_route.max(1);
-        let lease = duration_ms(self.settings.lease);
         let mut events = Vec::new();
         let mut next_due: Option<i64> = None;
         for route in routes {
@@ -424,61 +424,86 @@ impl PgStore {
             if running >= max {
                 continue;
             }
-            let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
-            // Statements prepared once per connection: parsing and planning them on every
-            // call was a visible share of the database's CPU (bench/results, spool-pg).
-            let prepare = |sql| tx.prepare_cached(sql);
-            let lock = prepare(CLAIM_LOCK).await.map_err(|e| self.failed(&e))?;
-            let delete = prepare(DELIVERED).await.map_err(|e| self.failed(&e))?;
-            let lock_key = format!("hubgate.claim:{route}");
-            // Sent together (pipelined, one round trip). A claim's commit need not wait for
-            // its WAL flush: lost in a database crash, the claim (or the delivered rows'
-            // deletion) is undone and the event delivered again — at least once, as after a
-            // lease that expired; an accept's commit still waits. One claimer per route at a
-            // time (the advisory lock): the in-flight count it reads stays true until its
-            // claims commit, so the limit holds across gates.
-            let ids = std::mem::take(delivered);
-            let (relaxed, deleted, locked) = tokio::join!(
-                tx.batch_execute("SET LOCAL synchronous_commit = off"),
-                async {
-                    match ids.is_empty() {
-                        true => Ok(0),
-                        false => tx.execute(&delete, &[&ids, &self.owner]).await,
+            match self.claim_route(client, &route, running, delivered).await {
+                Ok((claimed, due)) => {
+                    events.extend(claimed);
+                    if let Some(at) = due {
+                        next_due = Some(next_due.map_or(at, |d| d.min(at)));
                     }
-                },
-                async { tx.execute(&lock, &[&lock_key]).await },
-            );
-            *delivered = ids;
-            relaxed.map_err(|e| self.failed(&e))?;
-            deleted.map_err(|e| self.failed(&e))?;
-            locked.map_err(|e| self.failed(&e))?;
-            let claim = prepare(CLAIM).await.map_err(|e| self.failed(&e))?;
-            let rows = tx
-                .query(&claim, &[&route, &(max as i64), &self.owner, &lease])
-                .await
-                .map_err(|e| self.failed(&e))?;
-            let room = max - running;
-            if rows.len() < room {
-                let next = prepare(NEXT_DUE).await.map_err(|e| self.failed(&e))?;
-                let due: Option<i64> = tx
-                    .query_one(&next, &[&route])
-                    .await
-                    .map_err(|e| self.failed(&e))?
-                    .get(0);
-                if let Some(delay) = due {
-                    let at = now_ms().saturating_add(delay.max(0));
-                    next_due = Some(next_due.map_or(at, |d| d.min(at)));
                 }
+                // What earlier routes' committed claims took is this gate's to deliver.
+                Err(e) if !events.is_empty() => {
+                    warn!(route, error = %e, "spool: claiming due events failed");
+                    break;
+                }
+                Err(e) => return Err(e),
             }
-            tx.commit().await.map_err(|e| self.failed(&e))?;
-            delivered.clear();
-            let mut claimed: Vec<(i64, StoredEvent)> =
-                rows.iter().map(|r| (r.get(8), stored_event(r))).collect();
-            claimed.sort_by_key(|(due, e)| (*due, e.id));
-            events.extend(claimed.into_iter().map(|(_, e)| e));
         }
         self.note_success();
         Ok(Claimed { events, next_due })
+    }
+
+    /// One route's claim, in one transaction (the first also deletes `delivered`'s rows, and
+    /// empties it once committed): the events claimed, oldest due first, and when the route's
+    /// next event falls due (when it had room left).
+    async fn claim_route(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        route: &str,
+        running: usize,
+        delivered: &mut Vec<i64>,
+    ) -> Result<(Vec<StoredEvent>, Option<i64>), SpoolError> {
+        let max = self.settings.max_concurrency_per_route.max(1);
+        let lease = duration_ms(self.settings.lease);
+        let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+        // Statements prepared once per connection: parsing and planning them on every
+        // call was a visible share of the database's CPU (bench/results, spool-pg).
+        let prepare = |sql| tx.prepare_cached(sql);
+        let lock = prepare(CLAIM_LOCK).await.map_err(|e| self.failed(&e))?;
+        let delete = prepare(DELIVERED).await.map_err(|e| self.failed(&e))?;
+        let lock_key = format!("hubgate.claim:{route}");
+        // Sent together (pipelined, one round trip). A claim's commit need not wait for
+        // its WAL flush: lost in a database crash, the claim (or the delivered rows'
+        // deletion) is undone and the event delivered again — at least once, as after a
+        // lease that expired; an accept's commit still waits. One claimer per route at a
+        // time (the advisory lock): the in-flight count it reads stays true until its
+        // claims commit, so the limit holds across gates.
+        let ids = std::mem::take(delivered);
+        let (relaxed, deleted, locked) = tokio::join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            async {
+                match ids.is_empty() {
+                    true => Ok(0),
+                    false => tx.execute(&delete, &[&ids, &self.owner]).await,
+                }
+            },
+            async { tx.execute(&lock, &[&lock_key]).await },
+        );
+        *delivered = ids;
+        relaxed.map_err(|e| self.failed(&e))?;
+        deleted.map_err(|e| self.failed(&e))?;
+        locked.map_err(|e| self.failed(&e))?;
+        let claim = prepare(CLAIM).await.map_err(|e| self.failed(&e))?;
+        let rows = tx
+            .query(&claim, &[&route, &(max as i64), &self.owner, &lease])
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let mut next_due = None;
+        if rows.len() < max - running {
+            let next = prepare(NEXT_DUE).await.map_err(|e| self.failed(&e))?;
+            let due: Option<i64> = tx
+                .query_one(&next, &[&route])
+                .await
+                .map_err(|e| self.failed(&e))?
+                .get(0);
+            next_due = due.map(|delay| now_ms().saturating_add(delay.max(0)));
+        }
+        tx.commit().await.map_err(|e| self.failed(&e))?;
+        delivered.clear();
+        let mut claimed: Vec<(i64, StoredEvent)> =
+            rows.iter().map(|r| (r.get(8), stored_event(r))).collect();
+        claimed.sort_by_key(|(due, e)| (*due, e.id));
+        Ok((claimed.into_iter().map(|(_, e)| e).collect(), next_due))
     }
 
     fn take_delivered(&self) -> Vec<i64> {
@@ -778,9 +803,13 @@ async fn prune(pool: Pool, window: Duration) {
         loop {
             let n = client
                 .execute(
+                    // SKIP LOCKED: never waits on a key an accept is refreshing (accepts
+                    // lock keys in key order; a prune that waited, in its own, could deadlock
+                    // with one and fail its whole statement).
                     "DELETE FROM hubgate.dedupe WHERE key IN (
                          SELECT key FROM hubgate.dedupe
-                         WHERE accepted_ms < hubgate.now_ms() - $1 LIMIT $2)",
+                         WHERE accepted_ms < hubgate.now_ms() - $1 LIMIT $2
+                         FOR UPDATE SKIP LOCKED)",
                     &[&window, &PRUNE_CHUNK],
                 )
                 .await;

@@ -38,6 +38,9 @@ const MERGE_POLL: Duration = Duration::from_millis(50);
 const ABSORB_EVERY: Duration = Duration::from_millis(200);
 /// The most held events one absorb makes rows of (each absorb holds up the accepts).
 const MAX_EVICT: usize = 2000;
+/// The most held events one absorb makes rows of when the gate closes (they are all read
+/// into memory for it).
+const CLOSE_CHUNK: usize = 10_000;
 /// When the journal keeps this many segments (a slow delivery pins the oldest), the events in
 /// the older half become rows, so that those segments can go.
 const MAX_SEGMENTS_KEPT: u64 = 32;
@@ -164,8 +167,8 @@ impl Ctx {
                 Ok(Some(id)) => id,
                 Ok(None) => break,
                 Err(e) => {
-                    warn!(route, error = %e, "spool: cannot read a waiting event back from the intake journal; it waits");
-                    break;
+                    error!(route, error = %e, "spool: cannot read a waiting event back from the intake journal; it stays there, undelivered");
+                    continue;
                 }
             };
             let Some(held) = self.intake.held.get_mut(&id) else {
@@ -723,8 +726,16 @@ fn run(
     if let Some(d) = Delivered::take(&ctx.handoff) {
         commit_batch(&conn, &mut ctx, &shared, vec![d], false);
     }
-    // Everything the journal holds becomes a row, so that what follows deals with rows only.
-    absorb(&conn, &mut ctx, &shared, true);
+    // Everything the journal holds becomes a row, so that what follows deals with rows only
+    // (a chunk per absorb: spilled events are read back into memory for it).
+    loop {
+        let before = ctx.intake.held.len();
+        absorb(&conn, &mut ctx, &shared, true);
+        let after = ctx.intake.held.len();
+        if after == 0 || after >= before {
+            break;
+        }
+    }
     unclaim_untaken(&conn, &ctx);
     // The writer's connection is then the last one: closing it checkpoints everything.
     merges.stop();
@@ -926,13 +937,23 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
     if ctx.intake.is_empty() && (!everything || ctx.intake.held.is_empty()) {
         return;
     }
-    let evict = if everything {
+    let mut evict = if everything {
         let mut all: Vec<i64> = ctx.intake.held.keys().copied().collect();
         all.sort_unstable();
+        all.truncate(CLOSE_CHUNK);
         all
     } else {
         to_evict(ctx)
     };
+    // A spilled event whose record cannot be read back stays in the journal (the next start
+    // recovers what can be read); the others go on.
+    evict.retain(|&id| match ctx.intake.fill(id) {
+        Ok(()) => true,
+        Err(e) => {
+            error!(id, error = %e, "spool: cannot read an event back from the intake journal; it stays there");
+            false
+        }
+    });
     if evict.is_empty() && !everything {
         // No row to make: the keys not written yet go as a run, and the segments whose keys
         // the checkpointer has made durable go — no sync on the accepts' path.
