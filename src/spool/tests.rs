@@ -922,66 +922,18 @@ async fn update_keys_recognise_an_update_whatever_its_body() {
     spool.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_waiting_for_delivery_room_stays_in_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(&dir);
+/// 20 clients, 10 events each (bodies from `body`), through 2 deliveries at a time: far more
+/// than they keep up with, so a queue waits. Every event must go out with everything it came
+/// with. Returns how many waited when the clients were done, the backend, and the spool (its
+/// delivery stopped once all 200 went out).
+async fn queue_through_two_deliveries(
+    dir: &tempfile::TempDir,
+    held_budget: u64,
+    body: fn(usize, usize) -> String,
+) -> (u64, Arc<Fake>, Spool) {
+    let mut s = settings(dir);
     s.max_concurrency_per_route = 2;
-    let spool = Spool::open(s).unwrap();
-    // An event that waited in memory goes out with everything it came with.
-    let fake = Fake::slow(Duration::from_millis(5), |e| {
-        let want = event("/a", "");
-        if (&e.headers, &e.query, &e.client_identity)
-            == (&want.headers, &want.query, &want.client_identity)
-        {
-            DeliveryOutcome::Done
-        } else {
-            DeliveryOutcome::Permanent(format!("sent without what it came with: {e:?}"))
-        }
-    });
-    let (stop, stopped) = watch::channel(false);
-    let task = spool.start_delivery(fake.clone(), stopped);
-    eventually("the first claim", || spool.stats().jobs >= 1).await;
-    // 20 clients, 10 events each: far more than 2 deliveries at a time can keep up with.
-    let clients = (0..20).map(|c| {
-        let spool = spool.clone();
-        tokio::spawn(async move {
-            for i in 0..10 {
-                let e = event("/a", &format!("c{c}-{i}"));
-                assert!(matches!(spool.accept(e).await, Ok(Accepted::Stored(_))));
-            }
-        })
-    });
-    for c in clients.collect::<Vec<_>>() {
-        c.await.unwrap();
-    }
-    let waiting = route_summary(&spool.summary().await.unwrap(), "/a").map_or(0, |r| r.pending);
-    eventually("all delivered", || spool.stats().delivered == 200).await;
-    stop.send(true).unwrap();
-    task.await.unwrap();
-    assert!(fake.max_running.load(Ordering::SeqCst) <= 2);
-    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
-    let rows: i64 = db
-        .query_row(
-            "SELECT count(*) FROM sqlite_sequence WHERE name = 'events'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(
-        rows, 0,
-        "no event became a row ({waiting} were waiting at the end)"
-    );
-    assert!(waiting > 0, "the test made no queue");
-}
-
-#[tokio::test]
-async fn waiting_events_past_the_memory_budget_are_read_back_from_the_journal_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(&dir);
-    s.max_concurrency_per_route = 2;
-    // Room in memory for about eight of these events; the rest wait in the journal only.
-    s.held_budget = 2048;
+    s.held_budget = held_budget;
     let spool = Spool::open(s).unwrap();
     let fake = Fake::slow(Duration::from_millis(5), |e| {
         let want = event("/a", "");
@@ -996,7 +948,6 @@ async fn waiting_events_past_the_memory_budget_are_read_back_from_the_journal_wh
     let (stop, stopped) = watch::channel(false);
     let task = spool.start_delivery(fake.clone(), stopped);
     eventually("the first claim", || spool.stats().jobs >= 1).await;
-    let body = |c: usize, i: usize| format!("c{c}-{i} {}", "p".repeat(150));
     let clients = (0..20).map(|c| {
         let spool = spool.clone();
         tokio::spawn(async move {
@@ -1010,13 +961,50 @@ async fn waiting_events_past_the_memory_budget_are_read_back_from_the_journal_wh
         c.await.unwrap();
     }
     let waiting = route_summary(&spool.summary().await.unwrap(), "/a").map_or(0, |r| r.pending);
+    eventually("all delivered", || spool.stats().delivered == 200).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert!(fake.max_running.load(Ordering::SeqCst) <= 2);
+    (waiting, fake, spool)
+}
+
+/// Events that became rows in the spool's file (ever: `sqlite_sequence` keeps the highest id).
+fn rows_made(spool: &Spool) -> i64 {
+    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
+    db.query_row(
+        "SELECT count(*) FROM sqlite_sequence WHERE name = 'events'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_waiting_for_delivery_room_stays_in_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (waiting, _, spool) =
+        queue_through_two_deliveries(&dir, crate::spool::sqlite::HELD_BUDGET, |c, i| {
+            format!("c{c}-{i}")
+        })
+        .await;
+    assert_eq!(
+        rows_made(&spool),
+        0,
+        "no event became a row ({waiting} were waiting at the end)"
+    );
+    assert!(waiting > 0, "the test made no queue");
+}
+
+#[tokio::test]
+async fn waiting_events_past_the_memory_budget_are_read_back_from_the_journal_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = |c: usize, i: usize| format!("c{c}-{i} {}", "p".repeat(150));
+    // Room in memory for about eight of these events; the rest wait in the journal only.
+    let (waiting, fake, spool) = queue_through_two_deliveries(&dir, 2048, body).await;
     assert!(
         waiting > 20,
         "only {waiting} waited: nothing was past the budget"
     );
-    eventually("all delivered", || spool.stats().delivered == 200).await;
-    stop.send(true).unwrap();
-    task.await.unwrap();
     let mut sent: Vec<Bytes> = fake.calls().into_iter().map(|c| c.2).collect();
     sent.sort();
     let mut want: Vec<Bytes> = (0..20)
@@ -1024,15 +1012,7 @@ async fn waiting_events_past_the_memory_budget_are_read_back_from_the_journal_wh
         .collect();
     want.sort();
     assert_eq!(sent, want, "every body once, byte for byte");
-    let db = rusqlite::Connection::open(&spool.settings().path).unwrap();
-    let rows: i64 = db
-        .query_row(
-            "SELECT count(*) FROM sqlite_sequence WHERE name = 'events'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(rows, 0, "no event became a row");
+    assert_eq!(rows_made(&spool), 0, "no event became a row");
 }
 
 #[tokio::test]
