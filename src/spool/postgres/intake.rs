@@ -84,18 +84,34 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    pub(super) fn new(location: String) -> Arc<Queue> {
+    /// A queue; `serve`: intake tasks will take from it (else accepts are refused).
+    pub(super) fn new(location: String, serve: bool) -> Arc<Queue> {
         let (calls, taken) = mpsc::unbounded_channel();
-        Arc::new(Queue {
+        let queue = Arc::new(Queue {
             calls,
             taken: Mutex::new(taken),
             bytes: AtomicUsize::new(0),
             location,
-        })
+        });
+        if !serve {
+            queue.refuse();
+        }
+        queue
     }
 
-    /// Refuses accepts from now on (a store that only reads: no intake task serves it).
-    pub(super) fn close(&self) {
+    /// Refuses accepts from now on (a store that only reads, or one closing: no intake task
+    /// serves it), and answers those still queued as not stored. Waits for the queue: call it
+    /// once the intake tasks are aborted (one may be waiting on it).
+    pub(super) async fn close(&self) {
+        let mut taken = self.taken.lock().await;
+        taken.close();
+        while let Ok(call) = taken.try_recv() {
+            self.bytes.fetch_sub(call.size, Ordering::Relaxed);
+        }
+    }
+
+    /// [`close`](Queue::close) for a queue no task has seen.
+    fn refuse(&self) {
         if let Ok(mut taken) = self.taken.try_lock() {
             taken.close();
         }

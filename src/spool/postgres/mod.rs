@@ -290,10 +290,7 @@ impl PgStore {
     ) -> (PgStore, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let (stored, news) = tokio::sync::mpsc::unbounded_channel();
         db.stored = stored;
-        let intake = intake::Queue::new(db.location.clone());
-        if tasks.is_empty() {
-            intake.close();
-        }
+        let intake = intake::Queue::new(db.location.clone(), !tasks.is_empty());
         let store = PgStore {
             db: Arc::new(db),
             tasks,
@@ -883,6 +880,7 @@ impl Store for PgStore {
             for t in &self.tasks {
                 t.abort();
             }
+            self.intake.close().await;
             self.pool.close();
         })
     }
