@@ -185,7 +185,7 @@ pub(crate) async fn run(
             renew(&spool, &running).await;
         }
         let mut wake_at = Instant::now() + settings.poll_interval;
-        match spool.inner.store.claim(busy.clone()).await {
+        match spool.inner.store.claim(&busy).await {
             Ok(claimed) => {
                 for event in claimed.events {
                     let (id, route) = (event.id, event.route.clone());

@@ -36,7 +36,10 @@ pub(crate) trait Store: Operations {
     fn accept_all(&self, events: Vec<NewEvent>)
         -> BoxFuture<'_, Result<Vec<Accepted>, SpoolError>>;
     /// Claims due events of every route with room, given what this process already runs.
-    fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>>;
+    fn claim<'a>(
+        &'a self,
+        busy: &'a HashMap<String, usize>,
+    ) -> BoxFuture<'a, Result<Claimed, SpoolError>>;
     /// Records an attempt's outcome.
     fn complete(
         &self,
@@ -160,6 +163,43 @@ pub(crate) fn backoff(attempts: u32, base: Duration, max: Duration, random: u64)
     };
     Duration::from_millis(half + jitter)
 }
+
+/// A hasher for the spool's own keys: event ids (sequential) and de-duplication keys (SHA-256
+/// outputs). Each 8 bytes are mixed in with a multiply (hashbrown takes its tags from the top
+/// bits, so sequential ids must not map to one tag). std's SipHash defends maps keyed by what
+/// a client chooses; an id is the spool's and a key is a hash, so it bought nothing here
+/// (this hasher saved ~1.4k instructions per event, bench/cost.sh).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by event ids or de-duplication keys (see [`IdHasher`]).
+pub(crate) type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// splitmix64, seeded from std's per-process random hasher keys: jitter needs no crypto and no
 /// extra dependency.
@@ -459,6 +499,24 @@ pub enum ReplayTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequential_ids_and_keys_spread_over_the_hash_s_top_and_low_bits() {
+        use std::hash::BuildHasher;
+        let build = std::hash::BuildHasherDefault::<IdHasher>::default();
+        let hashes: Vec<u64> = (0..4096i64).map(|id| build.hash_one(id)).collect();
+        let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        let buckets: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 4095).collect();
+        assert_eq!(tags.len(), 128, "hashbrown's 7-bit tags");
+        assert!(buckets.len() > 2500, "{} of 4096 buckets", buckets.len());
+        // Keys differing only in their last byte hash apart.
+        let key = |last: u8| {
+            let mut k = [7u8; 32];
+            k[31] = last;
+            build.hash_one(k)
+        };
+        assert_ne!(key(1), key(2));
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters_within_bounds() {

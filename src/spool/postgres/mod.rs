@@ -387,10 +387,10 @@ impl Db {
 impl PgStore {
     /// Claims due events route by route, one transaction each. Delivered events' rows are
     /// deleted in the first of them (or on their own when no route has room).
-    async fn claim_due(&self, busy: HashMap<String, usize>) -> Result<Claimed, SpoolError> {
+    async fn claim_due(&self, busy: &HashMap<String, usize>) -> Result<Claimed, SpoolError> {
         let mut client = self.client().await?;
         let mut delivered = self.take_delivered();
-        let claimed = self.claim_routes(&mut client, &busy, &mut delivered).await;
+        let claimed = self.claim_routes(&mut client, busy, &mut delivered).await;
         if !delivered.is_empty() {
             let deleted = match &claimed {
                 Ok(_) => self.delete_delivered(&mut client, &delivered).await,
@@ -828,7 +828,10 @@ impl Store for PgStore {
         Box::pin(intake::accept(&self.intake, events))
     }
 
-    fn claim(&self, busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>> {
+    fn claim<'a>(
+        &'a self,
+        busy: &'a HashMap<String, usize>,
+    ) -> BoxFuture<'a, Result<Claimed, SpoolError>> {
         Box::pin(self.claim_due(busy))
     }
 

@@ -60,7 +60,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::sql::{beside, folder_of, Prepared};
-use crate::spool::store::{decode_headers, from_unix_ms};
+use crate::spool::store::{decode_headers, from_unix_ms, IdMap};
 use crate::spool::StoredEvent;
 
 const EVENT: u8 = 1;
@@ -293,7 +293,7 @@ pub(crate) struct Intake {
     /// This batch's records, written with it.
     buf: Vec<u8>,
     /// Events in the journal that are not rows: in flight, or waiting for room.
-    pub held: HashMap<i64, Held>,
+    pub held: IdMap<i64, Held>,
     /// The bodies and headers of `held`.
     held_bytes: u64,
     /// Past this, new waiting events are spilled ([`HELD_BUDGET`]; smaller in tests).
@@ -302,7 +302,7 @@ pub(crate) struct Intake {
     reader: Option<(u64, File)>,
     deleter: Deleter,
     /// Keys of the journal's events: when accepted, and the event's id.
-    pub keys: HashMap<[u8; 32], (i64, i64)>,
+    pub keys: IdMap<[u8; 32], (i64, i64)>,
     /// Held events waiting for delivery room, per route, in acceptance order.
     waiting: HashMap<String, VecDeque<i64>>,
     undo: Vec<Undo>,
@@ -409,12 +409,12 @@ impl Intake {
             sizes: BTreeMap::new(),
             unsynced: false,
             buf: Vec::new(),
-            held: HashMap::new(),
+            held: IdMap::default(),
             held_bytes: 0,
             held_budget: HELD_BUDGET,
             reader: None,
             deleter: Deleter::start(db),
-            keys: HashMap::new(),
+            keys: IdMap::default(),
             waiting: HashMap::new(),
             undo: Vec::new(),
         };

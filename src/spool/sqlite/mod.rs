@@ -293,7 +293,10 @@ impl Store for SqliteStore {
         })
     }
 
-    fn claim(&self, _busy: HashMap<String, usize>) -> BoxFuture<'_, Result<Claimed, SpoolError>> {
+    fn claim<'a>(
+        &'a self,
+        _busy: &'a HashMap<String, usize>,
+    ) -> BoxFuture<'a, Result<Claimed, SpoolError>> {
         // The writer counts this process's deliveries itself (births included): `busy` is
         // what the scheduler knows of them, never more.
         Box::pin(async move {

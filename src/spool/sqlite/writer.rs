@@ -23,7 +23,7 @@ use super::intake::Intake;
 use super::keys::{self, Entry, KeyRuns, MergeRequest, Merged};
 use super::sql::{self as store, Insert, Opened};
 use super::Handoff;
-use crate::spool::store::{duration_ms, now_ms, Rng};
+use crate::spool::store::{duration_ms, now_ms, IdMap, Rng};
 use crate::spool::{Shared, SpoolError, SpoolSettings, StoredEvent};
 
 /// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
@@ -69,7 +69,7 @@ pub(crate) struct Delta {
 #[derive(Clone, Default)]
 pub(crate) struct Flight {
     /// Events claimed (at birth or from the queue) and not yet recorded: their routes.
-    claimed: HashMap<i64, String>,
+    claimed: IdMap<i64, String>,
     /// How many of `claimed` per route.
     per_route: HashMap<String, usize>,
     /// Routes whose queue may hold due events that no claim has taken yet: a new event of
