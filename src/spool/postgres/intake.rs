@@ -19,7 +19,7 @@ use super::Db;
 use crate::spool::store::{duration_ms, encode_headers, event_key, unix_ms};
 use crate::spool::{Accepted, NewEvent, SpoolError};
 
-/// The most body bytes in one statement (besides `max_batch_events`): a statement's parameters
+/// The most body and header bytes in one statement (besides `max_batch_events`): a statement's parameters
 /// are held in memory on both ends until it completes.
 const MAX_STATEMENT_BYTES: usize = 16 << 20;
 
@@ -190,7 +190,7 @@ pub(super) async fn run(db: Arc<Db>, queue: Arc<Queue>) {
             }
         };
         let mut events: usize = calls.iter().map(|c| c.events.len()).sum();
-        let mut bytes: usize = calls.iter().map(body_bytes).sum();
+        let mut bytes: usize = calls.iter().map(|c| c.size).sum();
         while let Some(taken) = taken.as_mut() {
             if events >= max_events || bytes >= MAX_STATEMENT_BYTES {
                 break;
@@ -199,29 +199,23 @@ pub(super) async fn run(db: Arc<Db>, queue: Arc<Queue>) {
             let Some(next) = queue.admit(next) else {
                 continue;
             };
-            if events + next.events.len() > max_events
-                || bytes + body_bytes(&next) > MAX_STATEMENT_BYTES
-            {
+            if events + next.events.len() > max_events || bytes + next.size > MAX_STATEMENT_BYTES {
                 carried = Some(next);
                 break;
             }
             events += next.events.len();
-            bytes += body_bytes(&next);
+            bytes += next.size;
             calls.push(next);
         }
         drop(taken);
-        let mut answers = match db.write(&calls).await {
+        let answers: Vec<_> = match db.write(&calls).await {
             Ok(answers) => answers.into_iter().map(Ok).collect(),
             Err(e) => vec![Err(e); calls.len()],
         };
-        for (call, answer) in calls.into_iter().zip(answers.drain(..)) {
+        for (call, answer) in calls.into_iter().zip(answers) {
             let _ = call.answer.send(answer); // a caller that gave up (timeout) is gone
         }
     }
-}
-
-fn body_bytes(p: &Pending) -> usize {
-    p.events.iter().map(|e| e.body.len()).sum()
 }
 
 impl Db {

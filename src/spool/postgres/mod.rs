@@ -213,8 +213,9 @@ impl PgStore {
                 });
             }
             drop(client);
-            let db = Db::new(settings, pool, shared, location, Arc::default());
-            return Ok(PgStore::around(db, vec![]).0);
+            let no_news = tokio::sync::mpsc::unbounded_channel().0;
+            let db = Db::new(settings, pool, shared, location, Arc::default(), no_news);
+            return Ok(PgStore::around(db, vec![], false));
         }
         match schema::migrate(&mut client).await {
             Ok(Ok(m)) if m.applied > 0 => {
@@ -270,11 +271,10 @@ impl PgStore {
             routes.clone(),
         ));
         let pruner = tokio::spawn(prune(pool.clone(), settings.dedupe_window));
-        let db = Db::new(settings, pool, shared, location, routes);
-        let (mut store, news) = PgStore::around(db, vec![listener, pruner]);
-        store
-            .tasks
-            .push(tokio::spawn(announce(store.pool.clone(), news)));
+        let (stored, news) = tokio::sync::mpsc::unbounded_channel();
+        let notifier = tokio::spawn(announce(pool.clone(), news));
+        let db = Db::new(settings, pool, shared, location, routes, stored);
+        let mut store = PgStore::around(db, vec![listener, pruner, notifier], true);
         for _ in 0..intake::WRITERS {
             let task = intake::run(store.db.clone(), store.intake.clone());
             store.tasks.push(tokio::spawn(task));
@@ -282,22 +282,15 @@ impl PgStore {
         Ok(store)
     }
 
-    /// The store around `db`, with the receiving end of its notifier's queue (for the task
-    /// that serves it; dropped, the store only reads — and then its accepts are refused).
-    fn around(
-        mut db: Db,
-        tasks: Vec<JoinHandle<()>>,
-    ) -> (PgStore, tokio::sync::mpsc::UnboundedReceiver<String>) {
-        let (stored, news) = tokio::sync::mpsc::unbounded_channel();
-        db.stored = stored;
-        let intake = intake::Queue::new(db.location.clone(), !tasks.is_empty());
-        let store = PgStore {
+    /// The store around `db`; `serve`: intake tasks will take its accepts (else it only
+    /// reads, and refuses them).
+    fn around(db: Db, tasks: Vec<JoinHandle<()>>, serve: bool) -> PgStore {
+        PgStore {
+            intake: intake::Queue::new(db.location.clone(), serve),
             db: Arc::new(db),
             tasks,
-            intake,
             delivered: Mutex::default(),
-        };
-        (store, news)
+        }
     }
 }
 
@@ -308,6 +301,7 @@ impl Db {
         shared: Arc<Shared>,
         location: String,
         routes: Arc<Mutex<BTreeSet<String>>>,
+        stored: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Db {
         Db {
             settings,
@@ -319,7 +313,7 @@ impl Db {
             routes_read: Mutex::new(Instant::now()),
             failing_since: Mutex::new(None),
             rng: Mutex::new(Rng::seeded()),
-            stored: tokio::sync::mpsc::unbounded_channel().0,
+            stored,
         }
     }
 
@@ -457,7 +451,6 @@ impl PgStore {
         // call was a visible share of the database's CPU (bench/results, spool-pg).
         let prepare = |sql| tx.prepare_cached(sql);
         let lock = prepare(CLAIM_LOCK).await.map_err(|e| self.failed(&e))?;
-        let delete = prepare(DELIVERED).await.map_err(|e| self.failed(&e))?;
         let lock_key = format!("hubgate.claim:{route}");
         // Sent together (pipelined, one round trip). A claim's commit need not wait for
         // its WAL flush: lost in a database crash, the claim (or the delivered rows'
@@ -465,20 +458,10 @@ impl PgStore {
         // lease that expired; an accept's commit still waits. One claimer per route at a
         // time (the advisory lock): the in-flight count it reads stays true until its
         // claims commit, so the limit holds across gates.
-        let ids = std::mem::take(delivered);
-        let (relaxed, deleted, locked) = tokio::join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            async {
-                match ids.is_empty() {
-                    true => Ok(0),
-                    false => tx.execute(&delete, &[&ids, &self.owner]).await,
-                }
-            },
-            async { tx.execute(&lock, &[&lock_key]).await },
-        );
-        *delivered = ids;
-        relaxed.map_err(|e| self.failed(&e))?;
-        deleted.map_err(|e| self.failed(&e))?;
+        let (relaxed, locked) = tokio::join!(self.relax_and_delete(&tx, delivered), async {
+            tx.execute(&lock, &[&lock_key]).await
+        });
+        relaxed?;
         locked.map_err(|e| self.failed(&e))?;
         let claim = prepare(CLAIM).await.map_err(|e| self.failed(&e))?;
         let rows = tx
@@ -515,17 +498,33 @@ impl PgStore {
         ids: &[i64],
     ) -> Result<(), SpoolError> {
         let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+        self.relax_and_delete(&tx, ids).await?;
+        tx.commit().await.map_err(|e| self.failed(&e))
+    }
+
+    /// Makes `tx`'s commit not wait for its WAL flush and deletes the rows of delivered events
+    /// `ids` (if any), both sent at once (pipelined, one round trip).
+    async fn relax_and_delete(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        ids: &[i64],
+    ) -> Result<(), SpoolError> {
         let delete = tx
             .prepare_cached(DELIVERED)
             .await
             .map_err(|e| self.failed(&e))?;
         let (relaxed, deleted) = tokio::join!(
             tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            async { tx.execute(&delete, &[&ids, &self.owner]).await },
+            async {
+                match ids.is_empty() {
+                    true => Ok(0),
+                    false => tx.execute(&delete, &[&ids, &self.owner]).await,
+                }
+            },
         );
         relaxed.map_err(|e| self.failed(&e))?;
         deleted.map_err(|e| self.failed(&e))?;
-        tx.commit().await.map_err(|e| self.failed(&e))
+        Ok(())
     }
 
     /// Deletes the rows of every delivery recorded so far.

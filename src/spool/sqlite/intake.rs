@@ -181,7 +181,7 @@ enum Deletion {
 }
 
 impl Deleter {
-    fn start(db: &Path) -> Deleter {
+    fn start(db: &Path) -> std::io::Result<Deleter> {
         let (jobs, queue) = std::sync::mpsc::channel();
         let db = db.to_owned();
         let thread = std::thread::Builder::new()
@@ -196,32 +196,22 @@ impl Deleter {
                         }
                     }
                 }
-            });
-        match thread {
-            Ok(thread) => Deleter {
-                jobs: Some(jobs),
-                thread: Some(thread),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "spool: cannot start the segment deleter; segments are deleted in line");
-                Deleter {
-                    jobs: None,
-                    thread: None,
-                }
-            }
-        }
+            })?;
+        Ok(Deleter {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
     }
 
+    /// Deletes `segments` on the thread (here, if it is gone).
     fn delete(&self, db: &Path, segments: Vec<u64>) {
-        match &self.jobs {
-            Some(jobs) => {
-                if let Err(std::sync::mpsc::SendError(Deletion::Segments(segments))) =
-                    jobs.send(Deletion::Segments(segments))
-                {
-                    delete_segments(db, &segments);
-                }
-            }
-            None => delete_segments(db, &segments),
+        let job = Deletion::Segments(segments);
+        let unsent = match &self.jobs {
+            Some(jobs) => jobs.send(job).err().map(|e| e.0),
+            None => Some(job),
+        };
+        if let Some(Deletion::Segments(segments)) = unsent {
+            delete_segments(db, &segments);
         }
     }
 
@@ -413,7 +403,7 @@ impl Intake {
             held_bytes: 0,
             held_budget: HELD_BUDGET,
             reader: None,
-            deleter: Deleter::start(db),
+            deleter: Deleter::start(db)?,
             keys: IdMap::default(),
             waiting: HashMap::new(),
             undo: Vec::new(),
