@@ -285,15 +285,15 @@ impl AccessLine<'_> {
     /// (no `format!` machinery: at a line per request it is most of the line's cost).
     pub fn format(&self, format: Format, now: SystemTime, out: &mut Vec<u8>) {
         let text = format == Format::Text;
-        let time = humantime::format_rfc3339_micros(now);
-        let _ = if text {
-            write!(out, "{time}  INFO hubgate::access: request peer=")
+        if !text {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+        }
+        timestamp(out, now);
+        out.extend_from_slice(if text {
+            b"  INFO hubgate::access: request peer="
         } else {
-            write!(
-                out,
-                "{{\"timestamp\":\"{time}\",\"level\":\"INFO\",\"message\":\"request\",\"peer\":\""
-            )
-        };
+            b"\",\"level\":\"INFO\",\"message\":\"request\",\"peer\":\""
+        });
         socket_addr(out, self.peer);
         out.extend_from_slice(if text {
             b" client="
@@ -343,6 +343,38 @@ impl AccessLine<'_> {
             b",\"target\":\"hubgate::access\"}\n"
         });
     }
+}
+
+/// `now` as RFC 3339 in UTC with microseconds (`2026-12-01T13:48:33.410986Z`), as humantime
+/// writes it. The part down to the second changes once a second: it is formatted then and kept
+/// (per thread), and only the microseconds are written for each line.
+fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    thread_local! {
+        /// The second last formatted and its text up to the decimal point.
+        static SECOND: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
+    // A clock set before 1970 (humantime would panic) is written as the epoch.
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != since.as_secs() {
+            *second = since.as_secs();
+            text.clear();
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+            text.pop(); // the 'Z'
+        }
+        out.extend_from_slice(text);
+    });
+    let micros = since.subsec_micros();
+    let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
+    let mut rest = micros;
+    for d in digits[1..7].iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&digits);
 }
 
 fn number(out: &mut Vec<u8>, n: u64) {
@@ -417,6 +449,40 @@ mod tests {
 
     fn at() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_micros(1_796_132_913_410_986)
+    }
+
+    #[test]
+    fn timestamps_are_written_as_humantime_writes_them() {
+        // Within one second (the cached part reused), across seconds, days and years, with
+        // leading zeros in the microseconds; a clock before 1970 reads as the epoch.
+        let base = at();
+        let times = [
+            base,
+            base + Duration::from_micros(1),
+            base + Duration::from_micros(589_013),
+            base + Duration::from_micros(589_014),
+            base + Duration::from_secs(86_400 * 30) + Duration::from_micros(7),
+            SystemTime::UNIX_EPOCH
+                + Duration::from_secs(1_798_761_599)
+                + Duration::from_micros(999_999),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_798_761_600),
+            SystemTime::UNIX_EPOCH,
+        ];
+        for t in times {
+            let mut out = Vec::new();
+            timestamp(&mut out, t);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_micros(t).to_string(),
+                "{t:?}"
+            );
+        }
+        let mut out = Vec::new();
+        timestamp(
+            &mut out,
+            SystemTime::UNIX_EPOCH - Duration::from_micros(1_500_000),
+        );
+        assert_eq!(out, b"1970-01-01T00:00:00.000000Z");
     }
 
     #[test]
