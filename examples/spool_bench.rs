@@ -31,15 +31,25 @@ fn event(body: String) -> NewEvent {
     NewEvent {
         route: "/webhook".to_owned(),
         body: Bytes::from(body),
-        headers: vec![
-            ("content-type".to_owned(), b"application/json".to_vec()),
+        headers: http::HeaderMap::from_iter([
             (
-                "x-hub-signature-256".to_owned(),
-                [b"sha256=".as_slice(), &[b'a'; 64]].concat(),
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
             ),
-            ("x-forwarded-for".to_owned(), b"192.0.2.1".to_vec()),
-            ("x-forwarded-proto".to_owned(), b"https".to_vec()),
-        ],
+            (
+                http::HeaderName::from_static("x-hub-signature-256"),
+                http::HeaderValue::from_bytes(&[b"sha256=".as_slice(), &[b'a'; 64]].concat())
+                    .expect("a valid value"),
+            ),
+            (
+                http::HeaderName::from_static("x-forwarded-for"),
+                http::HeaderValue::from_static("192.0.2.1"),
+            ),
+            (
+                http::HeaderName::from_static("x-forwarded-proto"),
+                http::HeaderValue::from_static("https"),
+            ),
+        ]),
         query: None,
         client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),
         received_at: SystemTime::now(),

@@ -208,7 +208,9 @@ async fn execute(
                 v["headers"] = Value::Array(
                     d.headers
                         .iter()
-                        .map(|(n, val)| json!([n, String::from_utf8_lossy(val)]))
+                        .map(|(n, val)| {
+                            json!([n.as_str(), String::from_utf8_lossy(val.as_bytes())])
+                        })
                         .collect(),
                 );
                 v["body"] = json!(String::from_utf8_lossy(&d.body));
@@ -226,7 +228,7 @@ async fn execute(
                 }
                 println!("headers:");
                 for (n, v) in &d.headers {
-                    println!("  {n}: {}", String::from_utf8_lossy(v));
+                    println!("  {n}: {}", String::from_utf8_lossy(v.as_bytes()));
                 }
                 println!("body ({} bytes):", d.body.len());
                 println!("{}", String::from_utf8_lossy(&d.body));

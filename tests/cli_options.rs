@@ -54,7 +54,10 @@ async fn fill_spool(db: &Path, bodies: &[&str]) {
             .accept(NewEvent {
                 route: "/webhook".to_owned(),
                 body: bytes::Bytes::copy_from_slice(body.as_bytes()),
-                headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
+                headers: http::HeaderMap::from_iter([(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                )]),
                 query: None,
                 client_identity: None,
                 received_at: SystemTime::now(),

@@ -38,7 +38,10 @@ fn event(body: &str) -> NewEvent {
     NewEvent {
         route: "/webhook".to_owned(),
         body: Bytes::from(body.to_owned()),
-        headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
+        headers: http::HeaderMap::from_iter([(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        )]),
         query: None,
         client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),
         received_at: SystemTime::now(),

@@ -31,7 +31,7 @@ pub async fn store(
 ) -> Result<Accepted, SpoolError> {
     let headers = upstream_headers(parts, client);
     spool
-        .accept(new_event(route, parts, client, &headers, body, None))
+        .accept(new_event(route, parts, client, headers, body, None))
         .await
 }
 
@@ -54,7 +54,7 @@ pub async fn store_parts(
 ) -> Result<Vec<Accepted>, SpoolError> {
     let events = pieces
         .into_iter()
-        .map(|p| new_event(route, parts, client, &p.headers, p.body, p.update_key))
+        .map(|p| new_event(route, parts, client, p.headers, p.body, p.update_key))
         .collect();
     spool.accept_all(events).await
 }
@@ -63,17 +63,14 @@ fn new_event(
     route: &str,
     parts: &Parts,
     client: &ClientContext,
-    headers: &http::HeaderMap,
+    headers: http::HeaderMap,
     body: Bytes,
     update_key: Option<[u8; 32]>,
 ) -> NewEvent {
     NewEvent {
         route: route.to_owned(),
         body,
-        headers: headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
-            .collect(),
+        headers,
         query: parts.uri.query().map(str::to_owned),
         client_identity: client.cn().map(str::to_owned),
         received_at: std::time::SystemTime::now(),

@@ -174,14 +174,7 @@ impl Upstream {
         let mut request = Request::new(Full::new(event.body.clone()));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
-        for (name, value) in &event.headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
-                request.headers_mut().append(n, v);
-            }
-        }
+        *request.headers_mut() = event.headers.clone();
         Ok(self.exchange(request).await?.status())
     }
 

@@ -225,8 +225,8 @@ pub struct NewEvent {
     /// The raw, verified body.
     pub body: Bytes,
     /// The headers to send to the backend, in order (as `forward::upstream_headers` makes
-    /// them). Names must be valid header names; values must not contain CR, LF or NUL.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// them).
+    pub headers: http::HeaderMap,
     /// The request's query string, if any: appended to the upstream URL on delivery.
     pub query: Option<String>,
     /// The verified client (e.g. the certificate's CN), for the record.
@@ -257,7 +257,7 @@ pub struct StoredEvent {
     /// The raw body, byte for byte as verified.
     pub body: Bytes,
     /// The headers to send, as stored by [`Spool::accept`].
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: http::HeaderMap,
     /// The query string to append to the upstream URL.
     pub query: Option<String>,
     /// The verified client at reception.

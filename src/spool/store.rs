@@ -247,39 +247,40 @@ pub(crate) fn duration_ms(d: Duration) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Codec and key
 
-/// Encodes headers as `name: value\n` lines (readable in the `sqlite3` CLI). Names must be
-/// non-empty and free of `:`, whitespace and controls; values free of CR, LF and NUL — what
-/// `http::HeaderName` and `http::HeaderValue` guarantee anyway.
-pub(crate) fn encode_headers(headers: &[(String, Vec<u8>)]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(headers.iter().map(|(n, v)| n.len() + v.len() + 3).sum());
+/// Encodes headers as `name: value\n` lines (readable in the `sqlite3` CLI). `http`'s types
+/// guarantee what the form needs: names free of `:`, whitespace and controls, values free of
+/// CR, LF and NUL.
+pub(crate) fn encode_headers(headers: &http::HeaderMap) -> Vec<u8> {
+    let size = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 3)
+        .sum();
+    let mut out = Vec::with_capacity(size);
     for (name, value) in headers {
-        if name.is_empty() || name.bytes().any(|b| b == b':' || b <= b' ' || b == 0x7f) {
-            return Err(format!("header name {name:?} cannot be stored"));
-        }
-        if value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(format!("header {name}: value contains CR, LF or NUL"));
-        }
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
+        out.extend_from_slice(value.as_bytes());
         out.push(b'\n');
     }
-    Ok(out)
+    out
 }
 
-/// The inverse of [`encode_headers`].
-pub(crate) fn decode_headers(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
-    bytes
-        .split(|&b| b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(|line| {
-            let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
-            let name = String::from_utf8_lossy(&line[..colon]).into_owned();
-            let rest = line.get(colon + 1..).unwrap_or_default();
-            let value = rest.strip_prefix(b" ").unwrap_or(rest).to_vec();
-            (name, value)
-        })
-        .collect()
+/// The inverse of [`encode_headers`]. A line that is not a valid header (only a database
+/// edited by hand holds one) is left out.
+pub(crate) fn decode_headers(bytes: &[u8]) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
+        let rest = line.get(colon + 1..).unwrap_or_default();
+        let value = rest.strip_prefix(b" ").unwrap_or(rest);
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(&line[..colon]),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    headers
 }
 
 /// The de-duplication key: SHA-256 over the route's length (8 bytes, big-endian), the route,
@@ -460,7 +461,7 @@ pub struct EventDetail {
     /// The request's query string, appended to the upstream URL on delivery.
     pub query: Option<String>,
     /// The headers that are forwarded, in order.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: http::HeaderMap,
     /// The raw body, byte for byte.
     pub body: Bytes,
 }

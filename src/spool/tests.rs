@@ -25,11 +25,20 @@ fn event(route: &str, body: &str) -> NewEvent {
     NewEvent {
         route: route.to_owned(),
         body: Bytes::from(body.to_owned()),
-        headers: vec![
-            ("content-type".to_owned(), b"application/json".to_vec()),
-            ("x-hub-signature-256".to_owned(), b"sha256=00ff".to_vec()),
-            ("x-forwarded-for".to_owned(), b"192.0.2.7".to_vec()),
-        ],
+        headers: http::HeaderMap::from_iter([
+            (
+                http::header::CONTENT_TYPE,
+                "application/json".parse().unwrap(),
+            ),
+            (
+                http::HeaderName::from_static("x-hub-signature-256"),
+                "sha256=00ff".parse().unwrap(),
+            ),
+            (
+                http::HeaderName::from_static("x-forwarded-for"),
+                "192.0.2.7".parse().unwrap(),
+            ),
+        ]),
         query: Some("a=1".to_owned()),
         client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),
         received_at: SystemTime::now(),
@@ -765,13 +774,12 @@ async fn a_full_spool_refuses_with_a_distinct_error_and_keeps_what_it_acknowledg
 }
 
 #[tokio::test]
-async fn invalid_headers_are_refused_before_storing() {
+async fn an_event_without_a_route_is_refused_before_storing() {
+    // (Headers that could not be stored cannot be made: see sql.rs's codec tests.)
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(settings(&dir)).unwrap();
-    let mut e = event("/a", "x");
-    e.headers.push(("x-bad".to_owned(), b"a\r\nb: c".to_vec()));
     assert!(matches!(
-        spool.accept(e).await,
+        spool.accept(event("", "x")).await,
         Err(SpoolError::InvalidEvent(_))
     ));
     assert!(spool.summary().await.unwrap().routes.is_empty());

@@ -133,11 +133,7 @@ pub(super) async fn accept(
     if events.iter().any(|e| e.route.is_empty()) {
         return Err(SpoolError::InvalidEvent("empty route".to_owned()));
     }
-    let headers = events
-        .iter()
-        .map(|e| encode_headers(&e.headers))
-        .collect::<Result<Vec<Vec<u8>>, _>>()
-        .map_err(SpoolError::InvalidEvent)?;
+    let headers: Vec<Vec<u8>> = events.iter().map(|e| encode_headers(&e.headers)).collect();
     let size = events.iter().map(|e| e.body.len()).sum::<usize>()
         + headers.iter().map(Vec::len).sum::<usize>();
     if queue.bytes.fetch_add(size, Ordering::Relaxed) + size > MAX_QUEUED_BYTES {

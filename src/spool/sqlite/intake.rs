@@ -574,7 +574,7 @@ impl Intake {
         let event = if spilled {
             Prepared {
                 body: Bytes::new(),
-                headers: Vec::new(),
+                headers: http::HeaderMap::new(),
                 encoded_headers: Vec::new(),
                 query: None,
                 client_identity: None,
@@ -953,7 +953,7 @@ fn next_record(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
                 event: Box::new(Prepared {
                     route,
                     body,
-                    headers: Vec::new(),
+                    headers: http::HeaderMap::new(),
                     encoded_headers,
                     query,
                     client_identity,
@@ -1018,7 +1018,7 @@ mod tests {
         Prepared {
             route: "/a".to_owned(),
             body: Bytes::from(vec![n; 100 + usize::from(n)]),
-            headers: Vec::new(),
+            headers: http::HeaderMap::new(),
             encoded_headers: b"x-hub-signature-256: sha256=00\n".to_vec(),
             query: (n % 2 == 0).then(|| format!("q={n}")),
             client_identity: Some("client.webhooks.fbclientcerts.com".to_owned()),

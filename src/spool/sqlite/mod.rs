@@ -254,7 +254,7 @@ impl Store for SqliteStore {
                 .iter()
                 .rev()
                 .scan(0u64, |sum, p| {
-                    *sum += (p.body.len() + p.headers.len()) as u64;
+                    *sum += (p.body.len() + p.encoded_headers.len()) as u64;
                     Some(*sum)
                 })
                 .collect();
