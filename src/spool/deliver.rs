@@ -22,7 +22,6 @@
 //! delivered again — at least once). A process that dies instead leaves them `in_flight`; the
 //! next start makes them pending again.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::store::{self, Disposition};
+use super::store::{self, Disposition, RouteMap};
 use super::{Spool, SpoolError, StoredEvent};
 
 /// The result of one delivery attempt.
@@ -133,7 +132,7 @@ async fn attempt(spool: Spool, deliver: Arc<dyn Deliver>, event: StoredEvent) {
 }
 
 /// Extends the leases of the deliveries still running.
-async fn renew(spool: &Spool, running: &HashMap<tokio::task::Id, (i64, String)>) {
+async fn renew(spool: &Spool, running: &RouteMap<tokio::task::Id, (i64, String)>) {
     let ids: Vec<i64> = running.values().map(|(id, _)| *id).collect();
     if ids.is_empty() {
         return;
@@ -151,16 +150,16 @@ pub(crate) async fn run(
 ) {
     let settings = spool.inner.settings.clone();
     let notify = spool.inner.shared.notify.clone();
-    let mut busy: HashMap<String, usize> = HashMap::new();
-    let mut running: HashMap<tokio::task::Id, (i64, String)> = HashMap::new();
+    let mut busy: RouteMap<String, usize> = RouteMap::default();
+    let mut running: RouteMap<tokio::task::Id, (i64, String)> = RouteMap::default();
     let mut tasks: JoinSet<()> = JoinSet::new();
     // Claims on a shared store carry a lease: renew those still running well before it ends.
     let renew_every = (settings.lease / 3).max(Duration::from_millis(100));
     let mut next_renew = Instant::now() + renew_every;
 
     let finished = |id: tokio::task::Id,
-                    busy: &mut HashMap<String, usize>,
-                    running: &mut HashMap<tokio::task::Id, (i64, String)>|
+                    busy: &mut RouteMap<String, usize>,
+                    running: &mut RouteMap<tokio::task::Id, (i64, String)>|
      -> Option<i64> {
         let (event, route) = running.remove(&id)?;
         if let Some(n) = busy.get_mut(&route) {

@@ -38,7 +38,7 @@ pub(crate) trait Store: Operations {
     /// Claims due events of every route with room, given what this process already runs.
     fn claim<'a>(
         &'a self,
-        busy: &'a HashMap<String, usize>,
+        busy: &'a RouteMap<String, usize>,
     ) -> BoxFuture<'a, Result<Claimed, SpoolError>>;
     /// Records an attempt's outcome.
     fn complete(
@@ -200,6 +200,10 @@ impl std::hash::Hasher for IdHasher {
 
 /// A map keyed by event ids or de-duplication keys (see [`IdHasher`]).
 pub(crate) type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// A map keyed by routes (or the scheduler's task ids): keys the configuration and the spool
+/// choose, never a client, so foldhash's speed instead of SipHash's resistance to chosen keys.
+pub type RouteMap<K, V> = foldhash::HashMap<K, V>;
 
 /// splitmix64, seeded from std's per-process random hasher keys: jitter needs no crypto and no
 /// extra dependency.

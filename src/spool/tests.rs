@@ -1,6 +1,5 @@
 //! The spool's tests: real SQLite files in a temporary folder, a fake [`Deliver`].
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -509,7 +508,7 @@ async fn in_flight_events_are_resumed_after_reopening() {
         }
     }
     // Claimed as if deliveries had started, then the process "dies" before any outcome.
-    let claimed = spool.inner.store.claim(&HashMap::new()).await.unwrap();
+    let claimed = spool.inner.store.claim(&Default::default()).await.unwrap();
     assert_eq!(claimed.events.len(), 3);
     let summary = spool.summary().await.unwrap();
     assert_eq!(route_summary(&summary, "/a").unwrap().in_flight, 3);

@@ -34,7 +34,7 @@ mod intake;
 mod ops;
 mod schema;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,8 +49,8 @@ pub(crate) use connect::Target;
 
 use super::store::{
     decode_headers, duration_ms, from_unix_ms, now_ms, plan, BoxFuture, Claimed, Disposition,
-    EventDetail, EventInfo, EventState, ListFilter, Operations, Plan, ReplayTarget, Rng, Store,
-    Summary,
+    EventDetail, EventInfo, EventState, ListFilter, Operations, Plan, ReplayTarget, Rng, RouteMap,
+    Store, Summary,
 };
 use super::{
     Accepted, Backend, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings, StoredEvent,
@@ -381,7 +381,7 @@ impl Db {
 impl PgStore {
     /// Claims due events route by route, one transaction each. Delivered events' rows are
     /// deleted in the first of them (or on their own when no route has room).
-    async fn claim_due(&self, busy: &HashMap<String, usize>) -> Result<Claimed, SpoolError> {
+    async fn claim_due(&self, busy: &RouteMap<String, usize>) -> Result<Claimed, SpoolError> {
         let mut client = self.client().await?;
         let mut delivered = self.take_delivered();
         let claimed = self.claim_routes(&mut client, busy, &mut delivered).await;
@@ -403,7 +403,7 @@ impl PgStore {
     async fn claim_routes(
         &self,
         client: &mut deadpool_postgres::Object,
-        busy: &HashMap<String, usize>,
+        busy: &RouteMap<String, usize>,
         delivered: &mut Vec<i64>,
     ) -> Result<Claimed, SpoolError> {
         let routes = self.routes(client).await?;
@@ -829,7 +829,7 @@ impl Store for PgStore {
 
     fn claim<'a>(
         &'a self,
-        busy: &'a HashMap<String, usize>,
+        busy: &'a RouteMap<String, usize>,
     ) -> BoxFuture<'a, Result<Claimed, SpoolError>> {
         Box::pin(self.claim_due(busy))
     }

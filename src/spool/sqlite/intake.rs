@@ -60,7 +60,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::sql::{beside, folder_of, Prepared};
-use crate::spool::store::{decode_headers, from_unix_ms, IdMap};
+use crate::spool::store::{decode_headers, from_unix_ms, IdMap, RouteMap};
 use crate::spool::StoredEvent;
 
 const EVENT: u8 = 1;
@@ -296,7 +296,7 @@ pub(crate) struct Intake {
     /// Keys of the journal's events: when accepted, and the event's id.
     pub keys: IdMap<[u8; 32], (i64, i64)>,
     /// Held events waiting for delivery room, per route, in acceptance order.
-    waiting: HashMap<String, VecDeque<i64>>,
+    waiting: RouteMap<String, VecDeque<i64>>,
     undo: Vec<Undo>,
 }
 
@@ -407,7 +407,7 @@ impl Intake {
             reader: None,
             deleter: Deleter::start(db)?,
             keys: IdMap::default(),
-            waiting: HashMap::new(),
+            waiting: RouteMap::default(),
             undo: Vec::new(),
         };
         intake.prepare_next();

@@ -54,7 +54,7 @@ use writer::Msg;
 
 use super::store::{
     now_ms, plan, BoxFuture, Claimed, Disposition, EventDetail, EventInfo, EventState, ListFilter,
-    Operations, Plan, ReplayTarget, Store, Summary,
+    Operations, Plan, ReplayTarget, RouteMap, Store, Summary,
 };
 use super::{Accepted, DeliveryOutcome, NewEvent, Shared, SpoolError, SpoolSettings, StoredEvent};
 
@@ -215,7 +215,7 @@ fn insert_one(
     }
     if ctx.handoff.taking.load(Ordering::Relaxed) {
         let route = &prepared.route;
-        let born = !ctx.flight.backlog.contains(route)
+        let born = !ctx.flight.in_backlog(route)
             && !ctx.intake.has_waiting(route)
             && ctx.flight.room(route, max) > 0;
         if born {
@@ -230,7 +230,7 @@ fn insert_one(
         if dedupe {
             ctx.row_keys.push((prepared.key, ctx.now, id));
         }
-        ctx.flight.backlog.insert(prepared.route);
+        ctx.flight.to_backlog(&prepared.route);
     }
     ctx.stored = true;
     ctx.delta.accepted += 1;
@@ -295,7 +295,7 @@ impl Store for SqliteStore {
 
     fn claim<'a>(
         &'a self,
-        _busy: &'a HashMap<String, usize>,
+        _busy: &'a RouteMap<String, usize>,
     ) -> BoxFuture<'a, Result<Claimed, SpoolError>> {
         // The writer counts this process's deliveries itself (births included): `busy` is
         // what the scheduler knows of them, never more.
@@ -380,7 +380,7 @@ impl Store for SqliteStore {
                 if sql::release(conn, id, ctx.now)? {
                     n += 1;
                     if let Some(route) = ctx.flight.end(id) {
-                        ctx.flight.backlog.insert(route);
+                        ctx.flight.to_backlog(&route);
                     }
                 }
             }
@@ -506,7 +506,7 @@ fn search_queue(ctx: &mut writer::Ctx, tx: &writer::Tx<'_>) -> rusqlite::Result<
         }
         let got = sql::claim(conn, route, room, ctx.now)?;
         if got.len() < room {
-            ctx.flight.backlog.remove(route);
+            ctx.flight.leave_backlog(route);
             waiting.push(route.clone());
             if let Some(due) = sql::next_due(conn, route)? {
                 next_due = Some(next_due.map_or(due, |d| d.min(due)));

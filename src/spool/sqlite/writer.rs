@@ -9,7 +9,7 @@
 //! one amortises each sync over many events. Between batches, every [`ABSORB_EVERY`], it
 //! absorbs the journal (see `intake`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use super::intake::Intake;
 use super::keys::{self, Entry, KeyRuns, MergeRequest, Merged};
 use super::sql::{self as store, Insert, Opened};
 use super::Handoff;
-use crate::spool::store::{duration_ms, now_ms, IdMap, Rng};
+use crate::spool::store::{duration_ms, now_ms, IdMap, Rng, RouteMap};
 use crate::spool::{Shared, SpoolError, SpoolSettings, StoredEvent};
 
 /// A batch stops growing past this many body bytes (bodies are up to a few MiB each).
@@ -65,19 +65,36 @@ pub(crate) struct Delta {
 }
 
 /// This process's deliveries as the writer sees them (the writer thread's alone). A batch
-/// that fails puts back the copy taken before it.
-#[derive(Clone, Default)]
+/// that fails takes back what it changed here ([`begin`](Flight::begin), [`undo`](Flight::undo)).
+#[derive(Default)]
 pub(crate) struct Flight {
     /// Events claimed (at birth or from the queue) and not yet recorded: their routes.
     claimed: IdMap<i64, String>,
     /// How many of `claimed` per route.
-    per_route: HashMap<String, usize>,
+    per_route: RouteMap<String, usize>,
     /// Routes whose queue may hold due events that no claim has taken yet: a new event of
     /// such a route waits its turn there instead of being claimed at birth.
-    pub backlog: BTreeSet<String>,
+    backlog: BTreeSet<String>,
+    /// What changed since [`begin`](Flight::begin), oldest first.
+    changes: Vec<FlightChange>,
+}
+
+enum FlightChange {
+    Claimed(i64),
+    Ended(i64, String),
+    Backlogged(String),
+    LeftBacklog(String),
 }
 
 impl Flight {
+    /// With these routes' queues to search first (what a previous process left).
+    pub fn with_backlog(backlog: BTreeSet<String>) -> Flight {
+        Flight {
+            backlog,
+            ..Flight::default()
+        }
+    }
+
     /// Deliveries `route` may start now.
     pub fn room(&self, route: &str, max: usize) -> usize {
         max.saturating_sub(self.per_route.get(route).copied().unwrap_or(0))
@@ -85,12 +102,8 @@ impl Flight {
 
     pub fn claim(&mut self, id: i64, route: &str) {
         if self.claimed.insert(id, route.to_owned()).is_none() {
-            match self.per_route.get_mut(route) {
-                Some(n) => *n += 1,
-                None => {
-                    self.per_route.insert(route.to_owned(), 1);
-                }
-            }
+            *self.count(route) += 1;
+            self.changes.push(FlightChange::Claimed(id));
         }
     }
 
@@ -101,10 +114,68 @@ impl Flight {
     /// Forgets a claim once its outcome is recorded; returns its route.
     pub fn end(&mut self, id: i64) -> Option<String> {
         let route = self.claimed.remove(&id)?;
-        if let Some(n) = self.per_route.get_mut(&route) {
-            *n = n.saturating_sub(1);
-        }
+        let n = self.count(&route);
+        *n = n.saturating_sub(1);
+        self.changes.push(FlightChange::Ended(id, route.clone()));
         Some(route)
+    }
+
+    pub fn in_backlog(&self, route: &str) -> bool {
+        self.backlog.contains(route)
+    }
+
+    pub fn backlog_is_empty(&self) -> bool {
+        self.backlog.is_empty()
+    }
+
+    pub fn to_backlog(&mut self, route: &str) {
+        if !self.backlog.contains(route) {
+            self.backlog.insert(route.to_owned());
+            self.changes
+                .push(FlightChange::Backlogged(route.to_owned()));
+        }
+    }
+
+    pub fn leave_backlog(&mut self, route: &str) {
+        if let Some(route) = self.backlog.take(route) {
+            self.changes.push(FlightChange::LeftBacklog(route));
+        }
+    }
+
+    /// A batch starts: what changes from now on can be taken back.
+    pub fn begin(&mut self) {
+        self.changes.clear();
+    }
+
+    /// Takes back every change since [`begin`](Flight::begin), newest first.
+    pub fn undo(&mut self) {
+        while let Some(change) = self.changes.pop() {
+            match change {
+                FlightChange::Claimed(id) => {
+                    if let Some(route) = self.claimed.remove(&id) {
+                        let n = self.count(&route);
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                FlightChange::Ended(id, route) => {
+                    *self.count(&route) += 1;
+                    self.claimed.insert(id, route);
+                }
+                FlightChange::Backlogged(route) => {
+                    self.backlog.remove(&route);
+                }
+                FlightChange::LeftBacklog(route) => {
+                    self.backlog.insert(route);
+                }
+            }
+        }
+    }
+
+    fn count(&mut self, route: &str) -> &mut usize {
+        if !self.per_route.contains_key(route) {
+            self.per_route.insert(route.to_owned(), 0);
+        }
+        self.per_route.get_mut(route).expect("just inserted")
     }
 }
 
@@ -158,7 +229,7 @@ impl Ctx {
     /// Claims events waiting in memory for `route` while it has room and nothing waits before
     /// them in the file, for the scheduler to take after the commit.
     pub fn claim_waiting(&mut self, route: &str) {
-        if self.flight.backlog.contains(route) {
+        if self.flight.in_backlog(route) {
             return;
         }
         let max = self.settings.max_concurrency_per_route.max(1);
@@ -411,10 +482,7 @@ pub(crate) fn spawn(
 ) -> std::io::Result<()> {
     let routes: BTreeSet<String> = opened.routes.iter().cloned().collect();
     // What a previous process left is due before anything new.
-    let flight = Flight {
-        backlog: routes.clone(),
-        ..Flight::default()
-    };
+    let flight = Flight::with_backlog(routes.clone());
     handoff.backlog.store(!routes.is_empty(), Ordering::Relaxed);
     let ctx = Ctx {
         intake: opened.intake,
@@ -1011,7 +1079,9 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
             keys_written_below_current(ctx);
             if !queued.is_empty() {
                 ctx.intake.prune_waiting();
-                ctx.flight.backlog.extend(queued);
+                for route in &queued {
+                    ctx.flight.to_backlog(route);
+                }
                 ctx.handoff.backlog.store(true, Ordering::SeqCst);
                 shared.notify.notify_one();
             }
@@ -1082,7 +1152,7 @@ fn commit_batch(
     ctx.born.clear();
     ctx.row_keys.clear();
     ctx.materialized = false;
-    let flight_before = ctx.flight.clone();
+    ctx.flight.begin();
     ctx.intake.begin();
     let journal_before = ctx.intake.len();
     let mut synced_journal = false;
@@ -1147,7 +1217,7 @@ fn commit_batch(
             // Before the scheduler is woken: it decides from these whether to search the queue.
             ctx.handoff
                 .backlog
-                .store(!ctx.flight.backlog.is_empty(), Ordering::SeqCst);
+                .store(!ctx.flight.backlog_is_empty(), Ordering::SeqCst);
             if !ctx.born.is_empty() {
                 ctx.handoff.lock_born().append(&mut ctx.born);
             }
@@ -1169,7 +1239,7 @@ fn commit_batch(
         }
         Err(e) => {
             // Nothing of it happened: claims made and outcomes recorded in it included.
-            ctx.flight = flight_before;
+            ctx.flight.undo();
             ctx.born.clear();
             shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
             let err = e.to_spool_error(&ctx.settings.path);
@@ -1195,4 +1265,39 @@ fn commit_batch(
         job.finish(&result);
     }
     pruned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_batch_takes_back_its_flight_changes_and_only_those() {
+        let mut f = Flight::with_backlog(["/old".to_owned()].into());
+        f.claim(1, "/a");
+        f.claim(2, "/a");
+        f.begin();
+        // The batch: a claim, an end, one route into the backlog and one out of it.
+        f.claim(3, "/a");
+        f.claim(3, "/a"); // claimed twice counts once
+        assert_eq!(f.end(1).as_deref(), Some("/a"));
+        assert_eq!(f.end(1), None);
+        f.to_backlog("/b");
+        f.to_backlog("/b");
+        f.leave_backlog("/old");
+        assert_eq!(f.room("/a", 16), 14);
+        assert!(f.in_backlog("/b") && !f.in_backlog("/old"));
+        f.undo();
+        // As before the batch: 1 and 2 claimed, 3 not; /old in the backlog, /b not.
+        assert!(f.is_claimed(1) && f.is_claimed(2) && !f.is_claimed(3));
+        assert_eq!(f.room("/a", 16), 14);
+        assert!(f.in_backlog("/old") && !f.in_backlog("/b"));
+        // A batch that succeeds keeps its changes; the next begin starts afresh.
+        f.begin();
+        assert_eq!(f.end(2).as_deref(), Some("/a"));
+        f.begin();
+        f.undo();
+        assert!(!f.is_claimed(2));
+        assert_eq!(f.room("/a", 16), 15);
+    }
 }
