@@ -230,7 +230,7 @@ fn insert_one(
         if dedupe {
             ctx.row_keys.push((prepared.key, ctx.now, id));
         }
-        ctx.flight.to_backlog(&prepared.route);
+        ctx.flight.enter_backlog(&prepared.route);
     }
     ctx.stored = true;
     ctx.delta.accepted += 1;
@@ -380,7 +380,7 @@ impl Store for SqliteStore {
                 if sql::release(conn, id, ctx.now)? {
                     n += 1;
                     if let Some(route) = ctx.flight.end(id) {
-                        ctx.flight.to_backlog(&route);
+                        ctx.flight.enter_backlog(&route);
                     }
                 }
             }

@@ -128,7 +128,7 @@ impl Flight {
         self.backlog.is_empty()
     }
 
-    pub fn to_backlog(&mut self, route: &str) {
+    pub fn enter_backlog(&mut self, route: &str) {
         if !self.backlog.contains(route) {
             self.backlog.insert(route.to_owned());
             self.changes
@@ -1080,7 +1080,7 @@ fn absorb(conn: &Connection, ctx: &mut Ctx, shared: &Shared, everything: bool) {
             if !queued.is_empty() {
                 ctx.intake.prune_waiting();
                 for route in &queued {
-                    ctx.flight.to_backlog(route);
+                    ctx.flight.enter_backlog(route);
                 }
                 ctx.handoff.backlog.store(true, Ordering::SeqCst);
                 shared.notify.notify_one();
@@ -1282,8 +1282,8 @@ mod tests {
         f.claim(3, "/a"); // claimed twice counts once
         assert_eq!(f.end(1).as_deref(), Some("/a"));
         assert_eq!(f.end(1), None);
-        f.to_backlog("/b");
-        f.to_backlog("/b");
+        f.enter_backlog("/b");
+        f.enter_backlog("/b");
         f.leave_backlog("/old");
         assert_eq!(f.room("/a", 16), 14);
         assert!(f.in_backlog("/b") && !f.in_backlog("/old"));
