@@ -303,23 +303,39 @@ impl Ctx {
 
 /// A batch's transaction, begun only when one of its jobs writes to the database: a batch
 /// of accepts and deliveries that the journal holds alone costs no `BEGIN`/`COMMIT` (and
-/// their locks).
+/// their locks), nor a change of the `synchronous` mode.
 pub(crate) struct Tx<'c> {
     conn: &'c Connection,
     begun: std::cell::Cell<bool>,
+    /// Whether the batch answers an accept: its commit must be `synchronous=FULL`.
+    durable: bool,
+    /// The connection's mode: FULL (true) or NORMAL.
+    sync_full: std::cell::Cell<bool>,
 }
 
 impl<'c> Tx<'c> {
-    fn new(conn: &'c Connection) -> Tx<'c> {
+    fn new(conn: &'c Connection, durable: bool, sync_full: bool) -> Tx<'c> {
         Tx {
             conn,
             begun: std::cell::Cell::new(false),
+            durable,
+            sync_full: std::cell::Cell::new(sync_full),
         }
     }
 
-    /// The connection inside the batch's transaction (begun now if need be).
+    /// The connection inside the batch's transaction (begun now if need be, in the batch's
+    /// `synchronous` mode: SQLite refuses to change it inside a transaction).
     pub fn conn(&self) -> rusqlite::Result<&'c Connection> {
         if !self.begun.get() {
+            if self.sync_full.get() != self.durable {
+                match apply_synchronous(self.conn, self.durable) {
+                    Ok(()) => self.sync_full.set(self.durable),
+                    // Never commit an accept without FULL: the batch fails.
+                    Err(e) if self.durable => return Err(e),
+                    // Bookkeeping committed with FULL is only slower.
+                    Err(e) => warn!(error = %e, "spool: cannot set synchronous mode"),
+                }
+            }
             cached(self.conn, "BEGIN IMMEDIATE")?;
             self.begun.set(true);
         }
@@ -908,17 +924,20 @@ fn set_synchronous(conn: &Connection, ctx: &mut Ctx, full: bool) {
     if full == ctx.sync_full {
         return;
     }
-    // Not through the statement cache: SQLite applies this PRAGMA when it compiles it, so a
-    // cached one would do nothing the second time.
-    let set = if full {
-        "PRAGMA synchronous = FULL"
-    } else {
-        "PRAGMA synchronous = NORMAL"
-    };
-    match conn.execute_batch(set) {
+    match apply_synchronous(conn, full) {
         Ok(()) => ctx.sync_full = full,
         Err(e) => warn!(error = %e, "spool: cannot set synchronous mode"),
     }
+}
+
+fn apply_synchronous(conn: &Connection, full: bool) -> rusqlite::Result<()> {
+    // Not through the statement cache: SQLite applies this PRAGMA when it compiles it, so a
+    // cached one would do nothing the second time.
+    conn.execute_batch(if full {
+        "PRAGMA synchronous = FULL"
+    } else {
+        "PRAGMA synchronous = NORMAL"
+    })
 }
 
 /// Writes the journal's keys into the database as one run, in a transaction of its own with
@@ -1134,18 +1153,6 @@ fn commit_batch(
     prune: bool,
 ) -> Option<u64> {
     let durable = jobs.iter().any(|j| j.durable());
-    set_synchronous(conn, ctx, durable);
-    if durable && !ctx.sync_full {
-        // Never answer an accept without FULL: fail the batch instead.
-        let err = SpoolError::Storage {
-            path: ctx.settings.path.clone(),
-            message: "cannot set synchronous=FULL".to_owned(),
-        };
-        for job in jobs {
-            job.finish(&Err(err.clone()));
-        }
-        return None;
-    }
     ctx.now = now_ms();
     ctx.stored = false;
     ctx.delta = Delta::default();
@@ -1162,7 +1169,7 @@ fn commit_batch(
     let changes_before = conn.total_changes();
     // BEGIN and COMMIT as cached statements: rusqlite's `Transaction` parses them anew for
     // every batch (bench/cost.sh showed it).
-    let tx = Tx::new(conn);
+    let tx = Tx::new(conn, durable, ctx.sync_full);
     let result = (|| -> Result<(), BatchError> {
         if prune {
             let cutoff = ctx
@@ -1185,6 +1192,7 @@ fn commit_batch(
         commit_time = started.elapsed();
         Ok(())
     })();
+    ctx.sync_full = tx.sync_full.get();
     if result.is_err() {
         if !conn.is_autocommit() {
             // Nothing of a failed batch stays (SQLite may have rolled back already).
@@ -1270,6 +1278,38 @@ fn commit_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_sets_its_synchronous_mode_only_when_it_writes_to_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; CREATE TABLE t (x)",
+        )
+        .unwrap();
+        let mode = |c: &Connection| -> i64 {
+            c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+        };
+        // A durable batch the journal holds alone: no transaction, the mode untouched.
+        let tx = Tx::new(&conn, true, false);
+        assert_eq!(mode(tx.reader()), 1);
+        assert!(!tx.sync_full.get());
+        // A durable batch that writes: FULL (2) before its transaction begins.
+        let tx = Tx::new(&conn, true, false);
+        tx.conn()
+            .unwrap()
+            .execute("INSERT INTO t VALUES (1)", [])
+            .unwrap();
+        assert_eq!(mode(&conn), 2);
+        assert!(tx.sync_full.get());
+        cached(&conn, "COMMIT").unwrap();
+        // Bookkeeping that writes: back to NORMAL.
+        let tx = Tx::new(&conn, false, true);
+        tx.conn().unwrap();
+        assert_eq!(mode(&conn), 1);
+        assert!(!tx.sync_full.get());
+        cached(&conn, "COMMIT").unwrap();
+    }
 
     #[test]
     fn a_failed_batch_takes_back_its_flight_changes_and_only_those() {
