@@ -415,6 +415,150 @@ async fn an_unreachable_database_is_unavailable_not_stored() {
     );
 }
 
+/// A TCP relay to the database that can go silent: [`freeze`](Relay::freeze) stops relaying
+/// on every connection, open or new, without closing any — what a frozen server, a lost route
+/// or a firewall dropping packets looks like from the gate, whose kernel still has the
+/// connection; [`thaw`](Relay::thaw) relays new connections again (the frozen ones stay
+/// frozen: their way is gone for good).
+struct Relay {
+    port: u16,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    alive: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        use std::sync::atomic::AtomicBool;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let alive: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let (f, a) = (frozen.clone(), alive.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let on = Arc::new(AtomicBool::new(!f.load(Ordering::SeqCst)));
+                a.lock().unwrap().push(on.clone());
+                tokio::spawn(async move {
+                    if !on.load(Ordering::SeqCst) {
+                        // Accepted, never answered (the socket stays open while this waits).
+                        std::future::pending::<()>().await;
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                        return;
+                    };
+                    let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
+                                mut into: tokio::net::tcp::OwnedWriteHalf,
+                                on: Arc<AtomicBool>| async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if !on.load(Ordering::SeqCst) {
+                                // Silent from now on; both sockets stay open.
+                                std::future::pending::<()>().await;
+                            }
+                            if into.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pipe(cr, sw, on.clone()), pipe(sr, cw, on));
+                });
+            }
+        });
+        Relay {
+            port,
+            frozen,
+            alive,
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+        for on in self.alive.lock().unwrap().iter() {
+            on.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_gone_silent_holds_no_task_once_a_way_back_opens() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_test_writer()
+        .try_init();
+    let Some(pg) = postgres() else { return };
+    let db = pg.fresh_database();
+    let relay = Relay::start(pg.port()).await;
+    let url = db
+        .url()
+        .replacen(&format!(":{}/", pg.port()), &format!(":{}/", relay.port), 1);
+    assert_ne!(url, db.url());
+    let mut s = settings(&url);
+    s.accept_timeout = Duration::from_secs(1);
+    let spool = Spool::connect(s).await.unwrap();
+    let backend = Arc::new(Backend::default());
+    let (stop, stopped) = watch::channel(false);
+    let delivery = spool.start_delivery(backend.clone(), stopped);
+    assert!(matches!(
+        spool.accept(event("{\"before\":1}")).await.unwrap(),
+        Accepted::Stored(_)
+    ));
+    eventually("the event before is delivered", || {
+        backend.count("{\"before\":1}") == 1
+    })
+    .await;
+
+    // Silence: every connection the gate holds stops answering, none is closed.
+    relay.freeze();
+    let started = tokio::time::Instant::now();
+    let err = spool.accept(event("{\"during\":1}")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered at the accept timeout"
+    );
+    // The intake tasks and the scheduler each sit in a statement that will never answer.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A way back (new connections work; the silent ones stay silent): accepts and
+    // deliveries resume once the stuck statements are given up.
+    relay.thaw();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match spool.accept(event("{\"after\":1}")).await {
+            Ok(a) => {
+                assert!(matches!(a, Accepted::Stored(_)), "{a:?}");
+                break;
+            }
+            Err(e) => assert!(
+                e.is_unavailable() && tokio::time::Instant::now() < deadline,
+                "accepts resume on new connections: {e}"
+            ),
+        }
+    }
+    eventually("the event after is delivered", || {
+        backend.count("{\"after\":1}") == 1
+    })
+    .await;
+    assert_eq!(backend.count("{\"during\":1}"), 0);
+    stop.send(true).unwrap();
+    delivery.await.unwrap();
+    spool.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_follows_sslmode_as_libpq_does() {
     let pki = Pki::new();

@@ -28,6 +28,17 @@ use crate::spool::{PostgresSettings, SpoolError};
 
 /// How long one connection attempt may take (accepts are bounded by `accept_timeout` anyway).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// TCP keepalive, unless the URL sets it: a database host that disappears without closing its
+/// connections (powered off, a route lost) is noticed in 10 + 3 × 5 s, not the kernel's two
+/// hours and more.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// Data sent and not acknowledged for this long closes the connection (`TCP_USER_TIMEOUT`),
+/// unless the URL sets it.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+/// tokio-postgres' keepalive idle time when none is given.
+const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// libpq's sslmode values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +104,9 @@ impl Target {
                 }
             }
         }
-        let rest = kept.finish();
+        // tokio-postgres decodes `%20` but not `+` as a space (`options=-c%20name%3Dvalue`):
+        // every `+` the serializer writes is a space (a `+` in a value becomes `%2B`).
+        let rest = kept.finish().replace('+', "%20");
         let url = if rest.is_empty() {
             base.to_owned()
         } else {
@@ -108,6 +121,18 @@ impl Target {
         });
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("hubgate");
+        if config.get_keepalives_idle() == DEFAULT_KEEPALIVE_IDLE {
+            config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(KEEPALIVE_INTERVAL);
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
@@ -122,6 +147,20 @@ impl Target {
             tls,
             ca: settings.ca.clone(),
         })
+    }
+
+    /// Sets a server setting for every session (`-c name=value` in the startup options),
+    /// unless the URL's `options` set it already.
+    pub(crate) fn set_default(&mut self, name: &str, value: &str) {
+        let options = self.config.get_options().unwrap_or("").to_owned();
+        let given = options
+            .split_whitespace()
+            .map(|o| o.strip_prefix("-c").or(o.strip_prefix("--")).unwrap_or(o))
+            .any(|o| o.split('=').next() == Some(name));
+        if !given {
+            let joined = format!("{options} -c {name}={value}");
+            self.config.options(joined.trim_start());
+        }
     }
 
     /// The TLS connector for this sslmode.
@@ -299,6 +338,58 @@ mod tests {
         assert_eq!(
             target("postgres://u@h/d?sslmode=disable").unwrap().tls,
             Tls::Disable
+        );
+    }
+
+    #[test]
+    fn a_lost_database_host_is_noticed_by_tcp_unless_the_url_says_otherwise() {
+        let t = target("postgres://u@h/d").unwrap();
+        assert!(t.config.get_keepalives());
+        assert_eq!(t.config.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(t.config.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
+        assert_eq!(t.config.get_keepalives_retries(), Some(KEEPALIVE_RETRIES));
+        assert_eq!(t.config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        let t = target(
+            "postgres://u@h/d?keepalives_idle=60&keepalives_interval=7&keepalives_retries=9\
+             &tcp_user_timeout=30",
+        )
+        .unwrap();
+        assert_eq!(t.config.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(
+            t.config.get_keepalives_interval(),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(t.config.get_keepalives_retries(), Some(9));
+        assert_eq!(
+            t.config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn server_settings_are_added_to_the_urls_options_never_over_them() {
+        let mut t = target("postgres://u@h/d?options=-c%20statement_timeout%3D900").unwrap();
+        t.set_default("statement_timeout", "5000");
+        t.set_default("synchronous_commit", "on");
+        assert_eq!(
+            t.config.get_options(),
+            Some("-c statement_timeout=900 -c synchronous_commit=on")
+        );
+        let mut t = target("postgres://u@h/d?options=-cstatement_timeout%3D1").unwrap();
+        t.set_default("statement_timeout", "5000");
+        assert_eq!(t.config.get_options(), Some("-cstatement_timeout=1"));
+        let mut t =
+            target("postgres://u@h/d?options=--statement_timeout%3D2+-c+a%3Db%2Bc").unwrap();
+        t.set_default("statement_timeout", "5000");
+        assert_eq!(
+            t.config.get_options(),
+            Some("--statement_timeout=2 -c a=b+c")
+        );
+        let mut t = target("postgres://u@h/d").unwrap();
+        t.set_default("idle_in_transaction_session_timeout", "5000");
+        assert_eq!(
+            t.config.get_options(),
+            Some("-c idle_in_transaction_session_timeout=5000")
         );
     }
 

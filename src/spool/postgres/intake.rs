@@ -250,21 +250,25 @@ impl Db {
             bodies.push(&event.body[..]);
         }
         let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        let client = self.client().await?;
         let started = Instant::now();
-        let stmt = client
-            .prepare_cached(ACCEPT)
-            .await
-            .map_err(|e| self.failed(&e))?;
-        let stored = client
-            .query(
-                &stmt,
-                &[
-                    &keys, &routes, &received, &clients, &queries, &headers, &bodies, &window,
-                ],
-            )
-            .await
-            .map_err(|e| self.failed(&e))?;
+        let stored = self
+            .within(self.statement_limit(), async |client| {
+                let stmt = client
+                    .prepare_cached(ACCEPT)
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                client
+                    .query(
+                        &stmt,
+                        &[
+                            &keys, &routes, &received, &clients, &queries, &headers, &bodies,
+                            &window,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| self.failed(&e))
+            })
+            .await?;
         self.note_success();
         let stats = &self.shared.stats;
         stats.commits.fetch_add(1, Ordering::Relaxed);

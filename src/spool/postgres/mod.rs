@@ -58,6 +58,9 @@ use super::{
 
 /// How long the store may fail before `/readyz` says so (accepts answer 503 at once).
 const READY_GRACE: Duration = Duration::from_secs(10);
+/// The least time the gate's statements get before their connection is given up (see
+/// [`Db::within`]); `accept_timeout` when that is longer.
+const MIN_STATEMENT_LIMIT: Duration = Duration::from_secs(5);
 /// How often expired de-duplication keys are pruned (any gate may; they do not collide).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Keys deleted per statement when pruning.
@@ -183,8 +186,15 @@ impl PgStore {
                 synchronous_commit = %sync,
                 "spool: the database's synchronous_commit is weaker than on; hubgate's sessions use on"
             );
-            target.config.options("-c synchronous_commit=on");
+            target.set_default("synchronous_commit", "on");
         }
+        // A statement or transaction left hanging — its gate frozen, or its way to the
+        // database lost without a word — must not hold its locks (a route's claim lock, keys)
+        // for as long as the server's TCP takes to notice: the server ends it after the time
+        // the gate gives its own statements (see `Db::within`), unless the URL says otherwise.
+        let limit = statement_limit(&settings).as_millis().to_string();
+        target.set_default("statement_timeout", &limit);
+        target.set_default("idle_in_transaction_session_timeout", &limit);
         let manager = Manager::from_config(
             target.config.clone(),
             connector.clone(),
@@ -294,6 +304,24 @@ impl PgStore {
     }
 }
 
+/// How long the gate's statements get (see [`Db::within`]); the server's `statement_timeout`
+/// and `idle_in_transaction_session_timeout` for its sessions too.
+fn statement_limit(settings: &SpoolSettings) -> Duration {
+    settings.accept_timeout.max(MIN_STATEMENT_LIMIT)
+}
+
+/// A connection taken from the pool for [`Db::within`]: dropped while still held (the work
+/// timed out or was abandoned), it is closed instead of going back to the pool.
+struct InUse(Option<deadpool_postgres::Object>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 impl Db {
     fn new(
         settings: Arc<SpoolSettings>,
@@ -322,6 +350,45 @@ impl Db {
     async fn client(&self) -> Result<deadpool_postgres::Object, SpoolError> {
         let client = self.pool.get().await.map_err(|e| self.failed_pool(e))?;
         Ok(client)
+    }
+
+    /// How long the gate's own statements may take: a statement that has not answered by then
+    /// is given up, and its connection closed (see [`within`](Db::within)).
+    pub(super) fn statement_limit(&self) -> Duration {
+        statement_limit(&self.settings)
+    }
+
+    /// Runs `work` on a pooled connection, giving it `limit`. The connection goes back to the
+    /// pool only if the work finished: one that timed out or was abandoned (its caller gone)
+    /// is closed instead. The way to the database can be lost without a word — a server
+    /// frozen, a route gone, a firewall dropping packets — and a connection stuck in a
+    /// statement would otherwise hold an intake task or the scheduler for as long as TCP takes
+    /// to notice, or be handed to the next caller.
+    pub(super) async fn within<T>(
+        &self,
+        limit: Duration,
+        work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        let mut conn = InUse(Some(self.client().await?));
+        let Some(client) = conn.0.as_mut() else {
+            unreachable!("set above");
+        };
+        match tokio::time::timeout(limit, work(client)).await {
+            Ok(result) => {
+                drop(conn.0.take()); // finished: back to the pool
+                result
+            }
+            Err(_) => {
+                self.note_failure();
+                Err(SpoolError::Unavailable {
+                    location: self.location.clone(),
+                    message: format!(
+                        "no answer within {} ms; the connection is closed",
+                        limit.as_millis()
+                    ),
+                })
+            }
+        }
     }
 
     fn failed_pool(&self, e: PoolError) -> SpoolError {
@@ -382,20 +449,24 @@ impl PgStore {
     /// Claims due events route by route, one transaction each. Delivered events' rows are
     /// deleted in the first of them (or on their own when no route has room).
     async fn claim_due(&self, busy: &RouteMap<String, usize>) -> Result<Claimed, SpoolError> {
-        let mut client = self.client().await?;
         let mut delivered = self.take_delivered();
-        let claimed = self.claim_routes(&mut client, busy, &mut delivered).await;
-        if !delivered.is_empty() {
-            let deleted = match &claimed {
-                Ok(_) => self.delete_delivered(&mut client, &delivered).await,
-                Err(e) => Err(e.clone()),
-            };
-            if let Err(e) = deleted {
-                self.delivered.lock().expect("lock").append(&mut delivered);
-                return Err(e);
-            }
+        let result = self
+            .within(self.statement_limit(), async |client| {
+                let claimed = self.claim_routes(client, busy, &mut delivered).await;
+                if !delivered.is_empty() {
+                    match &claimed {
+                        Ok(_) => self.delete_delivered(client, &delivered).await?,
+                        Err(e) => return Err(e.clone()),
+                    }
+                }
+                claimed
+            })
+            .await;
+        if result.is_err() && !delivered.is_empty() {
+            // Deleted or not, they are deleted again with the next claim (at most once more).
+            self.delivered.lock().expect("lock").append(&mut delivered);
         }
-        claimed
+        result
     }
 
     /// The claims of [`claim_due`](PgStore::claim_due); `delivered` is emptied once its rows
@@ -533,10 +604,11 @@ impl PgStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let deleted = match self.client().await {
-            Ok(mut client) => self.delete_delivered(&mut client, &ids).await,
-            Err(e) => Err(e),
-        };
+        let deleted = self
+            .within(self.statement_limit(), async |client| {
+                self.delete_delivered(client, &ids).await
+            })
+            .await;
         if deleted.is_err() {
             self.delivered.lock().expect("lock").append(&mut ids);
         }
@@ -554,50 +626,52 @@ impl PgStore {
             stats.delivered.fetch_add(1, Ordering::Relaxed);
             return Ok(Disposition::Delivered);
         }
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
-        let row = tx
-            .query_opt(
-                "SELECT attempts, retry_since_ms, hubgate.now_ms() FROM hubgate.events
-                 WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2 FOR UPDATE",
-                &[&id, &self.owner],
-            )
-            .await
-            .map_err(|e| self.failed(&e))?;
-        let Some(row) = row else {
-            return Ok(Disposition::Stale);
-        };
-        let attempts = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
-        let (since, now): (i64, i64) = (row.get(1), row.get(2));
-        let disposition = match plan(&self.settings, outcome, attempts, since, now, self.random()) {
-            Plan::Dead(why) => {
-                tx.execute(
-                    "UPDATE hubgate.events SET state = 'dead', last_error = $2, updated_ms = $3,
-                         lease_owner = NULL, lease_until_ms = NULL
-                     WHERE id = $1",
-                    &[&id, &why, &now],
+        self.within(self.statement_limit(), async |client| {
+            let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+            let row = tx
+                .query_opt(
+                    "SELECT attempts, retry_since_ms, hubgate.now_ms() FROM hubgate.events
+                     WHERE id = $1 AND state = 'in_flight' AND lease_owner = $2 FOR UPDATE",
+                    &[&id, &self.owner],
                 )
                 .await
                 .map_err(|e| self.failed(&e))?;
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                Disposition::Dead(why)
-            }
-            Plan::Retry { at, error } => {
-                tx.execute(
-                    "UPDATE hubgate.events SET state = 'pending', next_attempt_ms = $2,
-                         last_error = $3, updated_ms = $4, lease_owner = NULL, lease_until_ms = NULL
-                     WHERE id = $1",
-                    &[&id, &at, &error, &now],
-                )
-                .await
-                .map_err(|e| self.failed(&e))?;
-                stats.retried.fetch_add(1, Ordering::Relaxed);
-                // In this gate's clock, for its scheduler and logs.
-                Disposition::RetryAt(now_ms().saturating_add(at - now))
-            }
-        };
-        tx.commit().await.map_err(|e| self.failed(&e))?;
-        Ok(disposition)
+            let Some(row) = row else {
+                return Ok(Disposition::Stale);
+            };
+            let attempts = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+            let (since, now): (i64, i64) = (row.get(1), row.get(2));
+            let disposition = match plan(&self.settings, outcome, attempts, since, now, self.random()) {
+                Plan::Dead(why) => {
+                    tx.execute(
+                        "UPDATE hubgate.events SET state = 'dead', last_error = $2, updated_ms = $3,
+                             lease_owner = NULL, lease_until_ms = NULL
+                         WHERE id = $1",
+                        &[&id, &why, &now],
+                    )
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    Disposition::Dead(why)
+                }
+                Plan::Retry { at, error } => {
+                    tx.execute(
+                        "UPDATE hubgate.events SET state = 'pending', next_attempt_ms = $2,
+                             last_error = $3, updated_ms = $4, lease_owner = NULL, lease_until_ms = NULL
+                         WHERE id = $1",
+                        &[&id, &at, &error, &now],
+                    )
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                    stats.retried.fetch_add(1, Ordering::Relaxed);
+                    // In this gate's clock, for its scheduler and logs.
+                    Disposition::RetryAt(now_ms().saturating_add(at - now))
+                }
+            };
+            tx.commit().await.map_err(|e| self.failed(&e))?;
+            Ok(disposition)
+        })
+        .await
     }
 }
 
@@ -848,32 +922,36 @@ impl Store for PgStore {
 
     fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            let n = client
-                .execute(
-                    "UPDATE hubgate.events SET state = 'pending', next_attempt_ms = hubgate.now_ms(),
-                         updated_ms = hubgate.now_ms(), lease_owner = NULL, lease_until_ms = NULL
-                     WHERE id = ANY($1) AND state = 'in_flight' AND lease_owner = $2",
-                    &[&ids, &self.owner],
-                )
-                .await
-                .map_err(|e| self.failed(&e))?;
-            Ok(n as usize)
+            self.within(self.statement_limit(), async |client| {
+                let n = client
+                    .execute(
+                        "UPDATE hubgate.events SET state = 'pending', next_attempt_ms = hubgate.now_ms(),
+                             updated_ms = hubgate.now_ms(), lease_owner = NULL, lease_until_ms = NULL
+                         WHERE id = ANY($1) AND state = 'in_flight' AND lease_owner = $2",
+                        &[&ids, &self.owner],
+                    )
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                Ok(n as usize)
+            })
+            .await
         })
     }
 
     fn renew(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            client
-                .execute(
-                    "UPDATE hubgate.events SET lease_until_ms = hubgate.now_ms() + $3
-                     WHERE id = ANY($1) AND state = 'in_flight' AND lease_owner = $2",
-                    &[&ids, &self.owner, &duration_ms(self.settings.lease)],
-                )
-                .await
-                .map_err(|e| self.failed(&e))?;
-            Ok(())
+            self.within(self.statement_limit(), async |client| {
+                client
+                    .execute(
+                        "UPDATE hubgate.events SET lease_until_ms = hubgate.now_ms() + $3
+                         WHERE id = ANY($1) AND state = 'in_flight' AND lease_owner = $2",
+                        &[&ids, &self.owner, &duration_ms(self.settings.lease)],
+                    )
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                Ok(())
+            })
+            .await
         })
     }
 
@@ -893,42 +971,46 @@ impl Store for PgStore {
 
     fn recent(&self, key: [u8; 32], window: Duration) -> BoxFuture<'_, Result<bool, SpoolError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT accepted_ms > hubgate.now_ms() - $2 FROM hubgate.dedupe WHERE key = $1",
-                    &[&&key[..], &duration_ms(window)],
-                )
-                .await
-                .map_err(|e| self.failed(&e))?;
-            Ok(row.is_some_and(|r| r.get(0)))
+            self.within(self.statement_limit(), async |client| {
+                let row = client
+                    .query_opt(
+                        "SELECT accepted_ms > hubgate.now_ms() - $2 FROM hubgate.dedupe WHERE key = $1",
+                        &[&&key[..], &duration_ms(window)],
+                    )
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                Ok(row.is_some_and(|r| r.get(0)))
+            })
+            .await
         })
     }
 
     fn remember(&self, key: [u8; 32]) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            client
-                .execute(
-                    "INSERT INTO hubgate.dedupe (key, accepted_ms) VALUES ($1, hubgate.now_ms())
-                     ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms",
-                    &[&&key[..]],
-                )
-                .await
-                .map_err(|e| self.failed(&e))?;
-            Ok(())
+            self.within(self.statement_limit(), async |client| {
+                client
+                    .execute(
+                        "INSERT INTO hubgate.dedupe (key, accepted_ms) VALUES ($1, hubgate.now_ms())
+                         ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms",
+                        &[&&key[..]],
+                    )
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                Ok(())
+            })
+            .await
         })
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(async move {
-            let probe = async {
-                let client = self.client().await?;
+            // The pool's wait is bounded too: a probe never waits longer than 2 s.
+            let probe = self.within(Duration::from_secs(2), async |client| {
                 client
                     .execute("SELECT 1", &[])
                     .await
                     .map_err(|e| self.failed(&e))
-            };
+            });
             match tokio::time::timeout(Duration::from_secs(2), probe).await {
                 Ok(Ok(_)) => {
                     self.note_success();

@@ -86,6 +86,9 @@ pub(crate) async fn migrate(
     client: &mut Client,
 ) -> Result<Result<Migrated, i64>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // Migrations may rebuild large tables and wait for another gate's: not bounded by the
+    // gate's statement limit.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(
