@@ -280,9 +280,13 @@ impl PgStore {
             shared.clone(),
             routes.clone(),
         ));
-        let pruner = tokio::spawn(prune(pool.clone(), settings.dedupe_window));
+        let pruner = tokio::spawn(prune(
+            pool.clone(),
+            settings.dedupe_window,
+            statement_limit(&settings),
+        ));
         let (stored, news) = tokio::sync::mpsc::unbounded_channel();
-        let notifier = tokio::spawn(announce(pool.clone(), news));
+        let notifier = tokio::spawn(announce(pool.clone(), news, statement_limit(&settings)));
         let db = Db::new(settings, pool, shared, location, routes, stored);
         let mut store = PgStore::around(db, vec![listener, pruner, notifier], true);
         for _ in 0..intake::WRITERS {
@@ -310,7 +314,25 @@ fn statement_limit(settings: &SpoolSettings) -> Duration {
     settings.accept_timeout.max(MIN_STATEMENT_LIMIT)
 }
 
-/// A connection taken from the pool for [`Db::within`]: dropped while still held (the work
+/// Runs `work` on a connection from `pool` within `limit` (`None`: it timed out); see
+/// [`Db::within`].
+async fn on_connection<T>(
+    pool: &Pool,
+    limit: Duration,
+    work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> T,
+) -> Result<Option<T>, PoolError> {
+    let mut conn = InUse(Some(pool.get().await?));
+    let Some(client) = conn.0.as_mut() else {
+        unreachable!("set above");
+    };
+    let result = tokio::time::timeout(limit, work(client)).await.ok();
+    if result.is_some() {
+        drop(conn.0.take()); // finished: back to the pool
+    }
+    Ok(result)
+}
+
+/// A connection taken from the pool for [`on_connection`]: dropped while still held (the work
 /// timed out or was abandoned), it is closed instead of going back to the pool.
 struct InUse(Option<deadpool_postgres::Object>);
 
@@ -369,16 +391,9 @@ impl Db {
         limit: Duration,
         work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, SpoolError>,
     ) -> Result<T, SpoolError> {
-        let mut conn = InUse(Some(self.client().await?));
-        let Some(client) = conn.0.as_mut() else {
-            unreachable!("set above");
-        };
-        match tokio::time::timeout(limit, work(client)).await {
-            Ok(result) => {
-                drop(conn.0.take()); // finished: back to the pool
-                result
-            }
-            Err(_) => {
+        match on_connection(&self.pool, limit, work).await {
+            Ok(Some(result)) => result,
+            Ok(None) => {
                 self.note_failure();
                 Err(SpoolError::Unavailable {
                     location: self.location.clone(),
@@ -388,6 +403,7 @@ impl Db {
                     ),
                 })
             }
+            Err(e) => Err(self.failed_pool(e)),
         }
     }
 
@@ -841,37 +857,40 @@ async fn listen(
 
 /// Tells the other gates about new events: one `NOTIFY` per route every 50 ms at most, in a
 /// transaction of its own, so the notification lock never sits inside an accept's commit.
-async fn announce(pool: Pool, mut news: tokio::sync::mpsc::UnboundedReceiver<String>) {
+async fn announce(
+    pool: Pool,
+    mut news: tokio::sync::mpsc::UnboundedReceiver<String>,
+    limit: Duration,
+) {
     while let Some(first) = news.recv().await {
         let mut routes = BTreeSet::from([first]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         while let Ok(r) = news.try_recv() {
             routes.insert(r);
         }
-        let Ok(client) = pool.get().await else {
-            continue; // the other gates poll every second anyway
-        };
-        for route in routes {
-            let _ = client
-                .execute("SELECT pg_notify('hubgate_spool', $1)", &[&route])
-                .await;
-        }
+        // A failure is not retried: the other gates poll every second anyway.
+        let _ = on_connection(&pool, limit, async |client| {
+            for route in routes {
+                let _ = client
+                    .execute("SELECT pg_notify('hubgate_spool', $1)", &[&route])
+                    .await;
+            }
+        })
+        .await;
     }
 }
 
 /// Deletes de-duplication keys older than the window, a chunk at a time.
-async fn prune(pool: Pool, window: Duration) {
+async fn prune(pool: Pool, window: Duration, limit: Duration) {
     if window.is_zero() {
         return;
     }
     let window = duration_ms(window);
     loop {
         tokio::time::sleep(PRUNE_EVERY).await;
-        let Ok(client) = pool.get().await else {
-            continue;
-        };
-        loop {
-            let n = client
+        // Chunk after chunk, each within the limit (a chunk cut short is taken next time).
+        while let Ok(Some(Ok(n))) = on_connection(&pool, limit, async |client| {
+            client
                 .execute(
                     // SKIP LOCKED: never waits on a key an accept is refreshing (accepts
                     // lock keys in key order; a prune that waited, in its own, could deadlock
@@ -882,17 +901,19 @@ async fn prune(pool: Pool, window: Duration) {
                          FOR UPDATE SKIP LOCKED)",
                     &[&window, &PRUNE_CHUNK],
                 )
-                .await;
-            match n {
-                Ok(n) if n as i64 >= PRUNE_CHUNK => continue,
-                Ok(n) if n > 0 => info!(keys = n, "spool: pruned expired de-duplication keys"),
-                _ => {}
+                .await
+        })
+        .await
+        {
+            if n > 0 && (n as i64) < PRUNE_CHUNK {
+                info!(keys = n, "spool: pruned expired de-duplication keys");
             }
-            break;
+            if (n as i64) < PRUNE_CHUNK {
+                break;
+            }
         }
     }
 }
-
 impl Store for PgStore {
     fn accept_all(
         &self,
