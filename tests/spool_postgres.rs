@@ -378,6 +378,23 @@ async fn a_newer_schema_is_refused_and_an_older_one_is_migrated() {
     assert!(matches!(err, SpoolError::Schema { found: 99, .. }), "{err}");
 }
 
+/// Accepts `body` once the database can be reached again: retried while the spool answers
+/// "unavailable", for 20 s at most. (A `Duplicate` counts: an attempt given up on may have
+/// been stored after all.)
+async fn accept_once_back(spool: &Spool, body: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match spool.accept(event(body)).await {
+            Ok(_) => return,
+            Err(e) => assert!(
+                e.is_unavailable() && tokio::time::Instant::now() < deadline,
+                "accepts resume once the database can be reached: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_is_unavailable_not_stored() {
     let Some(pg) = dedicated() else { return };
@@ -394,20 +411,7 @@ async fn an_unreachable_database_is_unavailable_not_stored() {
     let err = spool.accept(event("{\"during\":1}")).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     pg.start();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match spool.accept(event("{\"after\":1}")).await {
-            Ok(a) => {
-                assert!(matches!(a, Accepted::Stored(_)), "{a:?}");
-                break;
-            }
-            Err(e) => assert!(
-                e.is_unavailable() && tokio::time::Instant::now() < deadline,
-                "accepts resume once the database is back: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    accept_once_back(&spool, "{\"after\":1}").await;
     assert_eq!(
         db.psql("SELECT count(*) FROM hubgate.events").trim(),
         "2",
@@ -415,15 +419,17 @@ async fn an_unreachable_database_is_unavailable_not_stored() {
     );
 }
 
-/// A TCP relay to the database that can go silent: [`freeze`](Relay::freeze) stops relaying
-/// on every connection, open or new, without closing any — what a frozen server, a lost route
-/// or a firewall dropping packets looks like from the gate, whose kernel still has the
-/// connection; [`thaw`](Relay::thaw) relays new connections again (the frozen ones stay
-/// frozen: their way is gone for good).
+/// A TCP relay to the database that can go silent: once frozen it relays nothing more on any
+/// connection, open or new, and closes none — what a frozen server, a lost route or a
+/// firewall dropping packets looks like from the gate, whose kernel still has the connection.
+/// It freezes on [`freeze_mid_claim`](Relay::freeze_mid_claim)'s trigger: right after
+/// relaying a route's claim lock inside a transaction, so the server holds the lock for a
+/// session that will never speak again. [`thaw`](Relay::thaw) relays new connections again
+/// (the frozen ones stay frozen: their way is gone for good).
 struct Relay {
     port: u16,
     frozen: Arc<std::sync::atomic::AtomicBool>,
-    alive: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Relay {
@@ -433,8 +439,9 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let frozen = Arc::new(AtomicBool::new(false));
+        let armed = Arc::new(AtomicBool::new(false));
         let alive: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
-        let (f, a) = (frozen.clone(), alive.clone());
+        let (f, a, trigger) = (frozen.clone(), alive.clone(), armed.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -442,6 +449,7 @@ impl Relay {
                 };
                 let on = Arc::new(AtomicBool::new(!f.load(Ordering::SeqCst)));
                 a.lock().unwrap().push(on.clone());
+                let (f, a, trigger) = (f.clone(), a.clone(), trigger.clone());
                 tokio::spawn(async move {
                     if !on.load(Ordering::SeqCst) {
                         // Accepted, never answered (the socket stays open while this waits).
@@ -452,40 +460,69 @@ impl Relay {
                     };
                     let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
                                 mut into: tokio::net::tcp::OwnedWriteHalf,
-                                on: Arc<AtomicBool>| async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let n = match from.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            if !on.load(Ordering::SeqCst) {
-                                // Silent from now on; both sockets stay open.
-                                std::future::pending::<()>().await;
-                            }
-                            if into.write_all(&buf[..n]).await.is_err() {
-                                return;
+                                on: Arc<AtomicBool>,
+                                watch: bool| {
+                        let (f, a, trigger) = (f.clone(), a.clone(), trigger.clone());
+                        async move {
+                            let mut buf = vec![0u8; 16 * 1024];
+                            let mut in_transaction = false;
+                            loop {
+                                let read = from.read(&mut buf).await;
+                                if !on.load(Ordering::SeqCst) {
+                                    // Silent from now on, a close included: both sockets
+                                    // stay open.
+                                    std::future::pending::<()>().await;
+                                }
+                                let n = match read {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                if into.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                                if !watch {
+                                    continue;
+                                }
+                                let has =
+                                    |what: &[u8]| buf[..n].windows(what.len()).any(|w| w == what);
+                                if has(b"START TRANSACTION") || has(b"BEGIN") {
+                                    in_transaction = true;
+                                }
+                                if has(b"COMMIT") || has(b"ROLLBACK") {
+                                    in_transaction = false;
+                                }
+                                if in_transaction
+                                    && has(b"hubgate.claim:")
+                                    && trigger.swap(false, Ordering::SeqCst)
+                                {
+                                    f.store(true, Ordering::SeqCst);
+                                    for on in a.lock().unwrap().iter() {
+                                        on.store(false, Ordering::SeqCst);
+                                    }
+                                }
                             }
                         }
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::join!(pipe(cr, sw, on.clone()), pipe(sr, cw, on));
+                    tokio::join!(pipe(cr, sw, on.clone(), true), pipe(sr, cw, on, false));
                 });
             }
         });
         Relay {
             port,
             frozen,
-            alive,
+            armed,
         }
     }
 
-    fn freeze(&self) {
-        self.frozen.store(true, Ordering::SeqCst);
-        for on in self.alive.lock().unwrap().iter() {
-            on.store(false, Ordering::SeqCst);
-        }
+    /// Freezes right after the next claim lock relayed inside a transaction.
+    fn freeze_mid_claim(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
     }
 
     fn thaw(&self) {
@@ -521,8 +558,10 @@ async fn a_database_gone_silent_holds_no_task_once_a_way_back_opens() {
     })
     .await;
 
-    // Silence: every connection the gate holds stops answering, none is closed.
-    relay.freeze();
+    // Silence, in the middle of a claim (its route's lock taken, the transaction open):
+    // every connection the gate holds stops answering, none is closed.
+    relay.freeze_mid_claim();
+    eventually("a claim is cut off", || relay.is_frozen()).await;
     let started = tokio::time::Instant::now();
     let err = spool.accept(event("{\"during\":1}")).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
@@ -530,25 +569,22 @@ async fn a_database_gone_silent_holds_no_task_once_a_way_back_opens() {
         started.elapsed() < Duration::from_secs(3),
         "answered at the accept timeout"
     );
-    // The intake tasks and the scheduler each sit in a statement that will never answer.
+    // The scheduler sits in a claim that will never answer.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // ... holding its route's claim lock on the server, in a transaction nobody will end.
+    assert_eq!(
+        db.psql(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+             WHERE l.locktype = 'advisory' AND a.state = 'idle in transaction'"
+        ),
+        "1"
+    );
 
-    // A way back (new connections work; the silent ones stay silent): accepts and
-    // deliveries resume once the stuck statements are given up.
+    // A way back (new connections work; the silent ones stay silent): accepts resume at
+    // once, deliveries once the cut-off claim is given up by the gate and its transaction
+    // (and the route's claim lock) ended by the server.
     relay.thaw();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match spool.accept(event("{\"after\":1}")).await {
-            Ok(a) => {
-                assert!(matches!(a, Accepted::Stored(_)), "{a:?}");
-                break;
-            }
-            Err(e) => assert!(
-                e.is_unavailable() && tokio::time::Instant::now() < deadline,
-                "accepts resume on new connections: {e}"
-            ),
-        }
-    }
+    accept_once_back(&spool, "{\"after\":1}").await;
     eventually("the event after is delivered", || {
         backend.count("{\"after\":1}") == 1
     })

@@ -150,17 +150,11 @@ impl Target {
     }
 
     /// Sets a server setting for every session (`-c name=value` in the startup options),
-    /// unless the URL's `options` set it already.
-    pub(crate) fn set_default(&mut self, name: &str, value: &str) {
-        let options = self.config.get_options().unwrap_or("").to_owned();
-        let given = options
-            .split_whitespace()
-            .map(|o| o.strip_prefix("-c").or(o.strip_prefix("--")).unwrap_or(o))
-            .any(|o| o.split('=').next() == Some(name));
-        if !given {
-            let joined = format!("{options} -c {name}={value}");
-            self.config.options(joined.trim_start());
-        }
+    /// after the URL's own `options`: where both set it, this one holds.
+    pub(crate) fn add_option(&mut self, name: &str, value: &str) {
+        let options = self.config.get_options().unwrap_or("");
+        let joined = format!("{options} -c {name}={value}");
+        self.config.options(joined.trim_start());
     }
 
     /// The TLS connector for this sslmode.
@@ -367,30 +361,23 @@ mod tests {
     }
 
     #[test]
-    fn server_settings_are_added_to_the_urls_options_never_over_them() {
-        let mut t = target("postgres://u@h/d?options=-c%20statement_timeout%3D900").unwrap();
-        t.set_default("statement_timeout", "5000");
-        t.set_default("synchronous_commit", "on");
-        assert_eq!(
-            t.config.get_options(),
-            Some("-c statement_timeout=900 -c synchronous_commit=on")
-        );
-        let mut t = target("postgres://u@h/d?options=-cstatement_timeout%3D1").unwrap();
-        t.set_default("statement_timeout", "5000");
-        assert_eq!(t.config.get_options(), Some("-cstatement_timeout=1"));
-        let mut t =
-            target("postgres://u@h/d?options=--statement_timeout%3D2+-c+a%3Db%2Bc").unwrap();
-        t.set_default("statement_timeout", "5000");
-        assert_eq!(
-            t.config.get_options(),
-            Some("--statement_timeout=2 -c a=b+c")
-        );
-        let mut t = target("postgres://u@h/d").unwrap();
-        t.set_default("idle_in_transaction_session_timeout", "5000");
-        assert_eq!(
-            t.config.get_options(),
-            Some("-c idle_in_transaction_session_timeout=5000")
-        );
+    fn a_server_setting_goes_after_the_urls_options() {
+        for (url, options) in [
+            (
+                "postgres://u@h/d?options=-c%20synchronous_commit%3Doff",
+                "-c synchronous_commit=off -c synchronous_commit=on",
+            ),
+            (
+                // `+` for a space in the URL; `%2B` a real plus.
+                "postgres://u@h/d?options=--work_mem%3D2MB+-c+a.b%3Dc%2Bd",
+                "--work_mem=2MB -c a.b=c+d -c synchronous_commit=on",
+            ),
+            ("postgres://u@h/d", "-c synchronous_commit=on"),
+        ] {
+            let mut t = target(url).unwrap();
+            t.add_option("synchronous_commit", "on");
+            assert_eq!(t.config.get_options(), Some(options), "{url}");
+        }
     }
 
     #[test]

@@ -252,7 +252,7 @@ impl Db {
         let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
         let started = Instant::now();
         let stored = self
-            .within(self.statement_limit(), async |client| {
+            .within(self.accept_limit(), async |client| {
                 let stmt = client
                     .prepare_cached(ACCEPT)
                     .await

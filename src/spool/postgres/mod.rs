@@ -59,7 +59,7 @@ use super::{
 /// How long the store may fail before `/readyz` says so (accepts answer 503 at once).
 const READY_GRACE: Duration = Duration::from_secs(10);
 /// The least time the gate's statements get before their connection is given up (see
-/// [`Db::within`]); `accept_timeout` when that is longer.
+/// [`Db::within`]); `accept_timeout` (accepts) or `lease` (delivery) when longer.
 const MIN_STATEMENT_LIMIT: Duration = Duration::from_secs(5);
 /// How often expired de-duplication keys are pruned (any gate may; they do not collide).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -186,15 +186,8 @@ impl PgStore {
                 synchronous_commit = %sync,
                 "spool: the database's synchronous_commit is weaker than on; hubgate's sessions use on"
             );
-            target.set_default("synchronous_commit", "on");
+            target.add_option("synchronous_commit", "on");
         }
-        // A statement or transaction left hanging — its gate frozen, or its way to the
-        // database lost without a word — must not hold its locks (a route's claim lock, keys)
-        // for as long as the server's TCP takes to notice: the server ends it after the time
-        // the gate gives its own statements (see `Db::within`), unless the URL says otherwise.
-        let limit = statement_limit(&settings).as_millis().to_string();
-        target.set_default("statement_timeout", &limit);
-        target.set_default("idle_in_transaction_session_timeout", &limit);
         let manager = Manager::from_config(
             target.config.clone(),
             connector.clone(),
@@ -283,10 +276,10 @@ impl PgStore {
         let pruner = tokio::spawn(prune(
             pool.clone(),
             settings.dedupe_window,
-            statement_limit(&settings),
+            work_limit(&settings),
         ));
         let (stored, news) = tokio::sync::mpsc::unbounded_channel();
-        let notifier = tokio::spawn(announce(pool.clone(), news, statement_limit(&settings)));
+        let notifier = tokio::spawn(announce(pool.clone(), news, work_limit(&settings)));
         let db = Db::new(settings, pool, shared, location, routes, stored);
         let mut store = PgStore::around(db, vec![listener, pruner, notifier], true);
         for _ in 0..intake::WRITERS {
@@ -308,10 +301,14 @@ impl PgStore {
     }
 }
 
-/// How long the gate's statements get (see [`Db::within`]); the server's `statement_timeout`
-/// and `idle_in_transaction_session_timeout` for its sessions too.
-fn statement_limit(settings: &SpoolSettings) -> Duration {
+/// See [`Db::accept_limit`].
+fn accept_limit(settings: &SpoolSettings) -> Duration {
     settings.accept_timeout.max(MIN_STATEMENT_LIMIT)
+}
+
+/// See [`Db::work_limit`].
+fn work_limit(settings: &SpoolSettings) -> Duration {
+    accept_limit(settings).max(settings.lease)
 }
 
 /// Runs `work` on a connection from `pool` within `limit` (`None`: it timed out); see
@@ -367,20 +364,22 @@ impl Db {
         }
     }
 
-    /// A pooled connection (with `synchronous_commit = on` where the server's default is
-    /// weaker: see `connect`).
-    async fn client(&self) -> Result<deadpool_postgres::Object, SpoolError> {
-        let client = self.pool.get().await.map_err(|e| self.failed_pool(e))?;
-        Ok(client)
+    /// How long an accept's statements (and a sync route's key lookups) may take before they
+    /// are given up and their connection closed (see [`within`](Db::within)).
+    pub(super) fn accept_limit(&self) -> Duration {
+        accept_limit(&self.settings)
     }
 
-    /// How long the gate's own statements may take: a statement that has not answered by then
-    /// is given up, and its connection closed (see [`within`](Db::within)).
-    pub(super) fn statement_limit(&self) -> Duration {
-        statement_limit(&self.settings)
+    /// The same for delivery's statements (claims, outcomes, leases), which may scan more;
+    /// also how long the server lets one of the gate's transactions sit idle (a gate frozen
+    /// or cut off mid-claim would otherwise hold its route's claim lock for every gate until
+    /// the server's TCP noticed).
+    fn work_limit(&self) -> Duration {
+        work_limit(&self.settings)
     }
 
-    /// Runs `work` on a pooled connection, giving it `limit`. The connection goes back to the
+    /// Runs `work` on a pooled connection (with `synchronous_commit = on` where the server's
+    /// default is weaker: see `connect`), giving it `limit`. The connection goes back to the
     /// pool only if the work finished: one that timed out or was abandoned (its caller gone)
     /// is closed instead. The way to the database can be lost without a word — a server
     /// frozen, a route gone, a firewall dropping packets — and a connection stuck in a
@@ -466,34 +465,39 @@ impl PgStore {
     /// deleted in the first of them (or on their own when no route has room).
     async fn claim_due(&self, busy: &RouteMap<String, usize>) -> Result<Claimed, SpoolError> {
         let mut delivered = self.take_delivered();
-        let result = self
-            .within(self.statement_limit(), async |client| {
-                let claimed = self.claim_routes(client, busy, &mut delivered).await;
-                if !delivered.is_empty() {
-                    match &claimed {
-                        Ok(_) => self.delete_delivered(client, &delivered).await?,
-                        Err(e) => return Err(e.clone()),
-                    }
+        let claimed = self.claim_routes(busy, &mut delivered).await;
+        if !delivered.is_empty() && claimed.is_ok() {
+            // No claim took them along.
+            let deleted = self
+                .within(self.work_limit(), async |client| {
+                    self.delete_delivered(client, &delivered).await
+                })
+                .await;
+            match deleted {
+                Ok(()) => delivered.clear(),
+                Err(e) => {
+                    warn!(error = %e, "spool: deleting delivered events failed; tried again with the next claim")
                 }
-                claimed
-            })
-            .await;
-        if result.is_err() && !delivered.is_empty() {
+            }
+        }
+        if !delivered.is_empty() {
             // Deleted or not, they are deleted again with the next claim (at most once more).
             self.delivered.lock().expect("lock").append(&mut delivered);
         }
-        result
+        claimed
     }
 
-    /// The claims of [`claim_due`](PgStore::claim_due); `delivered` is emptied once its rows
-    /// are deleted.
+    /// The claims of [`claim_due`](PgStore::claim_due), route by route, each within the
+    /// limit on a connection of its own; `delivered` is emptied once its rows are deleted.
     async fn claim_routes(
         &self,
-        client: &mut deadpool_postgres::Object,
         busy: &RouteMap<String, usize>,
         delivered: &mut Vec<i64>,
     ) -> Result<Claimed, SpoolError> {
-        let routes = self.routes(client).await?;
+        let limit = self.work_limit();
+        let routes = self
+            .within(limit, async |client| self.routes(client).await)
+            .await?;
         let max = self.settings.max_concurrency_per_route.max(1);
         let mut events = Vec::new();
         let mut next_due: Option<i64> = None;
@@ -502,7 +506,12 @@ impl PgStore {
             if running >= max {
                 continue;
             }
-            match self.claim_route(client, &route, running, delivered).await {
+            let claimed = self
+                .within(limit, async |client| {
+                    self.claim_route(client, &route, running, delivered).await
+                })
+                .await;
+            match claimed {
                 Ok((claimed, due)) => {
                     events.extend(claimed);
                     if let Some(at) = due {
@@ -538,6 +547,7 @@ impl PgStore {
         // call was a visible share of the database's CPU (bench/results, spool-pg).
         let prepare = |sql| tx.prepare_cached(sql);
         let lock = prepare(CLAIM_LOCK).await.map_err(|e| self.failed(&e))?;
+        let delete = prepare(DELIVERED).await.map_err(|e| self.failed(&e))?;
         let lock_key = format!("hubgate.claim:{route}");
         // Sent together (pipelined, one round trip). A claim's commit need not wait for
         // its WAL flush: lost in a database crash, the claim (or the delivered rows'
@@ -545,9 +555,12 @@ impl PgStore {
         // lease that expired; an accept's commit still waits. One claimer per route at a
         // time (the advisory lock): the in-flight count it reads stays true until its
         // claims commit, so the limit holds across gates.
-        let (relaxed, locked) = tokio::join!(self.relax_and_delete(&tx, delivered), async {
-            tx.execute(&lock, &[&lock_key]).await
-        });
+        // In this order: the settings before the lock (the server lets go of a lock left
+        // idle only with them).
+        let (relaxed, locked) =
+            tokio::join!(self.relax_and_delete(&tx, &delete, delivered), async {
+                tx.execute(&lock, &[&lock_key]).await
+            });
         relaxed?;
         locked.map_err(|e| self.failed(&e))?;
         let claim = prepare(CLAIM).await.map_err(|e| self.failed(&e))?;
@@ -585,30 +598,33 @@ impl PgStore {
         ids: &[i64],
     ) -> Result<(), SpoolError> {
         let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
-        self.relax_and_delete(&tx, ids).await?;
-        tx.commit().await.map_err(|e| self.failed(&e))
-    }
-
-    /// Makes `tx`'s commit not wait for its WAL flush and deletes the rows of delivered events
-    /// `ids` (if any), both sent at once (pipelined, one round trip).
-    async fn relax_and_delete(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        ids: &[i64],
-    ) -> Result<(), SpoolError> {
         let delete = tx
             .prepare_cached(DELIVERED)
             .await
             .map_err(|e| self.failed(&e))?;
-        let (relaxed, deleted) = tokio::join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            async {
-                match ids.is_empty() {
-                    true => Ok(0),
-                    false => tx.execute(&delete, &[&ids, &self.owner]).await,
-                }
-            },
+        self.relax_and_delete(&tx, &delete, ids).await?;
+        tx.commit().await.map_err(|e| self.failed(&e))
+    }
+
+    /// Makes `tx`'s commit not wait for its WAL flush, has the server end it if it sits idle
+    /// past the work limit (its gate frozen or cut off), and deletes the rows of delivered
+    /// events `ids` (if any), all sent at once (pipelined, one round trip).
+    async fn relax_and_delete(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        delete: &tokio_postgres::Statement,
+        ids: &[i64],
+    ) -> Result<(), SpoolError> {
+        let relax = format!(
+            "SET LOCAL synchronous_commit = off; SET LOCAL idle_in_transaction_session_timeout = {}",
+            self.work_limit().as_millis()
         );
+        let (relaxed, deleted) = tokio::join!(tx.batch_execute(&relax), async {
+            match ids.is_empty() {
+                true => Ok(0),
+                false => tx.execute(delete, &[&ids, &self.owner]).await,
+            }
+        },);
         relaxed.map_err(|e| self.failed(&e))?;
         deleted.map_err(|e| self.failed(&e))?;
         Ok(())
@@ -621,7 +637,7 @@ impl PgStore {
             return Ok(());
         }
         let deleted = self
-            .within(self.statement_limit(), async |client| {
+            .within(self.work_limit(), async |client| {
                 self.delete_delivered(client, &ids).await
             })
             .await;
@@ -642,8 +658,15 @@ impl PgStore {
             stats.delivered.fetch_add(1, Ordering::Relaxed);
             return Ok(Disposition::Delivered);
         }
-        self.within(self.statement_limit(), async |client| {
+        self.within(self.work_limit(), async |client| {
             let tx = client.transaction().await.map_err(|e| self.failed(&e))?;
+            // Its row lock is released by the server if this gate stops half-way.
+            tx.batch_execute(&format!(
+                "SET LOCAL idle_in_transaction_session_timeout = {}",
+                self.work_limit().as_millis()
+            ))
+            .await
+            .map_err(|e| self.failed(&e))?;
             let row = tx
                 .query_opt(
                     "SELECT attempts, retry_since_ms, hubgate.now_ms() FROM hubgate.events
@@ -943,7 +966,7 @@ impl Store for PgStore {
 
     fn release(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<usize, SpoolError>> {
         Box::pin(async move {
-            self.within(self.statement_limit(), async |client| {
+            self.within(self.work_limit(), async |client| {
                 let n = client
                     .execute(
                         "UPDATE hubgate.events SET state = 'pending', next_attempt_ms = hubgate.now_ms(),
@@ -961,7 +984,7 @@ impl Store for PgStore {
 
     fn renew(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(async move {
-            self.within(self.statement_limit(), async |client| {
+            self.within(self.work_limit(), async |client| {
                 client
                     .execute(
                         "UPDATE hubgate.events SET lease_until_ms = hubgate.now_ms() + $3
@@ -992,7 +1015,7 @@ impl Store for PgStore {
 
     fn recent(&self, key: [u8; 32], window: Duration) -> BoxFuture<'_, Result<bool, SpoolError>> {
         Box::pin(async move {
-            self.within(self.statement_limit(), async |client| {
+            self.within(self.accept_limit(), async |client| {
                 let row = client
                     .query_opt(
                         "SELECT accepted_ms > hubgate.now_ms() - $2 FROM hubgate.dedupe WHERE key = $1",
@@ -1008,7 +1031,7 @@ impl Store for PgStore {
 
     fn remember(&self, key: [u8; 32]) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(async move {
-            self.within(self.statement_limit(), async |client| {
+            self.within(self.accept_limit(), async |client| {
                 client
                     .execute(
                         "INSERT INTO hubgate.dedupe (key, accepted_ms) VALUES ($1, hubgate.now_ms())
