@@ -554,9 +554,8 @@ impl PgStore {
         // deletion) is undone and the event delivered again — at least once, as after a
         // lease that expired; an accept's commit still waits. One claimer per route at a
         // time (the advisory lock): the in-flight count it reads stays true until its
-        // claims commit, so the limit holds across gates.
-        // In this order: the settings before the lock (the server lets go of a lock left
-        // idle only with them).
+        // claims commit, so the limit holds across gates. The settings go before the lock:
+        // the server lets go of a lock left idle (its gate frozen or cut off) only with them.
         let (relaxed, locked) =
             tokio::join!(self.relax_and_delete(&tx, &delete, delivered), async {
                 tx.execute(&lock, &[&lock_key]).await
