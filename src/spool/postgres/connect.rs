@@ -37,8 +37,6 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// Data sent and not acknowledged for this long closes the connection (`TCP_USER_TIMEOUT`),
 /// unless the URL sets it.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
-/// tokio-postgres' keepalive idle time when none is given.
-const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// libpq's sslmode values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +75,7 @@ impl Target {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut tls = Tls::Prefer;
         let mut kept = form_urlencoded::Serializer::new(String::new());
+        let mut given = std::collections::HashSet::new();
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             match &*k {
                 "sslmode" => {
@@ -101,6 +100,7 @@ impl Target {
                 }
                 _ => {
                     kept.append_pair(&k, &v);
+                    given.insert(k.into_owned());
                 }
             }
         }
@@ -121,16 +121,17 @@ impl Target {
         });
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("hubgate");
-        if config.get_keepalives_idle() == DEFAULT_KEEPALIVE_IDLE {
+        // Each unless the URL gives it (`0` included: the system's default, as in libpq).
+        if !given.contains("keepalives_idle") {
             config.keepalives_idle(KEEPALIVE_IDLE);
         }
-        if config.get_keepalives_interval().is_none() {
+        if !given.contains("keepalives_interval") {
             config.keepalives_interval(KEEPALIVE_INTERVAL);
         }
-        if config.get_keepalives_retries().is_none() {
+        if !given.contains("keepalives_retries") {
             config.keepalives_retries(KEEPALIVE_RETRIES);
         }
-        if config.get_tcp_user_timeout().is_none() {
+        if !given.contains("tcp_user_timeout") {
             config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         let host = match config.get_hosts().first() {
@@ -358,6 +359,9 @@ mod tests {
             t.config.get_tcp_user_timeout(),
             Some(&Duration::from_secs(30))
         );
+        // `0`: the system's default, as libpq reads it (none set on the socket).
+        let t = target("postgres://u@h/d?tcp_user_timeout=0").unwrap();
+        assert_eq!(t.config.get_tcp_user_timeout(), None);
     }
 
     #[test]
