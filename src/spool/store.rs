@@ -203,7 +203,7 @@ pub(crate) type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHash
 
 /// A map keyed by routes (or the scheduler's task ids): keys the configuration and the spool
 /// choose, never a client, so foldhash's speed instead of SipHash's resistance to chosen keys.
-pub type RouteMap<K, V> = foldhash::HashMap<K, V>;
+pub(crate) type RouteMap<K, V> = foldhash::HashMap<K, V>;
 
 /// splitmix64, seeded from std's per-process random hasher keys: jitter needs no crypto and no
 /// extra dependency.
